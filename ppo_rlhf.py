@@ -1,0 +1,1254 @@
+"""RLHF with PPO in one file: the math of the derivation, then a trainer that runs it.
+
+What: the RLHF-PPO stage with four models (shared/seeds 004 §2-4): the actor (trained policy),
+the critic (trained value model), the reward model (frozen) and the reference model (a frozen
+copy of the initial policy). Each iteration samples responses, scores them, turns the scores
+into KL-shaped per-token rewards, estimates advantages with GAE, and takes PPO-clip steps.
+
+How to run:
+    python ppo_rlhf.py                      # offline demo: a tiny GPT-2 built in memory, ~2 min
+    python ppo_rlhf.py --model gpt2 --reward-model <seq-classifier> --prompts prompts.txt
+    python ppo_rlhf.py --help               # every option with its default
+    python -m pytest -q test_ppo_rlhf.py    # the property tests against the derivation
+
+Reading order follows the derivation: config; masked helpers; log-probs and KL estimators;
+KL-shaped rewards (004 `compute_rewards`); GAE (000, 004 `get_advantages_and_returns`); the
+PPO-clip actor loss and clipped critic loss (004 `actor_loss_fn`, `critic_loss_fn`); the
+adaptive KL coefficient (004 §4.2 PPO-Penalty); then models, `generate_experience`, the PPO
+update, checkpoints and `main`.
+
+Notation (shapes in comments):
+    B  batch (sequences), P  prompt length (left-padded), T  response length (right-padded)
+    action_mask [B, T]: 1 on real response tokens, up to and including the first EOS, 0 on the
+                        padding after it. One convention everywhere; float, int or bool.
+    Every per-token tensor is aligned to the response: position t holds the action a_t
+    (response token t), log pi(a_t|s_t), V(s_t) with s_t = prompt + response[:t], and r_t.
+"""
+
+import argparse
+import copy
+import dataclasses
+import importlib
+import importlib.util
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, get_args, get_origin
+
+import torch
+import torch.nn as nn
+
+# ------------------------------------------------------------------------------------------------
+# Config: one dataclass; the command line is generated from it (see `parse_args`).
+# Defaults of the math are the documents' (DeepSpeed-Chat's): kl_ctl 0.1, clip_reward_value 5,
+# cliprange 0.2, cliprange_value 0.2, gamma 1.0, lam 0.95.
+# ------------------------------------------------------------------------------------------------
+
+BUILTIN_MODEL = "builtin:tiny-gpt2"
+BUILTIN_ACTOR_LR = 1e-3  # a randomly initialized tiny model learns fast and needs a large step
+PRETRAINED_ACTOR_LR = 1e-5  # a common choice for fine-tuning a pretrained LM with PPO
+CRITIC_LR_FACTOR = 5.0  # the critic learns a fresh head: a larger step than the actor's
+
+
+@dataclass
+class Config:
+    # models and data
+    model: str = field(default=BUILTIN_MODEL, metadata={"help": "policy: a causal-LM hub name "
+                       "or directory, or builtin:tiny-gpt2 (an in-memory tiny GPT-2, no download)"})
+    critic_model: str | None = field(default=None, metadata={"help": "critic initialization "
+                                     "(hub name or directory); default: the policy's weights"})
+    reward_model: str | None = field(default=None, metadata={"help": "frozen reward model: an "
+                                     "AutoModelForSequenceClassification hub name or directory"})
+    reward_label: str | None = field(default=None, metadata={"help": "for a multi-class reward "
+                                     "model, the label (name or index) whose logit is the score"})
+    reward_fn: str | None = field(default=None, metadata={"help": "rule-based reward "
+                                  "'module:function' or 'file.py:function', called as "
+                                  "f(prompts, responses) -> list of floats"})
+    prompts: str | None = field(default=None, metadata={"help": "prompt file: text, one per line, "
+                                "or .jsonl with a 'prompt' field; default: a built-in set"})
+    output_dir: str = field(default="runs/ppo", metadata={"help": "metrics.jsonl, checkpoints and "
+                            "the trained policy go here"})
+    # schedule
+    steps: int = field(default=80, metadata={"help": "PPO iterations (rollout + update)"})
+    batch_size: int = field(default=32, metadata={"help": "prompts per rollout"})
+    mini_batch_size: int = field(default=16, metadata={"help": "sequences per optimizer step"})
+    micro_batch_size: int | None = field(default=None, metadata={"help": "sequences per forward/"
+                                         "backward (gradient accumulation); default: the minibatch"})
+    ppo_epochs: int = field(default=4, metadata={"help": "passes over each batch of experience"})
+    # generation
+    max_new_tokens: int = field(default=16, metadata={"help": "response length limit"})
+    max_prompt_length: int = field(default=64, metadata={"help": "longer prompts are truncated "
+                                   "from the left, with one warning"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; log-probs "
+                               "are taken from logits / temperature everywhere"})
+    top_k: int = field(default=0, metadata={"help": "top-k sampling; 0 = off (the full policy)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; 1.0 = off"})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtracted from "
+                                              "the score of responses that never emit EOS"})
+    # optimization
+    actor_lr: float | None = field(default=None, metadata={"help": "actor AdamW learning rate; "
+                                   f"default {BUILTIN_ACTOR_LR} for the built-in model, "
+                                   f"{PRETRAINED_ACTOR_LR} for a pretrained one"})
+    critic_lr: float | None = field(default=None, metadata={"help": "critic AdamW learning rate; "
+                                    f"default {CRITIC_LR_FACTOR:g} x actor_lr"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
+    ent_coef: float = field(default=0.0, metadata={"help": "entropy bonus in the actor loss"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for "
+                                         "memory in the actor and critic"})
+    # the math (004's defaults)
+    kl_ctl: float = field(default=0.1, metadata={"help": "KL coefficient beta in "
+                          "r_t = -beta*(log pi - log pi_ref) (+ score at the last token)"})
+    kl_estimator: Literal["k1", "k3"] = field(default="k1", metadata={"help": "per-token KL "
+                                              "estimator in the reward: k1 = log-ratio, k3"})
+    kl_controller: Literal["fixed", "adaptive", "proportional"] = field(
+        default="fixed", metadata={"help": "fixed beta; adaptive (004 PPO-Penalty: x2 above "
+                                   "1.5*target, /2 below target/1.5); proportional (Ziegler)"})
+    kl_target: float = field(default=6.0, metadata={"help": "target per-sequence KL for the "
+                             "adaptive/proportional controllers"})
+    kl_horizon: int = field(default=10000, metadata={"help": "horizon of the proportional "
+                            "controller, in sequences"})
+    clip_reward_value: float = field(default=5.0, metadata={"help": "scores are clamped to "
+                                     "[-v, v]"})
+    cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "critic value clip epsilon"})
+    gamma: float = field(default=1.0, metadata={"help": "discount factor"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    whiten_advantages: bool = field(default=True, metadata={"help": "normalize advantages over "
+                                    "the batch's real tokens"})
+    whiten_rewards: bool = field(default=False, metadata={"help": "scale per-token rewards to "
+                                 "unit variance before GAE"})
+    # runtime
+    seed: int = field(default=0, metadata={"help": "seed for Python and torch; a CPU run with "
+                      "the same seed gives the same metrics"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA if present, else CPU), "
+                        "cpu, cuda, cuda:N"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA where supported "
+                       "(fp32 weights and losses); ignored on CPU"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N iterations "
+                            "(0: only at the end)"})
+    resume: bool = field(default=False, metadata={"help": "continue from <output-dir>'s "
+                         "checkpoint"})
+    max_skipped_updates: int = field(default=5, metadata={"help": "stop after this many "
+                                     "consecutive updates skipped for non-finite loss/grad"})
+    samples: int = field(default=3, metadata={"help": "sample responses printed before and "
+                         "after training"})
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Masked helpers. Statistics over real tokens only: padding must never move a mean.
+# ------------------------------------------------------------------------------------------------
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `values` over positions where `mask` is nonzero (over all, or along `dim`).
+
+    Padding may hold anything, even inf/NaN: it is selected away, not multiplied by 0.
+    An empty mask gives 0 rather than NaN.
+    """
+    mask = mask.bool()
+    total = torch.where(mask, values, 0).sum(dim)
+    return total / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Population variance of `values` over the real positions: E[(x - E[x])^2]."""
+    mean = masked_mean(values, mask)
+    return masked_mean((values - mean) ** 2, mask)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the real positions; padding comes out as 0.
+
+    With shift_mean=False the mean is kept (x - mean)/std + mean: rewards keep their sign.
+    """
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Log-probabilities, entropy and KL estimators, per token.
+# ------------------------------------------------------------------------------------------------
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log pi(a_t|s_t) = logit[a_t] - logsumexp(logits), for logits [B, T, V], tokens [B, T].
+
+    Gathering before normalizing keeps no [B, T, V] log-softmax copy alive for backward: with a
+    50k vocabulary that copy is the largest tensor of the whole update.
+    """
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 256) -> torch.Tensor:
+    """H(pi(.|s_t)) = logsumexp(z) - sum_a softmax(z)_a z_a, for logits [..., V] -> [...].
+
+    Computed `chunk_rows` rows at a time so that only a chunk's softmax exists at once.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    parts = []
+    for chunk in flat.split(chunk_rows):
+        probs = torch.softmax(chunk, dim=-1)
+        parts.append(torch.logsumexp(chunk, dim=-1) - (probs * chunk).sum(-1))
+    return torch.cat(parts).reshape(logits.shape[:-1])
+
+
+def kl_k1(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """k1 = log pi(a) - log pi_ref(a), a ~ pi: unbiased for KL(pi||pi_ref), can be negative."""
+    return log_probs - ref_log_probs
+
+
+def kl_k3(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """k3 = (r - 1) - log r with r = pi_ref(a)/pi(a), a ~ pi (Schulman, "Approximating KL").
+
+    Unbiased for KL(pi||pi_ref) like k1, but every sample is >= 0 and its variance is lower.
+    """
+    log_r = ref_log_probs - log_probs
+    return torch.expm1(log_r) - log_r
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. KL-shaped rewards (004 §4.1(3), DeepSpeed-Chat `compute_rewards`).
+# ------------------------------------------------------------------------------------------------
+
+def compute_rewards(log_probs, ref_log_probs, reward_score, action_mask, kl_ctl=0.1,
+                    clip_reward_value=5.0, kl_estimator="k1"):
+    """Per-token rewards r_t of 004 §4.1(3):
+
+        r_t = -kl_ctl * log(pi(a_t|s_t) / pi_ref(a_t|s_t))                  for t != T
+        r_T = -kl_ctl * log(pi(a_T|s_T) / pi_ref(a_T|s_T)) + clip(score)    on the last real token
+
+    Args:
+        log_probs, ref_log_probs: [B, T] log-probs of the sampled tokens under actor, reference.
+        reward_score: [B] reward-model score per sequence, clamped to +-clip_reward_value.
+        action_mask: [B, T] 1 on real response tokens (through the first EOS), 0 on padding.
+        kl_estimator: "k1" (the documents' log-ratio) or "k3" ((r-1) - log r, r = pi_ref/pi).
+    Returns:
+        rewards [B, T]; exactly 0 on padding.
+
+    Where the score lands: on each row's last real token, wherever the row ends. DeepSpeed-Chat
+    computes `ends = start + mask.sum() + 1` and adds the score at `ends - 1` of the full
+    sequence, which is one slot after the last real token; when pad == eos (GPT-2) the mask
+    does not cover the EOS, so the score sits on a masked slot and the action "stop here" is
+    never credited. Here the mask includes the EOS and the score is on it (or on the last
+    token of a response cut at the length limit).
+    """
+    mask = action_mask.bool()
+    if not mask.any(dim=1).all():
+        raise ValueError("compute_rewards: a row of action_mask has no real token; every "
+                         "response needs at least one (the EOS counts)")
+    log_ratio = torch.where(mask, log_probs - ref_log_probs, 0.0)  # 0 on padding, even if inf
+    if kl_estimator == "k1":
+        kl = log_ratio
+    elif kl_estimator == "k3":
+        kl = torch.expm1(-log_ratio) + log_ratio  # (r - 1) - log r, r = pi_ref/pi; 0 on padding
+    else:
+        raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
+    rewards = -kl_ctl * kl
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * mask).argmax(dim=1, keepdim=True)  # [B, 1] index of the last real token
+    score = torch.clamp(reward_score, -clip_reward_value, clip_reward_value)
+    return rewards.scatter_add(1, last, score.to(rewards.dtype).unsqueeze(1))
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Generalized Advantage Estimation (000 "GAE", 004 §4.1(4) `get_advantages_and_returns`).
+# ------------------------------------------------------------------------------------------------
+
+def get_advantages_and_returns(values, rewards, action_mask, gamma=1.0, lam=0.95):
+    """GAE, computed backward as in 004:
+
+        delta_t = r_t + gamma * V_{t+1} - V_t                  (TD error)
+        A_t     = delta_t + gamma * lam * A_{t+1}  =  sum_l (gamma*lam)^l delta_{t+l}
+        returns_t = A_t + V_t                                  (the critic's target)
+
+    Args:
+        values: [B, T] V(s_t) from the critic at rollout time.
+        rewards: [B, T] per-token rewards (`compute_rewards`).
+        action_mask: [B, T] 1 on real tokens, 0 on the padding after a row's end (a prefix of
+            ones per row). The value after a row's last real token counts as 0 (the episode
+            ended: V_{T+1} = 0, A_{T+1} = 0), and padding contributes nothing.
+    Returns:
+        (advantages, returns), each [B, T], 0 on padding, with no gradient (they are targets).
+
+    Worked example, one row, gamma = 1, lam = 0.5, mask [1, 1, 0] (third slot is padding):
+        r = [0, 1, x], V = [0.5, 0.5, y]   (x, y ignored)
+        t=1: delta = 1 + 1*0   - 0.5 = 0.5 ; A_1 = 0.5
+        t=0: delta = 0 + 1*0.5 - 0.5 = 0.0 ; A_0 = 0.0 + 1*0.5*0.5 = 0.25
+        advantages = [0.25, 0.5, 0], returns = [0.75, 1.0, 0]
+    """
+    mask = action_mask.bool()
+    values = torch.where(mask, values.detach(), 0.0)
+    rewards = torch.where(mask, rewards.detach(), 0.0)
+    lastgaelam = torch.zeros_like(values[:, 0])
+    advantages_reversed = []
+    length = rewards.shape[1]
+    for t in reversed(range(length)):
+        nextvalues = values[:, t + 1] if t < length - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    advantages = torch.where(mask, advantages, 0.0)
+    return advantages, advantages + values
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. PPO losses (004 §4.1(5)-(6) `actor_loss_fn`, §4.2 `critic_loss_fn`).
+# ------------------------------------------------------------------------------------------------
+
+def actor_loss_fn(log_probs, old_log_probs, advantages, action_mask, cliprange=0.2):
+    """PPO-clip surrogate, averaged over the batch's real tokens (004 §4.1(6)):
+
+        rho_t = pi(a_t|s_t) / pi_old(a_t|s_t) = exp(log_probs - old_log_probs)
+        loss  = -mean_t min(A_t * rho_t, A_t * clip(rho_t, 1 - eps, 1 + eps))
+
+    Where clipping binds (A > 0 and rho > 1+eps, or A < 0 and rho < 1-eps: figure 10's
+    two clipped cases) the min picks a constant and that token's gradient is exactly 0.
+    Shapes: all [B, T]; action_mask 1 on real tokens. Returns a scalar.
+    """
+    mask = action_mask.bool()
+    # select before exp: padding may hold -inf log-probs, and exp(inf) * 0 would be NaN
+    log_ratio = torch.where(mask, log_probs - old_log_probs, 0.0)
+    ratio = torch.exp(log_ratio)
+    advantages = torch.where(mask, advantages, 0.0)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = torch.max(pg_loss1, pg_loss2)  # -min(...) of the formula
+    return torch.where(mask, pg_loss, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def critic_loss_fn(values, old_values, returns, action_mask, cliprange_value=0.2):
+    """Clipped value loss, averaged over real tokens (004 §4.2):
+
+        V_clip = clip(V, V_old - eps, V_old + eps)
+        loss   = 0.5 * mean_t max((V_t - R_t)^2, (V_clip_t - R_t)^2)
+
+    V_old and R (= A + V_old) come from the rollout; V is the critic's current estimate.
+    Shapes: all [B, T]; action_mask 1 on real tokens. Returns a scalar.
+    """
+    mask = action_mask.bool()
+    values = torch.where(mask, values, 0.0)
+    old_values = torch.where(mask, old_values, 0.0)
+    returns = torch.where(mask, returns, 0.0)
+    values_clipped = torch.clamp(values, old_values - cliprange_value,
+                                 old_values + cliprange_value)
+    vf_loss1 = (values - returns) ** 2
+    vf_loss2 = (values_clipped - returns) ** 2
+    vf_loss = torch.max(vf_loss1, vf_loss2)
+    return 0.5 * torch.where(mask, vf_loss, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. KL coefficient controllers (004 §4.2 PPO-Penalty; Ziegler et al. 2019).
+# ------------------------------------------------------------------------------------------------
+
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float) -> float:
+    """004's PPO-Penalty rule: beta doubles when the measured KL exceeds 1.5 x target, halves
+    when it is below target / 1.5, and stays otherwise."""
+    if kl > 1.5 * target:
+        return kl_coef * 2.0
+    if kl < target / 1.5:
+        return kl_coef / 2.0
+    return kl_coef
+
+
+def proportional_kl_coef(kl_coef: float, kl: float, target: float, n_steps: int,
+                         horizon: int = 10000, max_error: float = 0.2) -> float:
+    """Ziegler et al.'s proportional controller (lm-human-preferences `AdaptiveKLController`):
+
+        e = clip(kl / target - 1, -max_error, max_error);  beta <- beta * (1 + e * n / horizon)
+    with n the number of sequences in this batch.
+    """
+    error = min(max(kl / target - 1.0, -max_error), max_error)
+    return kl_coef * (1.0 + error * n_steps / horizon)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Models: the four of 004 §3. Errors a user can fix are `UsageError`s: one line, exit 2.
+# ------------------------------------------------------------------------------------------------
+
+class UsageError(Exception):
+    """A problem with the user's input (options, files, models): reported in one line."""
+
+
+TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?'"
+TINY_EOS, TINY_UNK = "<|endoftext|>", "<unk>"
+TINY_GPT2 = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128)  # ~0.1M parameters
+
+BUILTIN_PROMPTS = [
+    "the weather today is", "my favourite food is", "once upon a time", "the best way to learn",
+    "i think that", "in the morning i", "a good friend is", "the city at night",
+    "she opened the door and", "the answer is", "we went to the sea", "music makes me",
+    "the cat sat on", "tomorrow we will", "the old house", "what i like about you is",
+    "he said hello and", "the garden in spring", "a long time ago", "my dream is to",
+    "the train was late so", "books are", "the moon is", "after dinner we",
+    "the little dog", "on a rainy day", "her song was", "the mountain road",
+    "we laughed because", "the new teacher", "at the market", "the river runs",
+]
+
+
+def build_tiny_model(seed: int):
+    """A randomly initialized 2-layer GPT-2 and a character tokenizer, built in memory.
+
+    Characters are tokens (a-z, space, punctuation), so what the policy learns is readable
+    letter by letter. pad == eos, as for GPT-2 itself.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    vocab = {TINY_EOS: 0, TINY_UNK: 1}
+    vocab.update({c: i + 2 for i, c in enumerate(TINY_ALPHABET)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=TINY_UNK))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=TINY_EOS,
+                                        pad_token=TINY_EOS, bos_token=TINY_EOS,
+                                        unk_token=TINY_UNK)
+    config = GPT2Config(vocab_size=len(vocab), bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                        **TINY_GPT2)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config), tokenizer
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """p = 0 in every dropout layer. PPO's ratio compares two evaluations of the same policy:
+    with dropout on, pi/pi_old != 1 before any update and the clip fires on noise."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout"):  # attention modules that pass p to SDPA
+            module.attention_dropout = 0.0
+
+
+def load_policy(name: str, seed: int):
+    """(actor, tokenizer) from the built-in tiny model or a causal-LM hub name / directory."""
+    if name == BUILTIN_MODEL:
+        model, tokenizer = build_tiny_model(seed)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name)
+        except (OSError, ValueError, KeyError) as e:
+            raise UsageError(
+                f"cannot load --model {name!r} as a causal LM ({first_line(e)}). If you are "
+                "offline, pass a local directory, or run without --model for the built-in demo"
+            ) from e
+    if tokenizer.pad_token is None:  # GPT-2, SmolLM...: pad with EOS, the mask tells them apart
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # prompts end where the response begins
+    tokenizer.truncation_side = "left"  # keep the end of a long prompt, the part that is continued
+    disable_dropout(model)
+    return model, tokenizer
+
+
+class ValueModel(nn.Module):
+    """The critic: a transformer backbone and a linear value head, V(s) at every position."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.v_head = nn.Linear(hidden_size, 1)
+        # V = 0 at the start: the first advantages are the rewards themselves, not noise
+        nn.init.zeros_(self.v_head.weight)
+        nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.v_head(hidden).squeeze(-1).float()  # [B, L]
+
+
+def load_critic(name: str | None, actor: nn.Module) -> ValueModel:
+    """Critic from `name` (a causal LM or a 1-label reward model, as DeepSpeed-Chat does), or by
+    default from the policy's own backbone. A 1-label reward model also lends its score head."""
+    if name is None:
+        backbone = copy.deepcopy(actor.base_model)
+        critic = ValueModel(backbone, backbone.config.hidden_size)
+    else:
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+        try:
+            config = AutoConfig.from_pretrained(name)
+            is_reward_model = any(a.endswith("ForSequenceClassification")
+                                  for a in (config.architectures or []))
+            if is_reward_model and config.num_labels == 1:
+                source = AutoModelForSequenceClassification.from_pretrained(name)
+                backbone = source.base_model
+            else:
+                source, backbone = None, AutoModel.from_pretrained(name)
+        except (OSError, ValueError, KeyError) as e:
+            raise UsageError(f"cannot load --critic-model {name!r} ({first_line(e)})") from e
+        critic = ValueModel(backbone, backbone.config.hidden_size)
+        head = getattr(source, "score", None)
+        if isinstance(head, nn.Linear) and head.weight.shape == critic.v_head.weight.shape:
+            critic.v_head.weight.data.copy_(head.weight.data)
+    disable_dropout(critic)
+    return critic
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Rewards: a frozen sequence classifier, a Python function, or the built-in rule.
+# Each is a callable (prompts: list[str], responses: list[str]) -> scores [B] on the CPU.
+# ------------------------------------------------------------------------------------------------
+
+VOWELS = "aeiou"
+VOWEL_POINTS = 0.5  # per letter: 10 more vowels than consonants reach the default clip of 5
+
+
+def vowel_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """The built-in task: +0.5 per vowel and -0.5 per consonant in the response.
+
+    Readable at a glance ("strk" scores -2, "aia eo" +2.5), it needs no download and works on
+    the decoded text of any model. Spaces and punctuation score 0, and a longer vowel-rich
+    answer beats a short one, so stopping early is not a way to win.
+    """
+    scores = []
+    for response in responses:
+        letters = [c for c in response.lower() if "a" <= c <= "z"]
+        vowels = sum(c in VOWELS for c in letters)
+        scores.append(VOWEL_POINTS * (vowels - (len(letters) - vowels)))
+    return scores
+
+
+class RewardModelScorer:
+    """Scores decoded prompt + response with a frozen `AutoModelForSequenceClassification`,
+    using the reward model's own tokenizer (it need not share the policy's vocabulary)."""
+
+    def __init__(self, name: str, label: str | None, device: torch.device):
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        try:
+            config = AutoConfig.from_pretrained(name)
+            if not any(a.endswith("ForSequenceClassification")
+                       for a in (config.architectures or [])):
+                raise UsageError(f"--reward-model {name!r} is not a sequence classifier (its "
+                                 f"architectures are {config.architectures}); it must load "
+                                 "with AutoModelForSequenceClassification")
+            self.tokenizer = AutoTokenizer.from_pretrained(name)
+            self.model = AutoModelForSequenceClassification.from_pretrained(name)
+        except (OSError, ValueError, KeyError) as e:
+            raise UsageError(f"cannot load --reward-model {name!r} ({first_line(e)})") from e
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # the classifier finds each row's last real token through config.pad_token_id
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(device).eval().requires_grad_(False)
+        self.device = device
+        self.label = self._label_index(label, self.model.config)
+
+    @staticmethod
+    def _label_index(label: str | None, config) -> int:
+        if label is None:
+            if config.num_labels == 1:
+                return 0
+            raise UsageError(f"the reward model has {config.num_labels} labels "
+                             f"{list(config.id2label.values())}; pick one with --reward-label")
+        if label.isdigit() and int(label) < config.num_labels:
+            return int(label)
+        if label in config.label2id:
+            return config.label2id[label]
+        raise UsageError(f"--reward-label {label!r} is not one of "
+                         f"{list(config.label2id)} or an index below {config.num_labels}")
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        batch = self.tokenizer([p + r for p, r in zip(prompts, responses)], return_tensors="pt",
+                               padding=True, truncation=True).to(self.device)
+        return self.model(**batch).logits[:, self.label].float().cpu()
+
+
+def load_reward_fn(spec: str) -> Callable[[list[str], list[str]], list[float]]:
+    """Import 'package.module:function' or 'path/to/file.py:function'."""
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise UsageError(f"--reward-fn {spec!r} must look like 'module:function' or "
+                         "'file.py:function'")
+    try:
+        if module_name.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(Path(module_name).stem,
+                                                                 module_name)
+            if module_spec is None or not Path(module_name).is_file():
+                raise ImportError(f"no file {module_name}")
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        fn = getattr(module, attr)
+    except Exception as e:  # an import runs arbitrary user code: report any failure in one line
+        raise UsageError(f"cannot import --reward-fn {spec!r}: {type(e).__name__}: "
+                         f"{first_line(e)}") from e
+    if not callable(fn):
+        raise UsageError(f"--reward-fn {spec!r} is not callable")
+    return fn
+
+
+def checked_scores(fn: Callable, name: str) -> Callable[[list[str], list[str]], torch.Tensor]:
+    """Wraps a scorer so a wrong count, a non-finite score or an exception is a UsageError."""
+    def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
+        try:
+            raw = fn(prompts, responses)
+            scores = torch.as_tensor(raw, dtype=torch.float32).flatten().cpu()
+        except UsageError:
+            raise
+        except Exception as e:  # user code: any failure is the user's to fix, in one line
+            raise UsageError(f"{name} failed: {type(e).__name__}: {first_line(e)}") from e
+        if scores.numel() != len(responses):
+            raise UsageError(f"{name} returned {scores.numel()} scores for {len(responses)} "
+                             "responses; it must return one float per response")
+        if not torch.isfinite(scores).all():
+            raise UsageError(f"{name} returned a non-finite score: {scores.tolist()}")
+        return scores
+    return score
+
+
+def load_prompts(path: str | None) -> list[str]:
+    """Prompts from a text file (one per line) or JSONL (a 'prompt' field); default built-in."""
+    if path is None:
+        return list(BUILTIN_PROMPTS)
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--prompts {path!r}: no such file")
+    prompts = []
+    lines = file.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if file.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"--prompts {path}:{number}: not JSON ({e.msg})") from e
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise UsageError(f"--prompts {path}:{number}: each JSONL line needs a "
+                                 "string field 'prompt'")
+            prompts.append(record["prompt"])
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise UsageError(f"--prompts {path!r} holds no prompt")
+    return prompts
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. Experience (004 §4.1(5), steps 1-3): sample, then score with all four models.
+# ------------------------------------------------------------------------------------------------
+
+def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only. Prompts are left-padded, and models with
+    absolute positions (GPT-2) would otherwise score a different policy than the one that
+    sampled: `generate` counts positions this way, so every forward must too."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def response_mask(responses: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """action_mask [B, T]: 1 up to and including each row's first EOS, 0 after it.
+
+    Correct when pad == eos: the padding `generate` writes after an EOS is EOS again, and only
+    the first one is a real action.
+    """
+    is_eos = torch.isin(responses, torch.tensor(eos_token_ids, device=responses.device))
+    eos_before = is_eos.long().cumsum(1) - is_eos.long()  # EOS strictly before position t
+    return eos_before == 0
+
+
+def policy_log_probs(model, input_ids, attention_mask, response_length: int,
+                     temperature: float, with_entropy: bool = False):
+    """log pi(a_t|s_t) [B, T] for the last T = response_length tokens, from logits/temperature.
+
+    Logits at position P-1+t predict response token t, so the last T+1 positions are kept and
+    the very last dropped. Returns (log_probs, entropy or None).
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from(attention_mask),
+                logits_to_keep=response_length + 1, use_cache=False)
+    logits = out.logits[:, :-1].float() / temperature  # [B, T, V]
+    log_probs = logprobs_from_logits(logits, input_ids[:, -response_length:])
+    return log_probs, (entropy_from_logits(logits) if with_entropy else None)
+
+
+def critic_values(critic, input_ids, attention_mask, response_length: int) -> torch.Tensor:
+    """V(s_t) [B, T]: the value at the position that predicts response token t."""
+    values = critic(input_ids, attention_mask, position_ids_from(attention_mask))
+    return values[:, -response_length - 1:-1]
+
+
+@dataclass
+class Experience:
+    """One rollout. Sequences are prompt (left-padded, P) + response (right-padded, T)."""
+    input_ids: torch.Tensor  # [B, P+T]
+    attention_mask: torch.Tensor  # [B, P+T] prompt padding 0, response = action_mask
+    action_mask: torch.Tensor  # [B, T] bool
+    log_probs: torch.Tensor  # [B, T] actor at rollout time: the "old" policy of PPO
+    ref_log_probs: torch.Tensor  # [B, T]
+    values: torch.Tensor  # [B, T] critic at rollout time
+    rewards: torch.Tensor  # [B, T]
+    advantages: torch.Tensor  # [B, T]
+    returns: torch.Tensor  # [B, T]
+    scores: torch.Tensor  # [B] raw reward-model scores (after the missing-EOS penalty)
+    entropy: torch.Tensor  # [B, T] entropy of the rollout policy at each step
+    prompts: list[str]
+    responses: list[str]
+
+    @property
+    def response_length(self) -> int:
+        return self.action_mask.shape[1]
+
+    def select(self, index: torch.Tensor) -> "Experience":
+        """The rows in `index`, a CPU tensor (so picking the text rows costs no device sync)."""
+        rows = index.tolist()
+        device_index = index.to(self.action_mask.device, non_blocking=True)
+        picked = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            is_tensor = isinstance(value, torch.Tensor)
+            picked[f.name] = value[device_index] if is_tensor else [value[i] for i in rows]
+        return Experience(**picked)
+
+
+def sample_responses(actor, prompt_ids, prompt_mask, *, eos_token_ids, pad_token_id,
+                     max_new_tokens, temperature, top_k=0, top_p=1.0) -> torch.Tensor:
+    """prompt + sampled response [B, P+T] with HF `generate` (KV cache; stops once every row
+    has emitted EOS, so T <= max_new_tokens).
+
+    The sampling distribution must be exactly softmax(logits / temperature), the policy whose
+    log-probs PPO uses. transformers fills every unset generation option from the model's own
+    generation_config (a hub model may carry top_k=20 or a repetition penalty, and an unset
+    top_k becomes 50), so the model's config is swapped for a neutral one while sampling.
+    """
+    from transformers import GenerationConfig
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
+                              max_new_tokens=max_new_tokens, eos_token_id=eos_token_ids,
+                              pad_token_id=pad_token_id)
+    saved, actor.generation_config = actor.generation_config, GenerationConfig()
+    was_training = actor.training
+    actor.eval()  # HF turns the KV cache off in training mode when gradient checkpointing is on
+    try:
+        return actor.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                              generation_config=config)
+    finally:
+        actor.generation_config = saved
+        actor.train(was_training)
+
+
+def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_ids, prompt_mask,
+                        *, eos_token_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                        kl_ctl=0.1, clip_reward_value=5.0, kl_estimator="k1", gamma=1.0,
+                        lam=0.95, whiten_advantages=True, whiten_rewards=False,
+                        missing_eos_penalty=None, autocast=nullcontext) -> Experience:
+    """004 §4.1(5) steps 1-3: the actor answers, the four models score the answers.
+
+    Args:
+        actor, critic, ref_model: the policy being trained, the `ValueModel`, the frozen copy.
+        score_fn: (prompts, responses) -> [B] scores, on decoded text (the reward model).
+        prompt_ids, prompt_mask: [B, P] left-padded prompts.
+        eos_token_ids: token ids that end a response.
+        The rest are the hyperparameters of `compute_rewards` and `get_advantages_and_returns`.
+    Returns:
+        `Experience` with per-token tensors [B, T], T the longest response in the batch.
+    """
+    with torch.inference_mode(), autocast():
+        sequences = sample_responses(actor, prompt_ids, prompt_mask, eos_token_ids=eos_token_ids,
+                                     pad_token_id=tokenizer.pad_token_id,
+                                     max_new_tokens=max_new_tokens, temperature=temperature,
+                                     top_k=top_k, top_p=top_p)
+        responses = sequences[:, prompt_ids.shape[1]:]  # [B, T]
+        length = responses.shape[1]
+        action_mask = response_mask(responses, eos_token_ids)
+        attention_mask = torch.cat([prompt_mask.bool(), action_mask], dim=1).long()
+        log_probs, entropy = policy_log_probs(actor, sequences, attention_mask, length,
+                                              temperature, with_entropy=True)
+        ref_log_probs, _ = policy_log_probs(ref_model, sequences, attention_mask, length,
+                                            temperature)
+        values = critic_values(critic, sequences, attention_mask, length)
+
+    prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+    texts = tokenizer.batch_decode(responses.masked_fill(~action_mask, tokenizer.pad_token_id),
+                                   skip_special_tokens=True)
+    scores = score_fn(prompts, texts).to(log_probs.device)
+    if missing_eos_penalty is not None:
+        ended = (action_mask & torch.isin(responses, torch.tensor(eos_token_ids,
+                                                                  device=responses.device)))
+        scores = torch.where(ended.any(1), scores, scores - missing_eos_penalty)
+
+    # outside inference mode: these tensors enter the loss as constants, which autograd saves
+    log_probs, ref_log_probs, values = log_probs.clone(), ref_log_probs.clone(), values.clone()
+    rewards = compute_rewards(log_probs, ref_log_probs, scores, action_mask, kl_ctl=kl_ctl,
+                              clip_reward_value=clip_reward_value, kl_estimator=kl_estimator)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, action_mask, shift_mean=False)
+    advantages, returns = get_advantages_and_returns(values, rewards, action_mask, gamma=gamma,
+                                                     lam=lam)
+    if whiten_advantages:
+        advantages = masked_whiten(advantages, action_mask)
+    return Experience(input_ids=sequences.clone(), attention_mask=attention_mask.clone(),
+                      action_mask=action_mask.clone(), log_probs=log_probs,
+                      ref_log_probs=ref_log_probs, values=values, rewards=rewards,
+                      advantages=advantages, returns=returns, scores=scores,
+                      entropy=entropy.clone(), prompts=prompts, responses=texts)
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. The PPO update (004 §4.1(5) step 4): ppo_epochs passes of minibatch steps.
+# ------------------------------------------------------------------------------------------------
+
+def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience, *,
+               ppo_epochs=4, mini_batch_size=16, micro_batch_size=None, cliprange=0.2,
+               cliprange_value=0.2, ent_coef=0.0, max_grad_norm=1.0, temperature=1.0,
+               autocast=nullcontext):
+    """Updates actor and critic on one batch of experience; returns (stats, skipped).
+
+    stats: {name: 0-d tensor}, token-weighted means over the update like the losses themselves.
+    skipped: one bool per optimizer step, True where the loss or gradient was not finite and the
+    step was skipped (weights and optimizer state untouched).
+
+    A minibatch that does not fit is split into micro-batches whose gradients accumulate; each
+    micro-batch's loss is weighted by its share of the minibatch's real tokens, so the gradient
+    equals that of the whole minibatch's token mean.
+    """
+    batch = exp.action_mask.shape[0]
+    micro_batch_size = micro_batch_size or mini_batch_size
+    length = exp.response_length
+    totals: dict[str, torch.Tensor] = {}
+    skipped = []
+    steps = 0
+    for _ in range(ppo_epochs):
+        order = torch.randperm(batch)  # on the CPU: indices never wait for the device
+        for mini in order.split(mini_batch_size):
+            mini_tokens = exp.action_mask[mini.to(exp.action_mask.device)].sum()
+            for micro in mini.split(micro_batch_size):
+                mb = exp.select(micro)
+                weight = mb.action_mask.sum() / mini_tokens  # share of the minibatch's tokens
+                with autocast():
+                    log_probs, entropy = policy_log_probs(actor, mb.input_ids, mb.attention_mask,
+                                                          length, temperature,
+                                                          with_entropy=ent_coef > 0)
+                    values = critic_values(critic, mb.input_ids, mb.attention_mask, length)
+                pg_loss = actor_loss_fn(log_probs, mb.log_probs, mb.advantages, mb.action_mask,
+                                        cliprange=cliprange)
+                actor_loss = pg_loss
+                if entropy is not None:
+                    actor_loss = actor_loss - ent_coef * masked_mean(entropy, mb.action_mask)
+                vf_loss = critic_loss_fn(values, mb.values, mb.returns, mb.action_mask,
+                                         cliprange_value=cliprange_value)
+                (actor_loss * weight).backward()
+                (vf_loss * weight).backward()
+                with torch.no_grad():
+                    stats = update_stats(log_probs, values, mb, cliprange, cliprange_value)
+                    stats.update({"loss/policy": pg_loss, "loss/value": vf_loss})
+                    for name, value in stats.items():
+                        totals[name] = totals.get(name, 0.0) + value.detach() * weight
+            steps += 1
+            actor_norm = nn.utils.clip_grad_norm_(actor.parameters(), max_grad_norm)
+            critic_norm = nn.utils.clip_grad_norm_(critic.parameters(), max_grad_norm)
+            # the one host sync of a step: a NaN/inf must not reach the weights or Adam's moments
+            finite = bool(torch.isfinite(actor_norm) & torch.isfinite(critic_norm))
+            if finite:
+                actor_optimizer.step()
+                critic_optimizer.step()
+            skipped.append(not finite)
+            actor_optimizer.zero_grad(set_to_none=True)
+            critic_optimizer.zero_grad(set_to_none=True)
+    return {name: total / steps for name, total in totals.items()}, skipped
+
+
+def update_stats(log_probs, values, mb: Experience, cliprange, cliprange_value):
+    """Diagnostics of one micro-batch, masked means as in the losses (OpenAI-style names)."""
+    mask = mb.action_mask
+    log_ratio = torch.where(mask, log_probs - mb.log_probs, 0.0)
+    ratio = torch.exp(log_ratio)
+    pg_loss1 = -mb.advantages * ratio
+    pg_loss2 = -mb.advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    values_clipped = torch.clamp(values, mb.values - cliprange_value, mb.values + cliprange_value)
+    stats = {
+        "policy/clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),
+        "policy/approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
+        "policy/ratio": masked_mean(ratio, mask),
+        "val/clipfrac": masked_mean(((values_clipped - mb.returns) ** 2 >
+                                     (values - mb.returns) ** 2).float(), mask),
+        "val/mean": masked_mean(values, mask),
+    }
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. Checkpoints: everything needed to continue exactly, written atomically.
+# ------------------------------------------------------------------------------------------------
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+# options that may change between a run and its resumption; any other difference is refused
+RESUMABLE_OPTIONS = {"steps", "resume", "save_every", "output_dir", "device", "samples",
+                     "max_skipped_updates"}
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary name, then rename: a kill mid-write leaves the old file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume_fingerprint(cfg: Config) -> dict:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_OPTIONS}
+
+
+def load_checkpoint(out: Path, cfg: Config) -> dict:
+    path = out / CHECKPOINT
+    if not path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {path}; start without --resume")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = state["fingerprint"]
+    now = resume_fingerprint(cfg)
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if differ:
+        changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
+        raise UsageError(f"--resume: {path} was written with other options ({changes}); "
+                         "resume with the same options or use another --output-dir")
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. The training loop (004 §4.1(5) pseudo-code) and the command line.
+# ------------------------------------------------------------------------------------------------
+
+def validate(cfg: Config) -> None:
+    """Refuse out-of-range options before anything is loaded or written."""
+    checks = [
+        (cfg.steps >= 1, "--steps must be >= 1"),
+        (cfg.batch_size >= 1 and cfg.mini_batch_size >= 1, "batch sizes must be >= 1"),
+        (cfg.micro_batch_size is None or cfg.micro_batch_size >= 1,
+         "--micro-batch-size must be >= 1"),
+        (cfg.batch_size % cfg.mini_batch_size == 0,
+         f"--batch-size {cfg.batch_size} must be a multiple of --mini-batch-size "
+         f"{cfg.mini_batch_size}"),
+        (cfg.ppo_epochs >= 1, "--ppo-epochs must be >= 1"),
+        (cfg.max_new_tokens >= 1 and cfg.max_prompt_length >= 1,
+         "--max-new-tokens and --max-prompt-length must be >= 1"),
+        (cfg.temperature > 0, "--temperature must be > 0"),
+        (cfg.top_k >= 0 and 0 < cfg.top_p <= 1, "--top-k must be >= 0 and --top-p in (0, 1]"),
+        (cfg.actor_lr is None or cfg.actor_lr > 0, "--actor-lr must be > 0"),
+        (cfg.critic_lr is None or cfg.critic_lr > 0, "--critic-lr must be > 0"),
+        (cfg.max_grad_norm > 0, "--max-grad-norm must be > 0"),
+        (cfg.cliprange > 0, "--cliprange must be > 0"),
+        (cfg.cliprange_value > 0, "--cliprange-value must be > 0"),
+        (0 <= cfg.gamma <= 1, "--gamma must be in [0, 1]"),
+        (0 <= cfg.lam <= 1, "--lam must be in [0, 1]"),
+        (cfg.kl_ctl >= 0, "--kl-ctl must be >= 0"),
+        (cfg.kl_target > 0 and cfg.kl_horizon >= 1, "--kl-target and --kl-horizon must be > 0"),
+        (cfg.clip_reward_value > 0, "--clip-reward-value must be > 0"),
+        (cfg.ent_coef >= 0 and cfg.weight_decay >= 0, "--ent-coef, --weight-decay must be >= 0"),
+        (cfg.save_every >= 0 and cfg.max_skipped_updates >= 1,
+         "--save-every must be >= 0 and --max-skipped-updates >= 1"),
+        (not (cfg.reward_model and cfg.reward_fn), "give --reward-model or --reward-fn, not both"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def context_length(model) -> int | None:
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
+    """Prompts of iteration `step` (1-based): consecutive slices of a stream of per-epoch
+    permutations of the prompt set. A pure function of (step, seed), so a resumed run draws
+    exactly the prompts the uninterrupted one would have."""
+    start = (step - 1) * batch_size
+    indices = []
+    for k in range(start, start + batch_size):
+        epoch, position = divmod(k, n_prompts)
+        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch))
+        indices.append(int(order[position]))
+    return indices
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes its iteration, saves and exits. A second
+    signal interrupts at once."""
+
+    def __init__(self):
+        self.signum = None
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def print_samples(title: str, prompts: list[str], responses: list[str], scores, n: int) -> None:
+    if n <= 0:
+        return
+    print(title)
+    for prompt, response, score in list(zip(prompts, responses, scores))[:n]:
+        print(f"  [{float(score):+.2f}] {prompt!r} -> {response!r}")
+
+
+def train(cfg: Config) -> int:
+    """Runs RLHF-PPO as configured; returns the exit status."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    prompts = load_prompts(cfg.prompts)
+
+    # --- the four models (004 §3) ---
+    actor, tokenizer = load_policy(cfg.model, cfg.seed)
+    if cfg.reward_model:
+        score_fn = checked_scores(RewardModelScorer(cfg.reward_model, cfg.reward_label, device),
+                                  f"--reward-model {cfg.reward_model}")
+    elif cfg.reward_fn:
+        score_fn = checked_scores(load_reward_fn(cfg.reward_fn), f"--reward-fn {cfg.reward_fn}")
+    else:
+        score_fn = checked_scores(vowel_reward, "the built-in vowel reward")
+    ref_model = copy.deepcopy(actor).requires_grad_(False).eval()
+    critic = load_critic(cfg.critic_model, actor)
+    actor.to(device).train()  # train mode with dropout off: gradient checkpointing needs it
+    critic.to(device).train()
+    ref_model.to(device)
+    if cfg.gradient_checkpointing:
+        actor.gradient_checkpointing_enable()
+        critic.backbone.gradient_checkpointing_enable()
+
+    # --- prompts must fit the context with the response ---
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    if max(lengths) > cfg.max_prompt_length:
+        n_long = sum(n > cfg.max_prompt_length for n in lengths)
+        print(f"warning: {n_long} prompt(s) longer than --max-prompt-length "
+              f"{cfg.max_prompt_length} tokens are truncated from the left", file=sys.stderr)
+    longest = min(max(lengths), cfg.max_prompt_length)
+    context = context_length(actor)
+    if context is not None and longest + cfg.max_new_tokens > context:
+        raise UsageError(f"prompts of up to {longest} tokens + --max-new-tokens "
+                         f"{cfg.max_new_tokens} exceed the model's context of {context}; "
+                         "lower --max-new-tokens or --max-prompt-length")
+    if min(lengths) == 0:
+        raise UsageError("--prompts holds a prompt with no token; remove empty prompts")
+
+    # --- optimizers: separate, as actor and critic are separate models ---
+    actor_lr = cfg.actor_lr or (BUILTIN_ACTOR_LR if cfg.model == BUILTIN_MODEL
+                                else PRETRAINED_ACTOR_LR)
+    critic_lr = cfg.critic_lr or CRITIC_LR_FACTOR * actor_lr
+    actor_optimizer = torch.optim.AdamW(actor.parameters(), lr=actor_lr,
+                                        weight_decay=cfg.weight_decay)
+    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=critic_lr,
+                                         weight_decay=cfg.weight_decay)
+    use_bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16
+                else nullcontext)
+    eos_token_ids = actor.generation_config.eos_token_id or tokenizer.eos_token_id
+    eos_token_ids = eos_token_ids if isinstance(eos_token_ids, list) else [eos_token_ids]
+
+    # --- state: fresh or resumed ---
+    out = Path(cfg.output_dir)
+    start_step, kl_coef = 0, cfg.kl_ctl
+    if cfg.resume:
+        state = load_checkpoint(out, cfg)
+        actor.load_state_dict(state["actor"])
+        critic.load_state_dict(state["critic"])
+        actor_optimizer.load_state_dict(state["actor_optimizer"])
+        critic_optimizer.load_state_dict(state["critic_optimizer"])
+        start_step, kl_coef = state["step"], state["kl_coef"]
+        set_rng_state(state["rng"])
+        print(f"resumed from {out / CHECKPOINT} at step {start_step}")
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / METRICS
+    # one row per iteration across resumes: drop rows written after the checkpoint
+    rows = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+    metrics_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= start_step))
+
+    def save(step: int) -> None:
+        atomic_save({"step": step, "kl_coef": kl_coef, "actor": actor.state_dict(),
+                     "critic": critic.state_dict(),
+                     "actor_optimizer": actor_optimizer.state_dict(),
+                     "critic_optimizer": critic_optimizer.state_dict(), "rng": rng_state(),
+                     "fingerprint": resume_fingerprint(cfg)}, out / CHECKPOINT)
+
+    stop = StopRequest()
+    stop.install()
+    consecutive_skips = 0
+    exp = None
+    print(f"training {cfg.model} on {device} for {cfg.steps} iterations "
+          f"({len(prompts)} prompts, batch {cfg.batch_size}, {cfg.ppo_epochs} PPO epochs)")
+    for step in range(start_step + 1, cfg.steps + 1):
+        batch_prompts = [prompts[i] for i in prompt_indices(step, cfg.batch_size, len(prompts),
+                                                            cfg.seed)]
+        encoded = tokenizer(batch_prompts, return_tensors="pt", padding=True, truncation=True,
+                            max_length=cfg.max_prompt_length, add_special_tokens=False)
+        t0 = time.perf_counter()
+        exp = generate_experience(
+            actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids.to(device),
+            encoded.attention_mask.to(device), eos_token_ids=eos_token_ids,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+            top_p=cfg.top_p, kl_ctl=kl_coef, clip_reward_value=cfg.clip_reward_value,
+            kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
+            whiten_advantages=cfg.whiten_advantages, whiten_rewards=cfg.whiten_rewards,
+            missing_eos_penalty=cfg.missing_eos_penalty, autocast=autocast)
+        if step == 1:
+            print_samples("samples before training:", exp.prompts, exp.responses, exp.scores,
+                          cfg.samples)
+        t1 = time.perf_counter()
+        stats, skipped = ppo_update(
+            actor, critic, actor_optimizer, critic_optimizer, exp, ppo_epochs=cfg.ppo_epochs,
+            mini_batch_size=cfg.mini_batch_size, micro_batch_size=cfg.micro_batch_size,
+            cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value,
+            ent_coef=cfg.ent_coef, max_grad_norm=cfg.max_grad_norm,
+            temperature=cfg.temperature, autocast=autocast)
+        row = rollout_stats(exp, kl_coef)
+        row.update(stats)
+        row = {name: float(v) for name, v in zip(row, torch.stack(list(row.values())).tolist())}
+        t2 = time.perf_counter()
+        row.update({"step": step, "updates/skipped": sum(skipped),
+                    "time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
+                    "throughput/tokens_per_s": exp.action_mask.sum().item() / (t2 - t0)})
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(dict(sorted(row.items()))) + "\n")
+        print(f"step {step:4d}/{cfg.steps} | score {row['objective/scores']:7.3f} | "
+              f"kl {row['objective/kl']:7.3f} | beta {kl_coef:.3f} | "
+              f"pg {row['loss/policy']:7.4f} | vf {row['loss/value']:7.4f} | "
+              f"clip {row['policy/clipfrac']:.3f} | len {row['response/length']:5.1f} | "
+              f"{t2 - t0:5.2f}s", flush=True)
+
+        # the KL controller sees this rollout's KL and sets the coefficient of the next one
+        if cfg.kl_controller == "adaptive":
+            kl_coef = adaptive_kl_coef(kl_coef, row["objective/kl"], cfg.kl_target)
+        elif cfg.kl_controller == "proportional":
+            kl_coef = proportional_kl_coef(kl_coef, row["objective/kl"], cfg.kl_target,
+                                           n_steps=cfg.batch_size, horizon=cfg.kl_horizon)
+        for was_skipped in skipped:
+            consecutive_skips = consecutive_skips + 1 if was_skipped else 0
+        if consecutive_skips >= cfg.max_skipped_updates:
+            if not (out / CHECKPOINT).exists():
+                save(start_step)  # the last good state is the one we started from
+            print(f"stopping: {consecutive_skips} consecutive updates had a non-finite loss or "
+                  f"gradient; the last good state is in {out / CHECKPOINT}. Lower the learning "
+                  "rates or check the reward scale.", file=sys.stderr)
+            return 1
+        if cfg.save_every and step % cfg.save_every == 0:
+            save(step)
+        if stop.signum is not None:
+            save(step)
+            name = signal.Signals(stop.signum).name
+            print(f"{name}: stopped after step {step}; checkpoint saved in {out / CHECKPOINT}. "
+                  f"Resume with the same options plus --resume.", file=sys.stderr)
+            return 128 + stop.signum
+
+    save(cfg.steps)
+    actor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if exp is not None and cfg.samples > 0:
+        final = generate_experience(
+            actor, critic, ref_model, score_fn, tokenizer, *first_prompts(exp, tokenizer, cfg,
+                                                                          device),
+            eos_token_ids=eos_token_ids, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, autocast=autocast)
+        print_samples("samples after training:", final.prompts, final.responses, final.scores,
+                      cfg.samples)
+    print(f"saved the policy to {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def first_prompts(exp: Experience, tokenizer, cfg: Config, device):
+    encoded = tokenizer(exp.prompts[:cfg.samples], return_tensors="pt", padding=True,
+                        truncation=True, max_length=cfg.max_prompt_length,
+                        add_special_tokens=False)
+    return encoded.input_ids.to(device), encoded.attention_mask.to(device)
+
+
+def rollout_stats(exp: Experience, kl_coef: float) -> dict[str, torch.Tensor]:
+    """Per-rollout metrics as 0-d tensors (one host sync for all of them, by the caller)."""
+    mask = exp.action_mask
+    kl = torch.where(mask, exp.log_probs - exp.ref_log_probs, 0.0).sum(1)  # [B] sum_t k1
+    residual_var = masked_var(exp.returns - exp.values, mask)
+    return {
+        "objective/scores": exp.scores.mean(),
+        "objective/kl": kl.mean(),
+        "objective/kl_coef": torch.tensor(kl_coef, device=mask.device),
+        "objective/non_score_reward": (-kl_coef * kl).mean(),
+        "objective/rlhf_reward": (exp.scores - kl_coef * kl).mean(),
+        "policy/entropy": masked_mean(exp.entropy, mask),
+        "val/explained_variance": 1 - residual_var / masked_var(exp.returns, mask).clamp(
+            min=1e-8),
+        "response/length": mask.sum(1).float().mean(),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """The command line, generated from `Config`: --kebab-case per field, help and default."""
+    parser = argparse.ArgumentParser(
+        description="RLHF with PPO: actor, critic, reward and reference models in one file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type
+        if get_origin(kind) is not None and type(None) in get_args(kind):  # X | None
+            kind = next(a for a in get_args(kind) if a is not type(None))
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
+        elif get_origin(kind) is Literal:
+            parser.add_argument(flag, choices=get_args(kind), default=f.default,
+                                help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()  # load reports and progress bars would bury the metrics
+    hf_logging.disable_progress_bar()
+    cfg = parse_args(argv)
+    try:
+        return train(cfg)
+    except UsageError as e:
+        print(f"ppo_rlhf: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
