@@ -28,6 +28,7 @@ Notation (shapes in comments):
 import argparse
 import copy
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -35,12 +36,14 @@ import math
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, get_args, get_origin
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -437,15 +440,17 @@ def load_policy(name: str, seed: int):
     if name == BUILTIN_MODEL:
         model, tokenizer = build_tiny_model(seed)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
+        hint = " (offline? pass a local directory, or run without --model for the built-in demo)"
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name)
-        except (OSError, ValueError, KeyError) as e:
-            raise UsageError(
-                f"cannot load --model {name!r} as a causal LM ({first_line(e)}). If you are "
-                "offline, pass a local directory, or run without --model for the built-in demo"
-            ) from e
+            architectures = load_pretrained(AutoConfig, name, "--model").architectures or []
+            if any(a.endswith("ForSequenceClassification") for a in architectures):
+                raise UsageError(f"--model {name!r} is a sequence classifier ({architectures}), "
+                                 "not a causal LM; pass it as --reward-model or --critic-model")
+            tokenizer = load_tokenizer(name, "--model")
+            model = load_pretrained(AutoModelForCausalLM, name, "--model")
+        except UsageError as e:
+            raise UsageError(f"{e}{'' if 'classifier' in str(e) else hint}") from e
     if tokenizer.pad_token is None:  # GPT-2, SmolLM...: pad with EOS, the mask tells them apart
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # prompts end where the response begins
@@ -479,17 +484,14 @@ def load_critic(name: str | None, actor: nn.Module) -> ValueModel:
         critic = ValueModel(backbone, backbone.config.hidden_size)
     else:
         from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
-        try:
-            config = AutoConfig.from_pretrained(name)
-            is_reward_model = any(a.endswith("ForSequenceClassification")
-                                  for a in (config.architectures or []))
-            if is_reward_model and config.num_labels == 1:
-                source = AutoModelForSequenceClassification.from_pretrained(name)
-                backbone = source.base_model
-            else:
-                source, backbone = None, AutoModel.from_pretrained(name)
-        except (OSError, ValueError, KeyError) as e:
-            raise UsageError(f"cannot load --critic-model {name!r} ({first_line(e)})") from e
+        config = load_pretrained(AutoConfig, name, "--critic-model")
+        is_reward_model = any(a.endswith("ForSequenceClassification")
+                              for a in (config.architectures or []))
+        if is_reward_model and config.num_labels == 1:
+            source = load_pretrained(AutoModelForSequenceClassification, name, "--critic-model")
+            backbone = source.base_model
+        else:
+            source, backbone = None, load_pretrained(AutoModel, name, "--critic-model")
         critic = ValueModel(backbone, backbone.config.hidden_size)
         head = getattr(source, "score", None)
         if isinstance(head, nn.Linear) and head.weight.shape == critic.v_head.weight.shape:
@@ -527,18 +529,14 @@ class RewardModelScorer:
     using the reward model's own tokenizer (it need not share the policy's vocabulary)."""
 
     def __init__(self, name: str, label: str | None, device: torch.device):
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-        try:
-            config = AutoConfig.from_pretrained(name)
-            if not any(a.endswith("ForSequenceClassification")
-                       for a in (config.architectures or [])):
-                raise UsageError(f"--reward-model {name!r} is not a sequence classifier (its "
-                                 f"architectures are {config.architectures}); it must load "
-                                 "with AutoModelForSequenceClassification")
-            self.tokenizer = AutoTokenizer.from_pretrained(name)
-            self.model = AutoModelForSequenceClassification.from_pretrained(name)
-        except (OSError, ValueError, KeyError) as e:
-            raise UsageError(f"cannot load --reward-model {name!r} ({first_line(e)})") from e
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+        config = load_pretrained(AutoConfig, name, "--reward-model")
+        if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+            raise UsageError(f"--reward-model {name!r} is not a sequence classifier (its "
+                             f"architectures are {config.architectures}); it must load with "
+                             "AutoModelForSequenceClassification")
+        self.tokenizer = load_tokenizer(name, "--reward-model")
+        self.model = load_pretrained(AutoModelForSequenceClassification, name, "--reward-model")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # the classifier finds each row's last real token through config.pad_token_id
@@ -643,6 +641,48 @@ def load_prompts(path: str | None) -> list[str]:
 def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers a TCP connect. Offline, transformers would retry
+    each file for about a minute before failing; this lets us go to the local cache at once."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443),
+                                      timeout=HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def load_pretrained(loader, name: str, option: str, **kwargs):
+    """`loader.from_pretrained(name)` for a hub name or a directory; failures become one line.
+
+    Without a reachable hub, only a local directory or the local cache is tried."""
+    offline = not Path(name).exists() and not hub_reachable()
+    try:
+        return loader.from_pretrained(name, local_files_only=offline, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        where = ("it is not a local directory, not in the Hugging Face cache, and the hub is "
+                 "unreachable" if offline else first_line(e))
+        raise UsageError(f"cannot load {option} {name!r} with {loader.__name__}: {where}") from e
+
+
+def load_tokenizer(name: str, option: str):
+    """AutoTokenizer for `name`, refusing the empty tokenizer transformers builds for a
+    directory that holds weights but no tokenizer files."""
+    from transformers import AutoTokenizer
+    tokenizer = load_pretrained(AutoTokenizer, name, option)
+    if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+        raise UsageError(f"{option} {name!r} has no usable tokenizer (no tokenizer files?); "
+                         "save one beside the weights with tokenizer.save_pretrained")
+    return tokenizer
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1004,20 +1044,27 @@ def prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> lis
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes its iteration, saves and exits. A second
-    signal interrupts at once."""
+    """While active, SIGINT/SIGTERM only set `signum`: the loop finishes its iteration, saves
+    and exits. A second signal interrupts at once. The previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.signum = None
+        self._previous = {}
 
-    def install(self) -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._handle)
+    def __enter__(self) -> "StopRequest":
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def print_samples(title: str, prompts: list[str], responses: list[str], scores, n: int) -> None:
@@ -1095,11 +1142,11 @@ def train(cfg: Config) -> int:
         start_step, kl_coef = state["step"], state["kl_coef"]
         set_rng_state(state["rng"])
         print(f"resumed from {out / CHECKPOINT} at step {start_step}")
-    out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / METRICS
-    # one row per iteration across resumes: drop rows written after the checkpoint
+    # one row per iteration across resumes: rows written after the checkpoint are dropped when
+    # the first new row is written (nothing is written before an iteration has succeeded)
     rows = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-    metrics_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= start_step))
+    kept_rows = "".join(r + "\n" for r in rows if json.loads(r)["step"] <= start_step)
 
     def save(step: int) -> None:
         atomic_save({"step": step, "kl_coef": kl_coef, "actor": actor.state_dict(),
@@ -1108,74 +1155,78 @@ def train(cfg: Config) -> int:
                      "critic_optimizer": critic_optimizer.state_dict(), "rng": rng_state(),
                      "fingerprint": resume_fingerprint(cfg)}, out / CHECKPOINT)
 
-    stop = StopRequest()
-    stop.install()
-    consecutive_skips = 0
-    exp = None
-    print(f"training {cfg.model} on {device} for {cfg.steps} iterations "
-          f"({len(prompts)} prompts, batch {cfg.batch_size}, {cfg.ppo_epochs} PPO epochs)")
-    for step in range(start_step + 1, cfg.steps + 1):
-        batch_prompts = [prompts[i] for i in prompt_indices(step, cfg.batch_size, len(prompts),
-                                                            cfg.seed)]
-        encoded = tokenizer(batch_prompts, return_tensors="pt", padding=True, truncation=True,
-                            max_length=cfg.max_prompt_length, add_special_tokens=False)
-        t0 = time.perf_counter()
-        exp = generate_experience(
-            actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids.to(device),
-            encoded.attention_mask.to(device), eos_token_ids=eos_token_ids,
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-            top_p=cfg.top_p, kl_ctl=kl_coef, clip_reward_value=cfg.clip_reward_value,
-            kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
-            whiten_advantages=cfg.whiten_advantages, whiten_rewards=cfg.whiten_rewards,
-            missing_eos_penalty=cfg.missing_eos_penalty, autocast=autocast)
-        if step == 1:
-            print_samples("samples before training:", exp.prompts, exp.responses, exp.scores,
-                          cfg.samples)
-        t1 = time.perf_counter()
-        stats, skipped = ppo_update(
-            actor, critic, actor_optimizer, critic_optimizer, exp, ppo_epochs=cfg.ppo_epochs,
-            mini_batch_size=cfg.mini_batch_size, micro_batch_size=cfg.micro_batch_size,
-            cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value,
-            ent_coef=cfg.ent_coef, max_grad_norm=cfg.max_grad_norm,
-            temperature=cfg.temperature, autocast=autocast)
-        row = rollout_stats(exp, kl_coef)
-        row.update(stats)
-        row = {name: float(v) for name, v in zip(row, torch.stack(list(row.values())).tolist())}
-        t2 = time.perf_counter()
-        row.update({"step": step, "updates/skipped": sum(skipped),
-                    "time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
-                    "throughput/tokens_per_s": exp.action_mask.sum().item() / (t2 - t0)})
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(dict(sorted(row.items()))) + "\n")
-        print(f"step {step:4d}/{cfg.steps} | score {row['objective/scores']:7.3f} | "
-              f"kl {row['objective/kl']:7.3f} | beta {kl_coef:.3f} | "
-              f"pg {row['loss/policy']:7.4f} | vf {row['loss/value']:7.4f} | "
-              f"clip {row['policy/clipfrac']:.3f} | len {row['response/length']:5.1f} | "
-              f"{t2 - t0:5.2f}s", flush=True)
+    with StopRequest() as stop:
+        consecutive_skips = 0
+        exp = None
+        print(f"training {cfg.model} on {device} for {cfg.steps} iterations "
+              f"({len(prompts)} prompts, batch {cfg.batch_size}, {cfg.ppo_epochs} PPO epochs)")
+        for step in range(start_step + 1, cfg.steps + 1):
+            batch_prompts = [prompts[i] for i in prompt_indices(step, cfg.batch_size, len(prompts),
+                                                                cfg.seed)]
+            encoded = tokenizer(batch_prompts, return_tensors="pt", padding=True, truncation=True,
+                                max_length=cfg.max_prompt_length, add_special_tokens=False)
+            t0 = time.perf_counter()
+            exp = generate_experience(
+                actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids.to(device),
+                encoded.attention_mask.to(device), eos_token_ids=eos_token_ids,
+                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                top_p=cfg.top_p, kl_ctl=kl_coef, clip_reward_value=cfg.clip_reward_value,
+                kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
+                whiten_advantages=cfg.whiten_advantages, whiten_rewards=cfg.whiten_rewards,
+                missing_eos_penalty=cfg.missing_eos_penalty, autocast=autocast)
+            if step == 1:
+                print_samples("samples before training:", exp.prompts, exp.responses, exp.scores,
+                              cfg.samples)
+            t1 = time.perf_counter()
+            stats, skipped = ppo_update(
+                actor, critic, actor_optimizer, critic_optimizer, exp, ppo_epochs=cfg.ppo_epochs,
+                mini_batch_size=cfg.mini_batch_size, micro_batch_size=cfg.micro_batch_size,
+                cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value,
+                ent_coef=cfg.ent_coef, max_grad_norm=cfg.max_grad_norm,
+                temperature=cfg.temperature, autocast=autocast)
+            row = rollout_stats(exp, kl_coef)
+            row.update(stats)
+            row["response/tokens"] = exp.action_mask.sum().float()
+            row = dict(zip(row, torch.stack(list(row.values())).tolist()))  # the one host sync
+            t2 = time.perf_counter()
+            row.update({"step": step, "objective/kl_coef": kl_coef, "updates/skipped": sum(skipped),
+                        "time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
+                        "throughput/tokens_per_s": row["response/tokens"] / (t2 - t0)})
+            line = json.dumps(dict(sorted(row.items()))) + "\n"
+            if step == start_step + 1:
+                out.mkdir(parents=True, exist_ok=True)
+                metrics_path.write_text(kept_rows + line)
+            else:
+                with metrics_path.open("a") as f:
+                    f.write(line)
+            print(f"step {step:4d}/{cfg.steps} | score {row['objective/scores']:7.3f} | "
+                  f"kl {row['objective/kl']:7.3f} | beta {kl_coef:.3f} | "
+                  f"pg {row['loss/policy']:7.4f} | vf {row['loss/value']:7.4f} | "
+                  f"clip {row['policy/clipfrac']:.3f} | len {row['response/length']:5.1f} | "
+                  f"{t2 - t0:5.2f}s", flush=True)
 
-        # the KL controller sees this rollout's KL and sets the coefficient of the next one
-        if cfg.kl_controller == "adaptive":
-            kl_coef = adaptive_kl_coef(kl_coef, row["objective/kl"], cfg.kl_target)
-        elif cfg.kl_controller == "proportional":
-            kl_coef = proportional_kl_coef(kl_coef, row["objective/kl"], cfg.kl_target,
-                                           n_steps=cfg.batch_size, horizon=cfg.kl_horizon)
-        for was_skipped in skipped:
-            consecutive_skips = consecutive_skips + 1 if was_skipped else 0
-        if consecutive_skips >= cfg.max_skipped_updates:
-            if not (out / CHECKPOINT).exists():
-                save(start_step)  # the last good state is the one we started from
-            print(f"stopping: {consecutive_skips} consecutive updates had a non-finite loss or "
-                  f"gradient; the last good state is in {out / CHECKPOINT}. Lower the learning "
-                  "rates or check the reward scale.", file=sys.stderr)
-            return 1
-        if cfg.save_every and step % cfg.save_every == 0:
-            save(step)
-        if stop.signum is not None:
-            save(step)
-            name = signal.Signals(stop.signum).name
-            print(f"{name}: stopped after step {step}; checkpoint saved in {out / CHECKPOINT}. "
-                  f"Resume with the same options plus --resume.", file=sys.stderr)
-            return 128 + stop.signum
+            # the KL controller sees this rollout's KL and sets the coefficient of the next one
+            if cfg.kl_controller == "adaptive":
+                kl_coef = adaptive_kl_coef(kl_coef, row["objective/kl"], cfg.kl_target)
+            elif cfg.kl_controller == "proportional":
+                kl_coef = proportional_kl_coef(kl_coef, row["objective/kl"], cfg.kl_target,
+                                               n_steps=cfg.batch_size, horizon=cfg.kl_horizon)
+            for was_skipped in skipped:
+                consecutive_skips = consecutive_skips + 1 if was_skipped else 0
+            if consecutive_skips >= cfg.max_skipped_updates:
+                save(step)  # skipped steps left weights and optimizer as they were: all good
+                print(f"stopping: {consecutive_skips} consecutive updates had a non-finite loss "
+                      f"or gradient; the last good state is in {out / CHECKPOINT}. Lower the "
+                      "learning rates or check the reward scale.", file=sys.stderr)
+                return 1
+            if cfg.save_every and step % cfg.save_every == 0:
+                save(step)
+            if stop.signum is not None:
+                save(step)
+                name = signal.Signals(stop.signum).name
+                print(f"{name}: stopped after step {step}; checkpoint saved in {out / CHECKPOINT}. "
+                      f"Resume with the same options plus --resume.", file=sys.stderr)
+                return 128 + stop.signum
 
     save(cfg.steps)
     actor.save_pretrained(out)
@@ -1207,7 +1258,6 @@ def rollout_stats(exp: Experience, kl_coef: float) -> dict[str, torch.Tensor]:
     return {
         "objective/scores": exp.scores.mean(),
         "objective/kl": kl.mean(),
-        "objective/kl_coef": torch.tensor(kl_coef, device=mask.device),
         "objective/non_score_reward": (-kl_coef * kl).mean(),
         "objective/rlhf_reward": (exp.scores - kl_coef * kl).mean(),
         "policy/entropy": masked_mean(exp.entropy, mask),
@@ -1239,9 +1289,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # load reports and progress bars would bury the metrics
     hf_logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()
     cfg = parse_args(argv)
     try:
         return train(cfg)

@@ -535,3 +535,466 @@ def test_the_four_functions_work_pasted_alone(tmp_path):
                          cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     assert all(math.isfinite(float(x)) for x in out.stdout.split())
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end on tiny models saved to disk and loaded through the real from_pretrained path.
+# ------------------------------------------------------------------------------------------------
+
+NO_HUB = {"HF_HUB_OFFLINE": "1"}  # nothing in the tests may reach for a download
+TIMING_KEYS = ("time/", "throughput/")
+REQUIRED_METRICS = ["step", "objective/scores", "objective/kl", "objective/kl_coef",
+                    "objective/rlhf_reward", "loss/policy", "loss/value", "policy/clipfrac",
+                    "policy/approxkl", "policy/entropy", "val/clipfrac", "val/explained_variance",
+                    "response/length", "time/rollout_s", "time/update_s",
+                    "throughput/tokens_per_s"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    for key, value in NO_HUB.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """A tiny causal LM, a 1-label and a 2-label sequence classifier, each with its tokenizer,
+    saved with save_pretrained as a user's local models would be."""
+    from transformers import GPT2ForSequenceClassification
+    root = tmp_path_factory.mktemp("models")
+    policy, tokenizer = P.build_tiny_model(seed=0)
+    policy.save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
+    for labels, name in [(1, "reward"), (2, "sentiment")]:
+        config = policy.config.__class__.from_dict(policy.config.to_dict())
+        config.num_labels = labels
+        if labels == 2:
+            config.id2label, config.label2id = {0: "NEG", 1: "POS"}, {"NEG": 0, "POS": 1}
+        torch.manual_seed(labels)
+        GPT2ForSequenceClassification(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return {name: str(root / name) for name in ["policy", "reward", "sentiment"]}
+
+
+def tiny_config(tmp_path, **overrides) -> "P.Config":
+    """A fast configuration: ~0.1 s per iteration on 2 cores."""
+    options = dict(output_dir=str(tmp_path / "run"), steps=3, batch_size=8, mini_batch_size=4,
+                   ppo_epochs=2, max_new_tokens=8, samples=0)
+    options.update(overrides)
+    return P.Config(**options)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / P.METRICS).read_text().splitlines()]
+
+
+def without_timing(rows):
+    return [{k: v for k, v in row.items() if not k.startswith(TIMING_KEYS)} for row in rows]
+
+
+def make_models(tiny_dirs, device="cpu"):
+    actor, tokenizer = P.load_policy(tiny_dirs["policy"], seed=0)
+    ref_model = P.copy.deepcopy(actor).requires_grad_(False).eval()
+    critic = P.load_critic(None, actor)
+    scorer = P.checked_scores(P.RewardModelScorer(tiny_dirs["reward"], None,
+                                                  torch.device(device)), "reward model")
+    return actor.train(), critic.train(), ref_model, scorer, tokenizer
+
+
+RAGGED_PROMPTS = ["a", "the cat sat on the mat", "hello there", "we went", "x", "my dream is to",
+                  "on a rainy day we stayed in", "ok"]
+
+
+def rollout(actor, critic, ref_model, scorer, tokenizer, prompts=RAGGED_PROMPTS,
+            max_new_tokens=12, **kwargs):
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return P.generate_experience(actor, critic, ref_model, scorer, tokenizer, encoded.input_ids,
+                                 encoded.attention_mask, eos_token_ids=[tokenizer.eos_token_id],
+                                 max_new_tokens=max_new_tokens, **kwargs)
+
+
+def test_experience_shapes_and_masks(tiny_dirs):
+    """[B, T] tensors; the mask covers each response through its first EOS and nothing after,
+    with pad == eos; prompts are left-padded; lengths are ragged."""
+    torch.manual_seed(3)
+    models = make_models(tiny_dirs)
+    tokenizer = models[-1]
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    exp = rollout(*models)
+    batch, length = exp.action_mask.shape
+    assert batch == len(RAGGED_PROMPTS) and length <= 12
+    for name in ["log_probs", "ref_log_probs", "values", "rewards", "advantages", "returns",
+                 "entropy"]:
+        assert getattr(exp, name).shape == (batch, length), name
+    prompt_length = exp.input_ids.shape[1] - length
+    assert (exp.attention_mask[:, :prompt_length].sum(1) > 0).all()
+    assert (exp.attention_mask[:, 0] == 0).any()  # left padding is there
+    responses = exp.input_ids[:, prompt_length:]
+    eos = tokenizer.eos_token_id
+    lengths = exp.action_mask.sum(1)
+    for row, n in zip(range(batch), lengths.tolist()):
+        assert exp.action_mask[row, :n].all() and not exp.action_mask[row, n:].any()
+        tokens = responses[row].tolist()
+        if eos in tokens:
+            assert n == tokens.index(eos) + 1  # through the first EOS, included
+        else:
+            assert n == length  # cut at the limit: every token is real
+    assert (lengths < length).any() and len(set(lengths.tolist())) > 1  # ragged, some ended
+    assert torch.isfinite(exp.rewards).all() and (exp.rewards[~exp.action_mask] == 0).all()
+
+
+def test_first_minibatch_ratio_is_one(tiny_dirs):
+    """Recomputing log-probs in the update's setting reproduces the rollout's to ~1e-5 on a
+    ragged, left-padded batch (position_ids, temperature and no dropout all agree)."""
+    torch.manual_seed(4)
+    actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
+    exp = rollout(actor, critic, ref_model, scorer, tokenizer, temperature=0.7)
+    mb = exp.select(torch.arange(4))
+    log_probs, _ = P.policy_log_probs(actor, mb.input_ids, mb.attention_mask,
+                                      exp.response_length, temperature=0.7)
+    ratio = torch.exp(torch.where(mb.action_mask, log_probs - mb.log_probs, 0.0))
+    assert (ratio - 1).abs().max().item() < 1e-5
+
+
+def test_update_trains_actor_and_critic_only(tiny_dirs):
+    """After one PPO update: losses finite; actor and critic weights moved; reference and
+    reward model untouched."""
+    torch.manual_seed(5)
+    actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
+    reward_model = scorer.__closure__[0].cell_contents.model
+    before = {name: [p.detach().clone() for p in m.parameters()]
+              for name, m in [("actor", actor), ("critic", critic), ("ref", ref_model),
+                              ("reward", reward_model)]}
+    exp = rollout(actor, critic, ref_model, scorer, tokenizer)
+    stats, skipped = P.ppo_update(actor, critic, torch.optim.AdamW(actor.parameters(), lr=1e-3),
+                                  torch.optim.AdamW(critic.parameters(), lr=1e-3), exp,
+                                  ppo_epochs=2, mini_batch_size=4, micro_batch_size=2)
+    assert not any(skipped)
+    assert all(math.isfinite(v.item()) for v in stats.values())
+
+    def moved(name, model):
+        return any(not torch.equal(a, b) for a, b in zip(before[name], model.parameters()))
+    assert moved("actor", actor) and moved("critic", critic)
+    assert not moved("ref", ref_model) and not moved("reward", reward_model)
+
+
+def test_gradient_accumulation_matches_whole_minibatch(tiny_dirs):
+    """Micro-batches weighted by their share of tokens give the whole minibatch's gradient."""
+    torch.manual_seed(6)
+    actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
+    exp = rollout(actor, critic, ref_model, scorer, tokenizer)
+    results = []
+    for micro in (8, 3):
+        a, c = P.copy.deepcopy(actor), P.copy.deepcopy(critic)
+        torch.manual_seed(0)
+        P.ppo_update(a, c, torch.optim.SGD(a.parameters(), lr=0.1),
+                     torch.optim.SGD(c.parameters(), lr=0.1), exp, ppo_epochs=1,
+                     mini_batch_size=8, micro_batch_size=micro, max_grad_norm=1e9)
+        results.append(torch.cat([p.flatten() for p in a.parameters()]))
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+
+
+def test_single_token_and_cut_responses(tiny_dirs):
+    """An immediate EOS gives a 1-token response whose score sits on that token; a response
+    cut at max_new_tokens without EOS keeps every token real. Both train without NaN."""
+    actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():  # make EOS almost certain: final hidden = e_0, logit(EOS) = 20
+        actor.transformer.ln_f.weight.zero_()
+        actor.transformer.ln_f.bias.zero_()
+        actor.transformer.ln_f.bias[0] = 1.0
+        actor.lm_head.weight[:, 0] = 0.0
+        actor.lm_head.weight[eos, 0] = 20.0
+    exp = rollout(actor, critic, ref_model, scorer, tokenizer, missing_eos_penalty=1.0)
+    assert exp.response_length == 1 and exp.action_mask.all()
+    torch.testing.assert_close(exp.rewards[:, 0], exp.scores.clamp(-5, 5) - 0.1 * torch.where(
+        exp.action_mask, exp.log_probs - exp.ref_log_probs, 0.0)[:, 0])
+    actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
+    torch.manual_seed(7)
+    cut = rollout(actor, critic, ref_model, scorer, tokenizer, max_new_tokens=2,
+                  missing_eos_penalty=1.0)
+    no_eos = ~(cut.input_ids[:, -2:] == eos).any(1)
+    assert no_eos.any() and cut.action_mask[no_eos].all()
+    for exp_ in (exp, cut):
+        _, skipped = P.ppo_update(actor, critic, torch.optim.AdamW(actor.parameters()),
+                                  torch.optim.AdamW(critic.parameters()), exp_, ppo_epochs=1,
+                                  mini_batch_size=4)
+        assert not any(skipped)
+
+
+def test_missing_eos_penalty_lowers_only_unfinished_responses(tiny_dirs):
+    torch.manual_seed(8)
+    models = make_models(tiny_dirs)
+    torch.manual_seed(8)
+    plain = rollout(*models, max_new_tokens=6)
+    torch.manual_seed(8)
+    penalized = rollout(*models, max_new_tokens=6, missing_eos_penalty=2.0)
+    ended = (plain.input_ids[:, -plain.response_length:] == models[-1].eos_token_id).any(1)
+    torch.testing.assert_close(penalized.scores, plain.scores - 2.0 * (~ended).float())
+    assert ended.any() and (~ended).any()
+
+
+def test_critic_initialized_from_reward_model_takes_its_head(tiny_dirs):
+    """DeepSpeed-Chat initializes the critic from the reward model: backbone and score head."""
+    from transformers import AutoModelForSequenceClassification
+    actor, _ = P.load_policy(tiny_dirs["policy"], seed=0)
+    critic = P.load_critic(tiny_dirs["reward"], actor)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(tiny_dirs["reward"])
+    torch.testing.assert_close(critic.v_head.weight, reward_model.score.weight)
+    torch.testing.assert_close(critic.backbone.wte.weight, reward_model.transformer.wte.weight)
+
+
+def test_reward_label_selects_a_class_logit(tiny_dirs):
+    scorer = P.RewardModelScorer(tiny_dirs["sentiment"], "POS", torch.device("cpu"))
+    batch = scorer.tokenizer(["ab", "cd"], return_tensors="pt", padding=True)
+    logits = scorer.model(**batch).logits
+    torch.testing.assert_close(scorer(["a", "c"], ["b", "d"]), logits[:, 1])
+    with pytest.raises(P.UsageError, match="--reward-label"):
+        P.RewardModelScorer(tiny_dirs["sentiment"], None, torch.device("cpu"))
+
+
+def test_run_with_reward_model_saves_a_reloadable_policy(tiny_dirs, tmp_path):
+    """--model DIR --reward-model DIR: metrics.jsonl has every documented key per iteration and
+    the saved policy reloads with AutoModelForCausalLM.from_pretrained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    cfg = tiny_config(tmp_path, model=tiny_dirs["policy"], reward_model=tiny_dirs["reward"])
+    assert P.train(cfg) == 0
+    rows = read_metrics(cfg.output_dir)
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        assert set(REQUIRED_METRICS) <= set(row)
+        assert all(math.isfinite(v) for v in row.values())
+    model = AutoModelForCausalLM.from_pretrained(cfg.output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.output_dir)
+    assert model(**tokenizer(["hi"], return_tensors="pt")).logits.isfinite().all()
+
+
+def test_reward_fn_option(tmp_path):
+    """--reward-fn file.py:function scores decoded responses: here, their length."""
+    module = tmp_path / "my_reward.py"
+    module.write_text("def length(prompts, responses):\n"
+                      "    return [float(len(r)) for r in responses]\n")
+    cfg = tiny_config(tmp_path, reward_fn=f"{module}:length", steps=1, clip_reward_value=100.0)
+    scores = []
+    fn = P.load_reward_fn(cfg.reward_fn)
+    assert fn(["p"], ["abc"]) == [3.0]
+    original = P.generate_experience
+
+    def spy(*args, **kwargs):
+        exp = original(*args, **kwargs)
+        scores.append((exp.scores, [float(len(r)) for r in exp.responses]))
+        return exp
+    P.generate_experience = spy
+    try:
+        assert P.train(cfg) == 0
+    finally:
+        P.generate_experience = original
+    got, expected = scores[0]
+    assert got.tolist() == expected
+
+
+def test_builtin_task_reward_rises(tmp_path):
+    """The offline demo learns: mean score over the last fifth well above the first fifth."""
+    cfg = tiny_config(tmp_path, steps=30, batch_size=32, mini_batch_size=16, ppo_epochs=4,
+                      max_new_tokens=16)
+    assert P.train(cfg) == 0
+    scores = [row["objective/scores"] for row in read_metrics(cfg.output_dir)]
+    first, last = sum(scores[:6]) / 6, sum(scores[-6:]) / 6
+    assert last > first + 2.0, scores
+
+
+def test_seeded_cpu_run_is_reproducible(tmp_path):
+    rows = []
+    for name in ("a", "b"):
+        cfg = tiny_config(tmp_path, output_dir=str(tmp_path / name))
+        assert P.train(cfg) == 0
+        rows.append(without_timing(read_metrics(cfg.output_dir)))
+    assert rows[0] == rows[1]
+
+
+def test_kl_controllers_move_the_coefficient_in_a_run(tmp_path):
+    cfg = tiny_config(tmp_path, kl_controller="adaptive", kl_target=1e-6, steps=3)
+    assert P.train(cfg) == 0
+    coefs = [row["objective/kl_coef"] for row in read_metrics(cfg.output_dir)]
+    assert coefs[0] == 0.1 and coefs[1] in (0.2, 0.05) and coefs[2] != coefs[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Interruption, resume, bad input and numerical trouble (the command line through subprocess)
+# ------------------------------------------------------------------------------------------------
+
+def run_cli(args, cwd, timeout=300):
+    env = {**os.environ, **NO_HUB}
+    return subprocess.run([sys.executable, str(HERE / "ppo_rlhf.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def final_weights(run_dir):
+    from safetensors.torch import load_file
+    return load_file(str(Path(run_dir) / "model.safetensors"))
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """N iterations straight == k iterations, then --resume to N: same metrics rows (one per
+    iteration, no duplicates or gaps) and the same final weights."""
+    straight = tiny_config(tmp_path, output_dir=str(tmp_path / "straight"), steps=5,
+                           kl_controller="adaptive", kl_target=0.5)
+    assert P.train(straight) == 0
+    first = dataclass_replace(straight, output_dir=str(tmp_path / "split"), steps=2)
+    assert P.train(first) == 0
+    assert P.train(dataclass_replace(first, steps=5, resume=True)) == 0
+    a, b = read_metrics(straight.output_dir), read_metrics(first.output_dir)
+    assert [row["step"] for row in b] == [1, 2, 3, 4, 5]
+    assert without_timing(a) == without_timing(b)
+    wa, wb = final_weights(straight.output_dir), final_weights(first.output_dir)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=1e-6)
+
+
+def dataclass_replace(cfg, **changes):
+    return P.dataclasses.replace(cfg, **changes)
+
+
+def test_sigint_saves_and_resumes(tmp_path):
+    """Ctrl-C finishes the iteration, saves, exits 130 with a resume hint; --resume continues
+    with one metrics row per iteration."""
+    out = tmp_path / "run"
+    args = ["--output-dir", str(out), "--batch-size", "8", "--mini-batch-size", "4",
+            "--max-new-tokens", "8", "--ppo-epochs", "1", "--samples", "0"]
+    env = {**os.environ, **NO_HUB}
+    proc = subprocess.Popen([sys.executable, str(HERE / "ppo_rlhf.py"), *args, "--steps", "500"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    metrics = out / P.METRICS
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or
+                                      len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    stopped = len(metrics.read_text().splitlines())
+    state = torch.load(out / P.CHECKPOINT, weights_only=False)
+    assert state["step"] == stopped
+    result = run_cli([*args, "--steps", str(stopped + 2), "--resume"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, stopped + 3))
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    """A failure between writing the temporary file and renaming it leaves the previous
+    checkpoint intact and loadable."""
+    path = tmp_path / P.CHECKPOINT
+    P.atomic_save({"step": 1, "w": torch.ones(3)}, path)
+
+    def killed(src, dst):
+        raise KeyboardInterrupt("killed between write and rename")
+    monkeypatch.setattr(P.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        P.atomic_save({"step": 2, "w": torch.zeros(3)}, path)
+    assert torch.load(path, weights_only=False)["step"] == 1
+
+
+def test_nonfinite_update_is_skipped_and_weights_stay(tiny_dirs):
+    torch.manual_seed(9)
+    actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
+    exp = rollout(actor, critic, ref_model, scorer, tokenizer)
+    exp.advantages[0, 0] = float("nan")
+    before = [p.detach().clone() for p in actor.parameters()]
+    _, skipped = P.ppo_update(actor, critic, torch.optim.AdamW(actor.parameters(), lr=1e-3),
+                              torch.optim.AdamW(critic.parameters(), lr=1e-3), exp,
+                              ppo_epochs=1, mini_batch_size=8)
+    assert skipped == [True]
+    assert all(torch.equal(a, b) for a, b in zip(before, actor.parameters()))
+
+
+def test_consecutive_nonfinite_updates_stop_the_run(tmp_path, monkeypatch, capsys):
+    """K skipped updates in a row: exit 1, a message, a checkpoint with finite weights."""
+    monkeypatch.setattr(P, "actor_loss_fn", lambda log_probs, *a, **k: log_probs.sum() * math.nan)
+    cfg = tiny_config(tmp_path, steps=10, max_skipped_updates=3)
+    assert P.train(cfg) == 1
+    assert "non-finite" in capsys.readouterr().err
+    state = torch.load(Path(cfg.output_dir) / P.CHECKPOINT, weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["actor"].values())
+
+
+def test_resume_without_checkpoint_or_with_other_options_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path, resume=True)
+    with pytest.raises(P.UsageError, match="no checkpoint"):
+        P.train(cfg)
+    assert P.train(dataclass_replace(cfg, resume=False, steps=1)) == 0
+    with pytest.raises(P.UsageError, match="cliprange"):
+        P.train(dataclass_replace(cfg, cliprange=0.3))
+
+
+def bad_input_cases(tmp_path, tiny_dirs):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    no_field = tmp_path / "bad.jsonl"
+    no_field.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+    raises = tmp_path / "raises.py"
+    raises.write_text("def f(p, r):\n    raise RuntimeError('boom')\n")
+    wrong_count = tmp_path / "count.py"
+    wrong_count.write_text("def f(p, r):\n    return [1.0]\n")
+    not_finite = tmp_path / "nan.py"
+    not_finite.write_text("def f(p, r):\n    return [float('nan')] * len(r)\n")
+    return {
+        "missing prompts file": (["--prompts", str(tmp_path / "nope.txt")], "no such file"),
+        "empty prompts file": (["--prompts", str(empty)], "no prompt"),
+        "jsonl without prompt": (["--prompts", str(no_field)], "'prompt'"),
+        "unloadable model": (["--model", "no-such-org/no-such-model"], "cannot load --model"),
+        "model not a causal LM": (["--model", tiny_dirs["reward"]], "not a causal LM"),
+        "reward model not a classifier": (["--reward-model", tiny_dirs["policy"]],
+                                          "not a sequence classifier"),
+        "reward-fn not importable": (["--reward-fn", "no_such_module:f"], "cannot import"),
+        "reward-fn raises": (["--reward-fn", f"{raises}:f"], "boom"),
+        "reward-fn wrong count": (["--reward-fn", f"{wrong_count}:f"], "1 scores for"),
+        "reward-fn non-finite": (["--reward-fn", f"{not_finite}:f"], "non-finite"),
+        "cliprange <= 0": (["--cliprange", "0"], "--cliprange"),
+        "gamma outside [0, 1]": (["--gamma", "1.5"], "--gamma"),
+        "lam outside [0, 1]": (["--lam", "-0.1"], "--lam"),
+        "batch not a multiple": (["--batch-size", "10", "--mini-batch-size", "4"], "multiple"),
+        "non-positive size": (["--batch-size", "0"], "batch sizes"),
+        "non-positive learning rate": (["--actor-lr=-1e-3"], "--actor-lr"),
+        "context too small": (["--max-new-tokens", "500"], "context"),
+        "resume without checkpoint": (["--resume"], "no checkpoint"),
+    }
+
+
+def test_bad_input_gets_one_line_and_exit_2(tmp_path, tiny_dirs):
+    """Each bad input: exit status 2, one line on stderr naming the problem, no traceback,
+    and no output directory written."""
+    cases = bad_input_cases(tmp_path, tiny_dirs)
+    failures = []
+    for name, (args, needle) in cases.items():
+        out = tmp_path / ("out-" + name.replace(" ", "-"))
+        result = run_cli([*args, "--output-dir", str(out), "--steps", "1", "--batch-size",
+                          args[args.index("--batch-size") + 1] if "--batch-size" in args else "4",
+                          "--mini-batch-size", "2" if "--mini-batch-size" not in args
+                          else args[args.index("--mini-batch-size") + 1]], tmp_path)
+        lines = result.stderr.strip().splitlines()
+        ok = (result.returncode == 2 and len(lines) == 1 and needle in lines[0]
+              and "Traceback" not in result.stderr and not (out / P.METRICS).exists())
+        if not ok:
+            failures.append((name, result.returncode, result.stderr[-500:]))
+    assert not failures, failures
+
+
+def test_long_prompts_are_truncated_from_the_left_with_one_warning(tmp_path, capsys):
+    prompts = tmp_path / "long.txt"
+    prompts.write_text("a very long prompt " * 20 + "\nshort\n")
+    cfg = tiny_config(tmp_path, prompts=str(prompts), max_prompt_length=16, steps=1,
+                      batch_size=2, mini_batch_size=2)
+    assert P.train(cfg) == 0
+    err = capsys.readouterr().err
+    assert err.count("truncated from the left") == 1
+
+
+def test_help_documents_every_option_with_its_default(tmp_path):
+    result = run_cli(["--help"], tmp_path)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for f in P.dataclasses.fields(P.Config):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+    assert "(default: 0.1)" in text and "(default: 0.95)" in text
