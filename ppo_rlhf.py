@@ -39,7 +39,7 @@ import signal
 import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, get_args, get_origin
@@ -80,10 +80,13 @@ class Config:
                             "the trained policy go here"})
     # schedule
     steps: int = field(default=80, metadata={"help": "PPO iterations (rollout + update)"})
-    batch_size: int = field(default=32, metadata={"help": "prompts per rollout"})
-    mini_batch_size: int = field(default=16, metadata={"help": "sequences per optimizer step"})
-    micro_batch_size: int | None = field(default=None, metadata={"help": "sequences per forward/"
-                                         "backward (gradient accumulation); default: the minibatch"})
+    batch_size: int = field(default=32, metadata={"help": "prompts per rollout (all ranks "
+                            "together under torchrun)"})
+    mini_batch_size: int = field(default=16, metadata={"help": "sequences per optimizer step "
+                                 "(all ranks together)"})
+    micro_batch_size: int | None = field(default=None, metadata={
+        "help": "sequences per forward/backward on each rank (gradient accumulation); default: "
+                "the minibatch"})
     ppo_epochs: int = field(default=4, metadata={"help": "passes over each batch of experience"})
     # generation
     max_new_tokens: int = field(default=16, metadata={"help": "response length limit"})
@@ -160,19 +163,21 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return total / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Population variance of `values` over the real positions: E[(x - E[x])^2]."""
-    mean = masked_mean(values, mask)
-    return masked_mean((values - mean) ** 2, mask)
+def masked_var(values: torch.Tensor, mask: torch.Tensor, mean_fn=masked_mean) -> torch.Tensor:
+    """Population variance of `values` over the real positions: E[(x - E[x])^2].
+
+    `mean_fn` computes the masked means; pass a global one to take them over all ranks."""
+    mean = mean_fn(values, mask)
+    return mean_fn((values - mean) ** 2, mask)
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+                  eps: float = 1e-8, mean_fn=masked_mean) -> torch.Tensor:
     """(x - mean) / std over the real positions; padding comes out as 0.
 
-    With shift_mean=False the mean is kept (x - mean)/std + mean: rewards keep their sign.
+    With shift_mean=False the mean is kept, (x - mean)/std + mean: rewards keep their sign.
     """
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    mean, var = mean_fn(values, mask), masked_var(values, mask, mean_fn)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
@@ -790,7 +795,8 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
                         *, eos_token_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
                         kl_ctl=0.1, clip_reward_value=5.0, kl_estimator="k1", gamma=1.0,
                         lam=0.95, whiten_advantages=True, whiten_rewards=False,
-                        missing_eos_penalty=None, autocast=nullcontext) -> Experience:
+                        missing_eos_penalty=None, autocast=nullcontext,
+                        mean_fn=masked_mean) -> Experience:
     """004 §4.1(5) steps 1-3: the actor answers, the four models score the answers.
 
     Args:
@@ -798,7 +804,8 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
         score_fn: (prompts, responses) -> [B] scores, on decoded text (the reward model).
         prompt_ids, prompt_mask: [B, P] left-padded prompts.
         eos_token_ids: token ids that end a response.
-        The rest are the hyperparameters of `compute_rewards` and `get_advantages_and_returns`.
+        The rest are the hyperparameters of `compute_rewards` and `get_advantages_and_returns`;
+        whitening takes its statistics with `mean_fn` (a global mean under torchrun).
     Returns:
         `Experience` with per-token tensors [B, T], T the longest response in the batch.
     """
@@ -831,11 +838,11 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
     rewards = compute_rewards(log_probs, ref_log_probs, scores, action_mask, kl_ctl=kl_ctl,
                               clip_reward_value=clip_reward_value, kl_estimator=kl_estimator)
     if whiten_rewards:
-        rewards = masked_whiten(rewards, action_mask, shift_mean=False)
+        rewards = masked_whiten(rewards, action_mask, shift_mean=False, mean_fn=mean_fn)
     advantages, returns = get_advantages_and_returns(values, rewards, action_mask, gamma=gamma,
                                                      lam=lam)
     if whiten_advantages:
-        advantages = masked_whiten(advantages, action_mask)
+        advantages = masked_whiten(advantages, action_mask, mean_fn=mean_fn)
     return Experience(input_ids=sequences.clone(), attention_mask=attention_mask.clone(),
                       action_mask=action_mask.clone(), log_probs=log_probs,
                       ref_log_probs=ref_log_probs, values=values, rewards=rewards,
@@ -854,24 +861,31 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
     """Updates actor and critic on one batch of experience; returns (stats, skipped).
 
     stats: {name: 0-d tensor}, token-weighted means over the update like the losses themselves.
-    skipped: one bool per optimizer step, True where the loss or gradient was not finite and the
-    step was skipped (weights and optimizer state untouched).
+    skipped: bool tensor, one entry per optimizer step, True where a loss or gradient was not
+    finite and that step was skipped (weights and optimizer state untouched).
 
     A minibatch that does not fit is split into micro-batches whose gradients accumulate; each
     micro-batch's loss is weighted by its share of the minibatch's real tokens, so the gradient
-    equals that of the whole minibatch's token mean.
+    equals that of the whole minibatch's token mean. Under torchrun the share is of the global
+    minibatch (all ranks), so N ranks compute what one process would on their union.
+
+    Nothing here waits for the device: a non-finite step is skipped by PyTorch's GradScaler at
+    scale 1 (it checks the gradients on the device and the fused optimizer skips itself).
     """
+    device = exp.action_mask.device
     batch = exp.action_mask.shape[0]
     micro_batch_size = micro_batch_size or mini_batch_size
     length = exp.response_length
+    _, world_size = world()
+    scaler = torch.amp.GradScaler(device.type, init_scale=1.0)
     totals: dict[str, torch.Tensor] = {}
     skipped = []
-    steps = 0
     for _ in range(ppo_epochs):
         order = torch.randperm(batch)  # on the CPU: indices never wait for the device
         for mini in order.split(mini_batch_size):
-            mini_tokens = exp.action_mask[mini.to(exp.action_mask.device)].sum()
-            for micro in mini.split(micro_batch_size):
+            mini_tokens = all_reduce_sum(exp.action_mask[mini.to(device)].sum())
+            micros = mini.split(micro_batch_size)
+            for i, micro in enumerate(micros):
                 mb = exp.select(micro)
                 weight = mb.action_mask.sum() / mini_tokens  # share of the minibatch's tokens
                 with autocast():
@@ -886,25 +900,27 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
                     actor_loss = actor_loss - ent_coef * masked_mean(entropy, mb.action_mask)
                 vf_loss = critic_loss_fn(values, mb.values, mb.returns, mb.action_mask,
                                          cliprange_value=cliprange_value)
-                (actor_loss * weight).backward()
-                (vf_loss * weight).backward()
+                # DDP averages gradients over ranks; x world_size turns that into the sum of
+                # the ranks' token shares. Only the last micro-batch triggers the all-reduce.
+                with no_sync(actor, critic, last=i == len(micros) - 1):
+                    scaler.scale(actor_loss * weight * world_size).backward()
+                    scaler.scale(vf_loss * weight * world_size).backward()
                 with torch.no_grad():
                     stats = update_stats(log_probs, values, mb, cliprange, cliprange_value)
                     stats.update({"loss/policy": pg_loss, "loss/value": vf_loss})
                     for name, value in stats.items():
-                        totals[name] = totals.get(name, 0.0) + value.detach() * weight
-            steps += 1
-            actor_norm = nn.utils.clip_grad_norm_(actor.parameters(), max_grad_norm)
-            critic_norm = nn.utils.clip_grad_norm_(critic.parameters(), max_grad_norm)
-            # the one host sync of a step: a NaN/inf must not reach the weights or Adam's moments
-            finite = bool(torch.isfinite(actor_norm) & torch.isfinite(critic_norm))
-            if finite:
-                actor_optimizer.step()
-                critic_optimizer.step()
-            skipped.append(not finite)
-            actor_optimizer.zero_grad(set_to_none=True)
-            critic_optimizer.zero_grad(set_to_none=True)
-    return {name: total / steps for name, total in totals.items()}, skipped
+                        totals[name] = totals.get(name, 0.0) + value * weight
+            norms = []
+            for model, optimizer in ((actor, actor_optimizer), (critic, critic_optimizer)):
+                scaler.unscale_(optimizer)
+                norms.append(nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+                scaler.step(optimizer)  # skipped if this model's gradients hold inf/NaN
+                optimizer.zero_grad(set_to_none=True)
+            scaler.update(1.0)  # keep the scale at 1: it is a finiteness check, not fp16 scaling
+            skipped.append(~(torch.isfinite(norms[0]) & torch.isfinite(norms[1])))
+    steps = len(skipped)
+    return ({name: all_reduce_sum(total) / steps for name, total in totals.items()},
+            torch.stack(skipped))
 
 
 def update_stats(log_probs, values, mb: Experience, cliprange, cliprange_value):
@@ -915,7 +931,7 @@ def update_stats(log_probs, values, mb: Experience, cliprange, cliprange_value):
     pg_loss1 = -mb.advantages * ratio
     pg_loss2 = -mb.advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     values_clipped = torch.clamp(values, mb.values - cliprange_value, mb.values + cliprange_value)
-    stats = {
+    return {
         "policy/clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),
         "policy/approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
         "policy/ratio": masked_mean(ratio, mask),
@@ -923,11 +939,73 @@ def update_stats(log_probs, values, mb: Experience, cliprange, cliprange_value):
                                      (values - mb.returns) ** 2).float(), mask),
         "val/mean": masked_mean(values, mask),
     }
-    return stats
 
 
 # ------------------------------------------------------------------------------------------------
-# 11. Checkpoints: everything needed to continue exactly, written atomically.
+# 11. Data parallelism (torchrun). The only code that knows other ranks exist; with a single
+# process every function here is the identity or its local twin.
+# ------------------------------------------------------------------------------------------------
+
+def world() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) without torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over ranks (a new tensor; asynchronous on the device)."""
+    if world()[1] == 1:
+        return tensor
+    total = tensor.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total
+
+
+def global_masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`masked_mean` over every rank's real positions: sum and count are all-reduced."""
+    mask = mask.bool()
+    sums = torch.stack([torch.where(mask, values, 0).sum(), mask.sum().to(values.dtype)])
+    total, count = all_reduce_sum(sums)
+    return total / count.clamp(min=1)
+
+
+def no_sync(actor, critic, last: bool):
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of a minibatch."""
+    if last or not isinstance(actor, nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    stack = ExitStack()
+    stack.enter_context(actor.no_sync())
+    stack.enter_context(critic.no_sync())
+    return stack
+
+
+def init_distributed(device_name: str) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL with one GPU per rank, or
+    gloo on CPUs. Otherwise just resolve --device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return resolve_device(device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. Checkpoints: everything needed to continue exactly, written atomically.
 # ------------------------------------------------------------------------------------------------
 
 CHECKPOINT = "checkpoint.pt"
@@ -945,9 +1023,10 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def rng_state() -> dict:
+    """This process's random state: Python, torch CPU and, if used, the current CUDA device."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -955,11 +1034,13 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def resume_fingerprint(cfg: Config) -> dict:
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_OPTIONS}
+    """The options a checkpoint must agree with, and the number of ranks that wrote it."""
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_OPTIONS}
+    return {**options, "world_size": world()[1]}
 
 
 def load_checkpoint(out: Path, cfg: Config) -> dict:
@@ -977,12 +1058,15 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
     return state
 
 
+
+
 # ------------------------------------------------------------------------------------------------
-# 12. The training loop (004 §4.1(5) pseudo-code) and the command line.
+# 13. The training loop (004 §4.1(5) pseudo-code) and the command line.
 # ------------------------------------------------------------------------------------------------
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, world_size: int = 1) -> None:
     """Refuse out-of-range options before anything is loaded or written."""
+    per_rank = cfg.batch_size // world_size
     checks = [
         (cfg.steps >= 1, "--steps must be >= 1"),
         (cfg.batch_size >= 1 and cfg.mini_batch_size >= 1, "batch sizes must be >= 1"),
@@ -991,6 +1075,8 @@ def validate(cfg: Config) -> None:
         (cfg.batch_size % cfg.mini_batch_size == 0,
          f"--batch-size {cfg.batch_size} must be a multiple of --mini-batch-size "
          f"{cfg.mini_batch_size}"),
+        (cfg.mini_batch_size % world_size == 0 and per_rank * world_size == cfg.batch_size,
+         f"--batch-size and --mini-batch-size must be multiples of the {world_size} ranks"),
         (cfg.ppo_epochs >= 1, "--ppo-epochs must be >= 1"),
         (cfg.max_new_tokens >= 1 and cfg.max_prompt_length >= 1,
          "--max-new-tokens and --max-prompt-length must be >= 1"),
@@ -1016,24 +1102,52 @@ def validate(cfg: Config) -> None:
             raise UsageError(message)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
+def load_models(cfg: Config, device: torch.device):
+    """The four models of 004 §3 and the policy's tokenizer, on `device`, dropout off."""
+    actor, tokenizer = load_policy(cfg.model, cfg.seed)
+    if cfg.reward_model:
+        score_fn = checked_scores(RewardModelScorer(cfg.reward_model, cfg.reward_label, device),
+                                  f"--reward-model {cfg.reward_model}")
+    elif cfg.reward_fn:
+        score_fn = checked_scores(load_reward_fn(cfg.reward_fn), f"--reward-fn {cfg.reward_fn}")
+    else:
+        score_fn = checked_scores(vowel_reward, "the built-in vowel reward")
+    ref_model = copy.deepcopy(actor).requires_grad_(False).eval()
+    critic = load_critic(cfg.critic_model, actor)
+    actor.to(device).train()  # train mode with dropout off: gradient checkpointing needs it
+    critic.to(device).train()
+    ref_model.to(device)
+    if cfg.gradient_checkpointing:
+        checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        actor.gradient_checkpointing_enable(**checkpointing)
+        critic.backbone.gradient_checkpointing_enable(**checkpointing)
+    return actor, ref_model, critic, tokenizer, score_fn
 
 
-def context_length(model) -> int | None:
-    config = model.config
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+def check_prompt_lengths(prompts: list[str], tokenizer, actor, cfg: Config, log) -> None:
+    """Long prompts are truncated from the left (one warning); prompt + response must fit."""
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    if min(lengths) == 0:
+        raise UsageError("--prompts holds a prompt with no token; remove empty prompts")
+    if max(lengths) > cfg.max_prompt_length:
+        n_long = sum(n > cfg.max_prompt_length for n in lengths)
+        log(f"warning: {n_long} prompt(s) longer than --max-prompt-length "
+            f"{cfg.max_prompt_length} tokens are truncated from the left", file=sys.stderr)
+    config = actor.config
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings",
+                                                              None)
+    longest = min(max(lengths), cfg.max_prompt_length)
+    if context is not None and longest + cfg.max_new_tokens > context:
+        raise UsageError(f"prompts of up to {longest} tokens + --max-new-tokens "
+                         f"{cfg.max_new_tokens} exceed the model's context of {context}; "
+                         "lower --max-new-tokens or --max-prompt-length")
 
 
 def prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
     """Prompts of iteration `step` (1-based): consecutive slices of a stream of per-epoch
-    permutations of the prompt set. A pure function of (step, seed), so a resumed run draws
-    exactly the prompts the uninterrupted one would have."""
+    permutations of the prompt set. A pure function of (step, seed): a resumed run draws
+    exactly the prompts the uninterrupted one would have, and ranks split one global batch
+    (no prompt twice within an epoch of the prompt set)."""
     start = (step - 1) * batch_size
     indices = []
     for k in range(start, start + batch_size):
@@ -1067,72 +1181,63 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def print_samples(title: str, prompts: list[str], responses: list[str], scores, n: int) -> None:
-    if n <= 0:
-        return
-    print(title)
-    for prompt, response, score in list(zip(prompts, responses, scores))[:n]:
-        print(f"  [{float(score):+.2f}] {prompt!r} -> {response!r}")
+def rollout_stats(exp: Experience, kl_coef: float, mean_fn=masked_mean) -> dict:
+    """Per-rollout metrics as 0-d tensors (the caller syncs them all at once). Means are taken
+    with `mean_fn`: over the global batch under torchrun."""
+    mask = exp.action_mask
+    rows = torch.ones_like(exp.scores, dtype=torch.bool)
+    kl = torch.where(mask, exp.log_probs - exp.ref_log_probs, 0.0).sum(1)  # [B] sum_t k1
+    residual_var = masked_var(exp.returns - exp.values, mask, mean_fn)
+    return {
+        "objective/scores": mean_fn(exp.scores, rows),
+        "objective/kl": mean_fn(kl, rows),
+        "objective/non_score_reward": mean_fn(-kl_coef * kl, rows),
+        "objective/rlhf_reward": mean_fn(exp.scores - kl_coef * kl, rows),
+        "policy/entropy": mean_fn(exp.entropy, mask),
+        "val/explained_variance": 1 - residual_var / masked_var(exp.returns, mask,
+                                                                mean_fn).clamp(min=1e-8),
+        "response/length": mean_fn(mask.sum(1).float(), rows),
+        "response/tokens": all_reduce_sum(mask.sum().float()),
+    }
+
+
+def print_samples(title: str, exp: Experience, n: int, log) -> None:
+    if n > 0:
+        log(title)
+        for prompt, response, score in list(zip(exp.prompts, exp.responses, exp.scores))[:n]:
+            log(f"  [{float(score):+.2f}] {prompt!r} -> {response!r}")
 
 
 def train(cfg: Config) -> int:
     """Runs RLHF-PPO as configured; returns the exit status."""
-    validate(cfg)
-    device = resolve_device(cfg.device)
+    device = init_distributed(cfg.device)
+    rank, world_size = world()
+    validate(cfg, world_size)
+    log = print if rank == 0 else (lambda *args, **kwargs: None)  # one voice under torchrun
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     prompts = load_prompts(cfg.prompts)
+    actor, ref_model, critic, tokenizer, score_fn = load_models(cfg, device)
+    check_prompt_lengths(prompts, tokenizer, actor, cfg, log)
 
-    # --- the four models (004 §3) ---
-    actor, tokenizer = load_policy(cfg.model, cfg.seed)
-    if cfg.reward_model:
-        score_fn = checked_scores(RewardModelScorer(cfg.reward_model, cfg.reward_label, device),
-                                  f"--reward-model {cfg.reward_model}")
-    elif cfg.reward_fn:
-        score_fn = checked_scores(load_reward_fn(cfg.reward_fn), f"--reward-fn {cfg.reward_fn}")
-    else:
-        score_fn = checked_scores(vowel_reward, "the built-in vowel reward")
-    ref_model = copy.deepcopy(actor).requires_grad_(False).eval()
-    critic = load_critic(cfg.critic_model, actor)
-    actor.to(device).train()  # train mode with dropout off: gradient checkpointing needs it
-    critic.to(device).train()
-    ref_model.to(device)
-    if cfg.gradient_checkpointing:
-        actor.gradient_checkpointing_enable()
-        critic.backbone.gradient_checkpointing_enable()
-
-    # --- prompts must fit the context with the response ---
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    if max(lengths) > cfg.max_prompt_length:
-        n_long = sum(n > cfg.max_prompt_length for n in lengths)
-        print(f"warning: {n_long} prompt(s) longer than --max-prompt-length "
-              f"{cfg.max_prompt_length} tokens are truncated from the left", file=sys.stderr)
-    longest = min(max(lengths), cfg.max_prompt_length)
-    context = context_length(actor)
-    if context is not None and longest + cfg.max_new_tokens > context:
-        raise UsageError(f"prompts of up to {longest} tokens + --max-new-tokens "
-                         f"{cfg.max_new_tokens} exceed the model's context of {context}; "
-                         "lower --max-new-tokens or --max-prompt-length")
-    if min(lengths) == 0:
-        raise UsageError("--prompts holds a prompt with no token; remove empty prompts")
-
-    # --- optimizers: separate, as actor and critic are separate models ---
     actor_lr = cfg.actor_lr or (BUILTIN_ACTOR_LR if cfg.model == BUILTIN_MODEL
                                 else PRETRAINED_ACTOR_LR)
     critic_lr = cfg.critic_lr or CRITIC_LR_FACTOR * actor_lr
+    # separate optimizers: actor and critic are separate models with separate losses. Fused
+    # AdamW lets GradScaler skip a non-finite step without waiting for the device.
     actor_optimizer = torch.optim.AdamW(actor.parameters(), lr=actor_lr,
-                                        weight_decay=cfg.weight_decay)
+                                        weight_decay=cfg.weight_decay, fused=True)
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=critic_lr,
-                                         weight_decay=cfg.weight_decay)
+                                         weight_decay=cfg.weight_decay, fused=True)
     use_bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16
                 else nullcontext)
     eos_token_ids = actor.generation_config.eos_token_id or tokenizer.eos_token_id
     eos_token_ids = eos_token_ids if isinstance(eos_token_ids, list) else [eos_token_ids]
 
-    # --- state: fresh or resumed ---
     out = Path(cfg.output_dir)
     start_step, kl_coef = 0, cfg.kl_ctl
+    torch.manual_seed(cfg.seed + rank)  # ranks sample different responses
     if cfg.resume:
         state = load_checkpoint(out, cfg)
         actor.load_state_dict(state["actor"])
@@ -1140,131 +1245,134 @@ def train(cfg: Config) -> int:
         actor_optimizer.load_state_dict(state["actor_optimizer"])
         critic_optimizer.load_state_dict(state["critic_optimizer"])
         start_step, kl_coef = state["step"], state["kl_coef"]
-        set_rng_state(state["rng"])
-        print(f"resumed from {out / CHECKPOINT} at step {start_step}")
+        set_rng_state(state["rng"][rank])
+        log(f"resumed from {out / CHECKPOINT} at step {start_step}")
     metrics_path = out / METRICS
     # one row per iteration across resumes: rows written after the checkpoint are dropped when
     # the first new row is written (nothing is written before an iteration has succeeded)
     rows = metrics_path.read_text().splitlines() if metrics_path.exists() else []
     kept_rows = "".join(r + "\n" for r in rows if json.loads(r)["step"] <= start_step)
 
-    def save(step: int) -> None:
-        atomic_save({"step": step, "kl_coef": kl_coef, "actor": actor.state_dict(),
-                     "critic": critic.state_dict(),
-                     "actor_optimizer": actor_optimizer.state_dict(),
-                     "critic_optimizer": critic_optimizer.state_dict(), "rng": rng_state(),
-                     "fingerprint": resume_fingerprint(cfg)}, out / CHECKPOINT)
+    # --- data parallel: DDP averages the gradients of the trained models over ranks ---
+    train_actor, train_critic = actor, critic
+    if world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        train_actor = nn.parallel.DistributedDataParallel(actor, device_ids=ids)
+        train_critic = nn.parallel.DistributedDataParallel(critic, device_ids=ids)
 
+    def save(step: int) -> None:
+        rngs = [None] * world_size  # every rank's sampler state, for an exact resume
+        if world_size > 1:
+            torch.distributed.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if rank == 0:
+            atomic_save({"step": step, "kl_coef": kl_coef, "actor": actor.state_dict(),
+                         "critic": critic.state_dict(),
+                         "actor_optimizer": actor_optimizer.state_dict(),
+                         "critic_optimizer": critic_optimizer.state_dict(), "rng": rngs,
+                         "fingerprint": resume_fingerprint(cfg)}, out / CHECKPOINT)
+
+    consecutive_skips = 0
+    first_exp = None
+    per_rank = cfg.batch_size // world_size
+    log(f"training {cfg.model} on {device} x{world_size} for {cfg.steps} iterations "
+        f"({len(prompts)} prompts, batch {cfg.batch_size}, {cfg.ppo_epochs} PPO epochs)")
     with StopRequest() as stop:
-        consecutive_skips = 0
-        exp = None
-        print(f"training {cfg.model} on {device} for {cfg.steps} iterations "
-              f"({len(prompts)} prompts, batch {cfg.batch_size}, {cfg.ppo_epochs} PPO epochs)")
         for step in range(start_step + 1, cfg.steps + 1):
-            batch_prompts = [prompts[i] for i in prompt_indices(step, cfg.batch_size, len(prompts),
-                                                                cfg.seed)]
-            encoded = tokenizer(batch_prompts, return_tensors="pt", padding=True, truncation=True,
-                                max_length=cfg.max_prompt_length, add_special_tokens=False)
+            indices = prompt_indices(step, cfg.batch_size, len(prompts), cfg.seed)
+            mine = indices[rank * per_rank:(rank + 1) * per_rank]  # this rank's slice
+            encoded = tokenizer([prompts[i] for i in mine], return_tensors="pt", padding=True,
+                                truncation=True, max_length=cfg.max_prompt_length,
+                                add_special_tokens=False).to(device)
             t0 = time.perf_counter()
             exp = generate_experience(
-                actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids.to(device),
-                encoded.attention_mask.to(device), eos_token_ids=eos_token_ids,
-                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                top_p=cfg.top_p, kl_ctl=kl_coef, clip_reward_value=cfg.clip_reward_value,
-                kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
-                whiten_advantages=cfg.whiten_advantages, whiten_rewards=cfg.whiten_rewards,
-                missing_eos_penalty=cfg.missing_eos_penalty, autocast=autocast)
+                actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids,
+                encoded.attention_mask, eos_token_ids=eos_token_ids,
+                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                top_k=cfg.top_k, top_p=cfg.top_p, kl_ctl=kl_coef,
+                clip_reward_value=cfg.clip_reward_value, kl_estimator=cfg.kl_estimator,
+                gamma=cfg.gamma, lam=cfg.lam, whiten_advantages=cfg.whiten_advantages,
+                whiten_rewards=cfg.whiten_rewards, missing_eos_penalty=cfg.missing_eos_penalty,
+                autocast=autocast, mean_fn=global_masked_mean)
+            first_exp = first_exp or exp
             if step == 1:
-                print_samples("samples before training:", exp.prompts, exp.responses, exp.scores,
-                              cfg.samples)
+                print_samples("samples before training:", exp, cfg.samples, log)
             t1 = time.perf_counter()
             stats, skipped = ppo_update(
-                actor, critic, actor_optimizer, critic_optimizer, exp, ppo_epochs=cfg.ppo_epochs,
-                mini_batch_size=cfg.mini_batch_size, micro_batch_size=cfg.micro_batch_size,
-                cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value,
-                ent_coef=cfg.ent_coef, max_grad_norm=cfg.max_grad_norm,
-                temperature=cfg.temperature, autocast=autocast)
-            row = rollout_stats(exp, kl_coef)
-            row.update(stats)
-            row["response/tokens"] = exp.action_mask.sum().float()
+                train_actor, train_critic, actor_optimizer, critic_optimizer, exp,
+                ppo_epochs=cfg.ppo_epochs, mini_batch_size=cfg.mini_batch_size // world_size,
+                micro_batch_size=cfg.micro_batch_size, cliprange=cfg.cliprange,
+                cliprange_value=cfg.cliprange_value, ent_coef=cfg.ent_coef,
+                max_grad_norm=cfg.max_grad_norm, temperature=cfg.temperature,
+                autocast=autocast)
+            row = {**rollout_stats(exp, kl_coef, global_masked_mean), **stats,
+                   "updates/skipped": skipped.sum().float(),
+                   "stop": all_reduce_sum(torch.tensor(float(stop.signum is not None),
+                                                       device=device))}
             row = dict(zip(row, torch.stack(list(row.values())).tolist()))  # the one host sync
             t2 = time.perf_counter()
-            row.update({"step": step, "objective/kl_coef": kl_coef, "updates/skipped": sum(skipped),
-                        "time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
+            stop_requested = row.pop("stop") > 0  # every rank stops at the same iteration
+            row.update({"step": step, "objective/kl_coef": kl_coef, "time/rollout_s": t1 - t0,
+                        "time/update_s": t2 - t1,
                         "throughput/tokens_per_s": row["response/tokens"] / (t2 - t0)})
-            line = json.dumps(dict(sorted(row.items()))) + "\n"
-            if step == start_step + 1:
-                out.mkdir(parents=True, exist_ok=True)
-                metrics_path.write_text(kept_rows + line)
-            else:
-                with metrics_path.open("a") as f:
-                    f.write(line)
-            print(f"step {step:4d}/{cfg.steps} | score {row['objective/scores']:7.3f} | "
-                  f"kl {row['objective/kl']:7.3f} | beta {kl_coef:.3f} | "
-                  f"pg {row['loss/policy']:7.4f} | vf {row['loss/value']:7.4f} | "
-                  f"clip {row['policy/clipfrac']:.3f} | len {row['response/length']:5.1f} | "
-                  f"{t2 - t0:5.2f}s", flush=True)
+            if rank == 0:
+                write_metrics(metrics_path, row, kept_rows if step == start_step + 1 else None)
+            log(f"step {step:4d}/{cfg.steps} | score {row['objective/scores']:7.3f} | "
+                f"kl {row['objective/kl']:7.3f} | beta {kl_coef:.3f} | "
+                f"pg {row['loss/policy']:7.4f} | vf {row['loss/value']:7.4f} | "
+                f"clip {row['policy/clipfrac']:.3f} | len {row['response/length']:5.1f} | "
+                f"{t2 - t0:5.2f}s", flush=True)
 
-            # the KL controller sees this rollout's KL and sets the coefficient of the next one
+            # the controller sees this rollout's KL and sets the coefficient for the next one
             if cfg.kl_controller == "adaptive":
                 kl_coef = adaptive_kl_coef(kl_coef, row["objective/kl"], cfg.kl_target)
             elif cfg.kl_controller == "proportional":
                 kl_coef = proportional_kl_coef(kl_coef, row["objective/kl"], cfg.kl_target,
                                                n_steps=cfg.batch_size, horizon=cfg.kl_horizon)
-            for was_skipped in skipped:
+            for was_skipped in skipped.tolist():
                 consecutive_skips = consecutive_skips + 1 if was_skipped else 0
             if consecutive_skips >= cfg.max_skipped_updates:
                 save(step)  # skipped steps left weights and optimizer as they were: all good
-                print(f"stopping: {consecutive_skips} consecutive updates had a non-finite loss "
-                      f"or gradient; the last good state is in {out / CHECKPOINT}. Lower the "
-                      "learning rates or check the reward scale.", file=sys.stderr)
+                log(f"stopping: {consecutive_skips} consecutive updates had a non-finite loss "
+                    f"or gradient; the last good state is in {out / CHECKPOINT}. Lower the "
+                    "learning rates or check the reward scale.", file=sys.stderr)
                 return 1
-            if cfg.save_every and step % cfg.save_every == 0:
+            if stop_requested or (cfg.save_every and step % cfg.save_every == 0):
                 save(step)
-            if stop.signum is not None:
-                save(step)
-                name = signal.Signals(stop.signum).name
-                print(f"{name}: stopped after step {step}; checkpoint saved in {out / CHECKPOINT}. "
-                      f"Resume with the same options plus --resume.", file=sys.stderr)
-                return 128 + stop.signum
+            if stop_requested:
+                name = signal.Signals(stop.signum or signal.SIGTERM).name
+                log(f"{name}: stopped after step {step}; checkpoint saved in "
+                    f"{out / CHECKPOINT}. Resume with the same options plus --resume.",
+                    file=sys.stderr)
+                return 128 + (stop.signum or signal.SIGTERM)
 
     save(cfg.steps)
-    actor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    if exp is not None and cfg.samples > 0:
-        final = generate_experience(
-            actor, critic, ref_model, score_fn, tokenizer, *first_prompts(exp, tokenizer, cfg,
-                                                                          device),
-            eos_token_ids=eos_token_ids, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, autocast=autocast)
-        print_samples("samples after training:", final.prompts, final.responses, final.scores,
-                      cfg.samples)
-    print(f"saved the policy to {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    if rank == 0:
+        actor.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        if first_exp is not None and cfg.samples > 0:
+            encoded = tokenizer(first_exp.prompts[:cfg.samples], return_tensors="pt",
+                                padding=True, add_special_tokens=False).to(device)
+            final = generate_experience(
+                actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids,
+                encoded.attention_mask, eos_token_ids=eos_token_ids,
+                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                top_k=cfg.top_k, top_p=cfg.top_p, autocast=autocast)
+            print_samples("samples after training:", final, cfg.samples, log)
+        log(f"saved the policy to {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
 
 
-def first_prompts(exp: Experience, tokenizer, cfg: Config, device):
-    encoded = tokenizer(exp.prompts[:cfg.samples], return_tensors="pt", padding=True,
-                        truncation=True, max_length=cfg.max_prompt_length,
-                        add_special_tokens=False)
-    return encoded.input_ids.to(device), encoded.attention_mask.to(device)
-
-
-def rollout_stats(exp: Experience, kl_coef: float) -> dict[str, torch.Tensor]:
-    """Per-rollout metrics as 0-d tensors (one host sync for all of them, by the caller)."""
-    mask = exp.action_mask
-    kl = torch.where(mask, exp.log_probs - exp.ref_log_probs, 0.0).sum(1)  # [B] sum_t k1
-    residual_var = masked_var(exp.returns - exp.values, mask)
-    return {
-        "objective/scores": exp.scores.mean(),
-        "objective/kl": kl.mean(),
-        "objective/non_score_reward": (-kl_coef * kl).mean(),
-        "objective/rlhf_reward": (exp.scores - kl_coef * kl).mean(),
-        "policy/entropy": masked_mean(exp.entropy, mask),
-        "val/explained_variance": 1 - residual_var / masked_var(exp.returns, mask).clamp(
-            min=1e-8),
-        "response/length": mask.sum(1).float().mean(),
-    }
+def write_metrics(path: Path, row: dict, kept_rows: str | None) -> None:
+    """Appends one JSON line; `kept_rows` (first row of a run) rewrites the file before it."""
+    line = json.dumps(dict(sorted(row.items()))) + "\n"
+    if kept_rows is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(kept_rows + line)
+    else:
+        with path.open("a") as f:
+            f.write(line)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -1300,6 +1408,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"ppo_rlhf: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if world()[1] > 1:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
