@@ -881,9 +881,13 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
     totals: dict[str, torch.Tensor] = {}
     skipped = []
     for _ in range(ppo_epochs):
-        order = torch.randperm(batch)  # on the CPU: indices never wait for the device
+        # indices live on the CPU (picking text rows never waits for the device), pinned on
+        # CUDA so that copying them over is asynchronous too
+        order = torch.randperm(batch)
+        order = order.pin_memory() if device.type == "cuda" else order
         for mini in order.split(mini_batch_size):
-            mini_tokens = all_reduce_sum(exp.action_mask[mini.to(device)].sum())
+            mini_index = mini.to(device, non_blocking=True)
+            mini_tokens = all_reduce_sum(exp.action_mask[mini_index].sum())
             micros = mini.split(micro_batch_size)
             for i, micro in enumerate(micros):
                 mb = exp.select(micro)
@@ -902,9 +906,9 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
                                          cliprange_value=cliprange_value)
                 # DDP averages gradients over ranks; x world_size turns that into the sum of
                 # the ranks' token shares. Only the last micro-batch triggers the all-reduce.
+                # Actor and critic graphs are disjoint: one backward call serves both.
                 with no_sync(actor, critic, last=i == len(micros) - 1):
-                    scaler.scale(actor_loss * weight * world_size).backward()
-                    scaler.scale(vf_loss * weight * world_size).backward()
+                    scaler.scale((actor_loss + vf_loss) * weight * world_size).backward()
                 with torch.no_grad():
                     stats = update_stats(log_probs, values, mb, cliprange, cliprange_value)
                     stats.update({"loss/policy": pg_loss, "loss/value": vf_loss})
