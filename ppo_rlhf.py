@@ -109,6 +109,9 @@ class Config:
     ent_coef: float = field(default=0.0, metadata={"help": "entropy bonus in the actor loss"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for "
                                          "memory in the actor and critic"})
+    frozen_bf16: bool = field(default=False, metadata={"help": "store the reference and reward "
+                              "models in bf16: half their memory; their log-probs and scores "
+                              "move by bf16 rounding (the KL starts near, not at, 0)"})
     # the math (004's defaults)
     kl_ctl: float = field(default=0.1, metadata={"help": "KL coefficient beta in "
                           "r_t = -beta*(log pi - log pi_ref) (+ score at the last token)"})
@@ -391,7 +394,7 @@ class UsageError(Exception):
 
 
 TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?'"
-TINY_EOS, TINY_UNK = "<|endoftext|>", "<unk>"
+TINY_EOS, TINY_UNK, TINY_PAD = "<|endoftext|>", "<unk>", "<pad>"
 TINY_GPT2 = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128)  # ~0.1M parameters
 
 BUILTIN_PROMPTS = [
@@ -406,25 +409,31 @@ BUILTIN_PROMPTS = [
 ]
 
 
-def build_tiny_model(seed: int):
-    """A randomly initialized 2-layer GPT-2 and a character tokenizer, built in memory.
-
-    Characters are tokens (a-z, space, punctuation), so what the policy learns is readable
-    letter by letter. pad == eos, as for GPT-2 itself.
-    """
+def build_tiny_tokenizer(separate_pad: bool = False):
+    """A character tokenizer: a-z, space and punctuation are tokens, so what the policy learns
+    is readable letter by letter. pad == eos as for GPT-2, unless `separate_pad` (TRL's
+    PPOTrainer, in the benchmark, needs them apart)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    vocab = {TINY_EOS: 0, TINY_UNK: 1}
-    vocab.update({c: i + 2 for i, c in enumerate(TINY_ALPHABET)})
+    specials = [TINY_EOS, TINY_UNK] + ([TINY_PAD] if separate_pad else [])
+    vocab = {token: i for i, token in enumerate(specials + list(TINY_ALPHABET))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=TINY_UNK))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=TINY_EOS,
-                                        pad_token=TINY_EOS, bos_token=TINY_EOS,
-                                        unk_token=TINY_UNK)
-    config = GPT2Config(vocab_size=len(vocab), bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=TINY_EOS,
+                                   bos_token=TINY_EOS, unk_token=TINY_UNK,
+                                   pad_token=TINY_PAD if separate_pad else TINY_EOS)
+
+
+def build_tiny_model(seed: int):
+    """A randomly initialized 2-layer GPT-2 and its character tokenizer, built in memory."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_tiny_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                         **TINY_GPT2)
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config), tokenizer
@@ -533,7 +542,8 @@ class RewardModelScorer:
     """Scores decoded prompt + response with a frozen `AutoModelForSequenceClassification`,
     using the reward model's own tokenizer (it need not share the policy's vocabulary)."""
 
-    def __init__(self, name: str, label: str | None, device: torch.device):
+    def __init__(self, name: str, label: str | None, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
         from transformers import AutoConfig, AutoModelForSequenceClassification
         config = load_pretrained(AutoConfig, name, "--reward-model")
         if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
@@ -546,7 +556,7 @@ class RewardModelScorer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # the classifier finds each row's last real token through config.pad_token_id
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.to(device).eval().requires_grad_(False)
+        self.model.to(device, dtype).eval().requires_grad_(False)
         self.device = device
         self.label = self._label_index(label, self.model.config)
 
@@ -974,6 +984,14 @@ def global_masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return total / count.clamp(min=1)
 
 
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    objects = [obj] * world()[1]
+    if len(objects) > 1:
+        torch.distributed.all_gather_object(objects, obj)
+    return objects
+
+
 def no_sync(actor, critic, last: bool):
     """Skip DDP's gradient all-reduce on all but the last micro-batch of a minibatch."""
     if last or not isinstance(actor, nn.parallel.DistributedDataParallel):
@@ -1109,9 +1127,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 def load_models(cfg: Config, device: torch.device):
     """The four models of 004 §3 and the policy's tokenizer, on `device`, dropout off."""
     actor, tokenizer = load_policy(cfg.model, cfg.seed)
+    frozen_dtype = torch.bfloat16 if cfg.frozen_bf16 else torch.float32
     if cfg.reward_model:
-        score_fn = checked_scores(RewardModelScorer(cfg.reward_model, cfg.reward_label, device),
-                                  f"--reward-model {cfg.reward_model}")
+        scorer = RewardModelScorer(cfg.reward_model, cfg.reward_label, device, frozen_dtype)
+        score_fn = checked_scores(scorer, f"--reward-model {cfg.reward_model}")
     elif cfg.reward_fn:
         score_fn = checked_scores(load_reward_fn(cfg.reward_fn), f"--reward-fn {cfg.reward_fn}")
     else:
@@ -1120,17 +1139,17 @@ def load_models(cfg: Config, device: torch.device):
     critic = load_critic(cfg.critic_model, actor)
     actor.to(device).train()  # train mode with dropout off: gradient checkpointing needs it
     critic.to(device).train()
-    ref_model.to(device)
-    if cfg.gradient_checkpointing:
-        checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-        actor.gradient_checkpointing_enable(**checkpointing)
-        critic.backbone.gradient_checkpointing_enable(**checkpointing)
+    ref_model.to(device, frozen_dtype)
+    if cfg.gradient_checkpointing:  # non-reentrant: works with DDP and frozen inputs
+        checkpointing = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
+        actor.activation_checkpointing_enable(**checkpointing)
+        critic.backbone.activation_checkpointing_enable(**checkpointing)
     return actor, ref_model, critic, tokenizer, score_fn
 
 
 def check_prompt_lengths(prompts: list[str], tokenizer, actor, cfg: Config, log) -> None:
     """Long prompts are truncated from the left (one warning); prompt + response must fit."""
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     if min(lengths) == 0:
         raise UsageError("--prompts holds a prompt with no token; remove empty prompts")
     if max(lengths) > cfg.max_prompt_length:
@@ -1265,11 +1284,7 @@ def train(cfg: Config) -> int:
         train_critic = nn.parallel.DistributedDataParallel(critic, device_ids=ids)
 
     def save(step: int) -> None:
-        rngs = [None] * world_size  # every rank's sampler state, for an exact resume
-        if world_size > 1:
-            torch.distributed.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
+        rngs = gather_objects(rng_state())  # every rank's sampler state, for an exact resume
         if rank == 0:
             atomic_save({"step": step, "kl_coef": kl_coef, "actor": actor.state_dict(),
                          "critic": critic.state_dict(),
@@ -1287,8 +1302,7 @@ def train(cfg: Config) -> int:
             indices = prompt_indices(step, cfg.batch_size, len(prompts), cfg.seed)
             mine = indices[rank * per_rank:(rank + 1) * per_rank]  # this rank's slice
             encoded = tokenizer([prompts[i] for i in mine], return_tensors="pt", padding=True,
-                                truncation=True, max_length=cfg.max_prompt_length,
-                                add_special_tokens=False).to(device)
+                                truncation=True, max_length=cfg.max_prompt_length).to(device)
             t0 = time.perf_counter()
             exp = generate_experience(
                 actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids,
@@ -1299,7 +1313,8 @@ def train(cfg: Config) -> int:
                 gamma=cfg.gamma, lam=cfg.lam, whiten_advantages=cfg.whiten_advantages,
                 whiten_rewards=cfg.whiten_rewards, missing_eos_penalty=cfg.missing_eos_penalty,
                 autocast=autocast, mean_fn=global_masked_mean)
-            first_exp = first_exp or exp
+            if first_exp is None:
+                first_exp = exp
             if step == 1:
                 print_samples("samples before training:", exp, cfg.samples, log)
             t1 = time.perf_counter()
@@ -1357,7 +1372,7 @@ def train(cfg: Config) -> int:
         tokenizer.save_pretrained(out)
         if first_exp is not None and cfg.samples > 0:
             encoded = tokenizer(first_exp.prompts[:cfg.samples], return_tensors="pt",
-                                padding=True, add_special_tokens=False).to(device)
+                                padding=True).to(device)
             final = generate_experience(
                 actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids,
                 encoded.attention_mask, eos_token_ids=eos_token_ids,

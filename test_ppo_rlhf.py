@@ -592,13 +592,11 @@ def without_timing(rows):
     return [{k: v for k, v in row.items() if not k.startswith(TIMING_KEYS)} for row in rows]
 
 
-def make_models(tiny_dirs, device="cpu"):
-    actor, tokenizer = P.load_policy(tiny_dirs["policy"], seed=0)
-    ref_model = P.copy.deepcopy(actor).requires_grad_(False).eval()
-    critic = P.load_critic(None, actor)
-    scorer = P.checked_scores(P.RewardModelScorer(tiny_dirs["reward"], None,
-                                                  torch.device(device)), "reward model")
-    return actor.train(), critic.train(), ref_model, scorer, tokenizer
+def make_models(tiny_dirs):
+    """actor, critic, reference, score_fn (the tiny reward model) and tokenizer, on the CPU."""
+    cfg = P.Config(model=tiny_dirs["policy"], reward_model=tiny_dirs["reward"])
+    actor, ref_model, critic, tokenizer, score_fn = P.load_models(cfg, torch.device("cpu"))
+    return actor, critic, ref_model, score_fn, tokenizer
 
 
 RAGGED_PROMPTS = ["a", "the cat sat on the mat", "hello there", "we went", "x", "my dream is to",
@@ -660,8 +658,9 @@ def test_update_trains_actor_and_critic_only(tiny_dirs):
     """After one PPO update: losses finite; actor and critic weights moved; reference and
     reward model untouched."""
     torch.manual_seed(5)
-    actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
-    reward_model = scorer.__closure__[0].cell_contents.model
+    actor, critic, ref_model, _, tokenizer = make_models(tiny_dirs)
+    reward = P.RewardModelScorer(tiny_dirs["reward"], None, torch.device("cpu"))
+    scorer, reward_model = P.checked_scores(reward, "reward model"), reward.model
     before = {name: [p.detach().clone() for p in m.parameters()]
               for name, m in [("actor", actor), ("critic", critic), ("ref", ref_model),
                               ("reward", reward_model)]}
@@ -692,6 +691,27 @@ def test_gradient_accumulation_matches_whole_minibatch(tiny_dirs):
                      mini_batch_size=8, micro_batch_size=micro, max_grad_norm=1e9)
         results.append(torch.cat([p.flatten() for p in a.parameters()]))
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_dirs):
+    """Recomputing activations in backward changes memory, not the gradient."""
+    torch.manual_seed(11)
+    actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
+    exp = rollout(actor, critic, ref_model, scorer, tokenizer)
+    weights = []
+    for checkpointing in (False, True):
+        a, c = P.copy.deepcopy(actor), P.copy.deepcopy(critic)
+        if checkpointing:
+            kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
+            a.activation_checkpointing_enable(**kwargs)
+            c.backbone.activation_checkpointing_enable(**kwargs)
+            assert a.is_activation_checkpointing
+        torch.manual_seed(0)
+        P.ppo_update(a, c, torch.optim.SGD(a.parameters(), lr=0.1),
+                     torch.optim.SGD(c.parameters(), lr=0.1), exp, ppo_epochs=1,
+                     mini_batch_size=8)
+        weights.append(torch.cat([p.flatten() for p in [*a.parameters(), *c.parameters()]]))
+    torch.testing.assert_close(weights[0], weights[1], atol=1e-6, rtol=1e-5)
 
 
 def test_single_token_and_cut_responses(tiny_dirs):
@@ -769,28 +789,25 @@ def test_run_with_reward_model_saves_a_reloadable_policy(tiny_dirs, tmp_path):
     assert model(**tokenizer(["hi"], return_tensors="pt")).logits.isfinite().all()
 
 
-def test_reward_fn_option(tmp_path):
-    """--reward-fn file.py:function scores decoded responses: here, their length."""
+def test_reward_fn_option(tmp_path, monkeypatch):
+    """--reward-fn file.py:function scores the decoded responses: here, by their length."""
     module = tmp_path / "my_reward.py"
     module.write_text("def length(prompts, responses):\n"
                       "    return [float(len(r)) for r in responses]\n")
     cfg = tiny_config(tmp_path, reward_fn=f"{module}:length", steps=1, clip_reward_value=100.0)
-    scores = []
-    fn = P.load_reward_fn(cfg.reward_fn)
-    assert fn(["p"], ["abc"]) == [3.0]
+    assert P.load_reward_fn(cfg.reward_fn)(["p"], ["abc"]) == [3.0]
+    rollouts = []
     original = P.generate_experience
 
     def spy(*args, **kwargs):
-        exp = original(*args, **kwargs)
-        scores.append((exp.scores, [float(len(r)) for r in exp.responses]))
-        return exp
-    P.generate_experience = spy
-    try:
-        assert P.train(cfg) == 0
-    finally:
-        P.generate_experience = original
-    got, expected = scores[0]
-    assert got.tolist() == expected
+        rollouts.append(original(*args, **kwargs))
+        return rollouts[-1]
+    monkeypatch.setattr(P, "generate_experience", spy)
+    assert P.train(cfg) == 0
+    exp = rollouts[0]
+    assert exp.scores.tolist() == [float(len(r)) for r in exp.responses]
+    assert read_metrics(cfg.output_dir)[0]["objective/scores"] == pytest.approx(
+        sum(len(r) for r in exp.responses) / len(exp.responses))
 
 
 def test_builtin_task_reward_rises(tmp_path):
@@ -810,6 +827,19 @@ def test_seeded_cpu_run_is_reproducible(tmp_path):
         assert P.train(cfg) == 0
         rows.append(without_timing(read_metrics(cfg.output_dir)))
     assert rows[0] == rows[1]
+
+
+def test_frozen_models_in_bf16_halve_their_memory_and_still_train(tiny_dirs, tmp_path):
+    """--frozen-bf16: reference and reward model stored in bf16; the run trains and the KL at
+    the first rollout is only bf16 rounding."""
+    cfg = tiny_config(tmp_path, model=tiny_dirs["policy"], reward_model=tiny_dirs["reward"],
+                      frozen_bf16=True, steps=2)
+    actor, ref_model, _, _, score_fn = P.load_models(cfg, torch.device("cpu"))
+    assert all(p.dtype == torch.bfloat16 for p in ref_model.parameters())
+    assert all(p.dtype == torch.float32 for p in actor.parameters())
+    assert P.train(cfg) == 0
+    first = read_metrics(cfg.output_dir)[0]
+    assert abs(first["objective/kl"]) < 0.5 and math.isfinite(first["loss/policy"])
 
 
 def test_kl_controllers_move_the_coefficient_in_a_run(tmp_path):

@@ -3,6 +3,7 @@
     pip install -r benchmarks/requirements.txt      # adds trl==1.12.0, its last PPO release
     python benchmarks/bench_ppo.py                  # tiny GPT-2 on CPU (the README's table)
     python benchmarks/bench_ppo.py --preset gpt2    # GPT-2-size (124M) models, for a GPU
+    python benchmarks/bench_ppo.py --preset gpt2-cpu --rounds 1   # the same, small batch, CPU
 
 Both trainers get identical models (built here with random weights and saved to a temp dir:
 no download), the same prompts, batch, response length, PPO epochs and minibatches, and four
@@ -40,33 +41,27 @@ PRESETS = {
     "gpt2": dict(model=dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024,
                             vocab_size=50257), batch_size=64, max_new_tokens=128, ppo_epochs=4,
                  num_mini_batches=4, steps=6),
+    # the same GPT-2-size models, few and short sequences: fits a CPU, for peak memory
+    "gpt2-cpu": dict(model=dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024,
+                                vocab_size=50257), batch_size=8, max_new_tokens=32, ppo_epochs=2,
+                     num_mini_batches=1, steps=4),
 }
 PROMPTS = P.BUILTIN_PROMPTS
 
 
 def build_models(preset: dict, root: Path) -> dict:
-    """Policy and reward model (GPT-2 architecture, random weights) with a character tokenizer
-    that has a pad token distinct from EOS, as TRL's PPOTrainer requires."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import (GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel,
-                              PreTrainedTokenizerFast)
-    vocab = {"<|endoftext|>": 0, "<pad>": 1, "<unk>": 2}
-    vocab.update({c: i + 3 for i, c in enumerate(P.TINY_ALPHABET)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
-                                        bos_token="<|endoftext|>", pad_token="<pad>",
-                                        unk_token="<unk>")
-    shape = {"vocab_size": len(vocab), **preset["model"]}
-    config = GPT2Config(bos_token_id=0, eos_token_id=0, pad_token_id=1, **shape)
+    """Policy and reward model (GPT-2 architecture, random weights) with the demo's character
+    tokenizer, given a pad token distinct from EOS as TRL's PPOTrainer requires."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+    tokenizer = P.build_tiny_tokenizer(separate_pad=True)
+    shape = {"vocab_size": len(tokenizer), **preset["model"]}
+    ids = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     paths = {"policy": root / "policy", "reward": root / "reward"}
-    GPT2LMHeadModel(config).save_pretrained(paths["policy"])
-    reward_config = GPT2Config(bos_token_id=0, eos_token_id=0, pad_token_id=1, num_labels=1,
-                               **shape)
-    GPT2ForSequenceClassification(reward_config).save_pretrained(paths["reward"])
+    GPT2LMHeadModel(GPT2Config(**ids, **shape)).save_pretrained(paths["policy"])
+    GPT2ForSequenceClassification(GPT2Config(**ids, num_labels=1, **shape)).save_pretrained(
+        paths["reward"])
     for path in paths.values():
         tokenizer.save_pretrained(path)
     return {k: str(v) for k, v in paths.items()}
@@ -161,24 +156,25 @@ def peak_memory_mb(device: str) -> float:
 # FLOPs an iteration must do, and the machine's matmul rate
 # ------------------------------------------------------------------------------------------------
 
-def forward_flops_per_token(model: dict, vocab: int, context: float, head: int) -> float:
-    """2 x (matmul weights touched per token) + attention's QK^T and AV over `context`."""
+def backbone_flops_per_token(model: dict, context: float) -> float:
+    """2 x (matmul weights of the transformer blocks) + attention's QK^T and AV over
+    `context` earlier tokens."""
     d, layers = model["n_embd"], model["n_layer"]
-    per_layer = 12 * d * d  # qkv 3d^2 + proj d^2 + mlp 8d^2
-    return 2 * (layers * per_layer + d * head) + 4 * layers * d * context
+    return 2 * layers * 12 * d * d + 4 * layers * d * context  # qkv 3d^2, proj d^2, mlp 8d^2
 
 
 def iteration_flops(preset: dict, vocab: int, prompt_len: float, response_len: float) -> float:
-    """Generation (prefill + one token at a time), the rollout forwards of actor, reference,
-    critic and reward model, and ppo_epochs of forward+backward (3x forward) of actor and
-    critic, over batch x (prompt + response) tokens."""
+    """The least an iteration must compute, over batch x (prompt + response) tokens: generation
+    (prefill + one token at a time), the rollout forwards of actor, reference, critic and reward
+    model, and ppo_epochs of forward+backward (3x a forward) of actor and critic. The LM head
+    (2 x d x vocab per token) is needed only where a response token is predicted."""
     model, batch = preset["model"], preset["batch_size"]
     seq = prompt_len + response_len
-    lm = forward_flops_per_token(model, vocab, seq / 2, vocab)
-    value = forward_flops_per_token(model, vocab, seq / 2, 1)
-    generation = batch * (prompt_len + response_len) * lm
-    rollout = batch * seq * (2 * lm + 2 * value)
-    update = preset["ppo_epochs"] * 3 * batch * seq * (lm + value)
+    body = batch * seq * backbone_flops_per_token(model, seq / 2)
+    head = batch * response_len * 2 * model["n_embd"] * vocab
+    generation = body + head
+    rollout = 4 * body + 2 * head  # actor and reference need the head, critic and reward not
+    update = preset["ppo_epochs"] * 3 * (2 * body + head)
     return generation + rollout + update
 
 
@@ -261,8 +257,8 @@ def main() -> None:
 
     # both trainers sample from the same policy: count tokens with ours' measured lengths
     tokens = statistics.median(results["ours"]["tokens"])
-    vocab = len(json.loads((Path(paths["policy"]) / "tokenizer.json").read_text())
-                ["model"]["vocab"])
+    vocab = preset["model"].get("vocab_size") or len(json.loads(
+        (Path(paths["policy"]) / "tokenizer.json").read_text())["model"]["vocab"])
     prompt_len = statistics.mean(len(p) for p in PROMPTS)  # character tokens
     rate = matmul_rate(args.device)
     rows = []
