@@ -455,16 +455,16 @@ def load_policy(name: str, seed: int):
         model, tokenizer = build_tiny_model(seed)
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
-        hint = " (offline? pass a local directory, or run without --model for the built-in demo)"
-        try:
+        try:  # the config comes first: if it loads, the model's files are within reach
             architectures = load_pretrained(AutoConfig, name, "--model").architectures or []
-            if any(a.endswith("ForSequenceClassification") for a in architectures):
-                raise UsageError(f"--model {name!r} is a sequence classifier ({architectures}), "
-                                 "not a causal LM; pass it as --reward-model or --critic-model")
-            tokenizer = load_tokenizer(name, "--model")
-            model = load_pretrained(AutoModelForCausalLM, name, "--model")
         except UsageError as e:
-            raise UsageError(f"{e}{'' if 'classifier' in str(e) else hint}") from e
+            raise UsageError(f"{e} (offline? pass a local directory, or run without --model "
+                             "for the built-in demo)") from e
+        if any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise UsageError(f"--model {name!r} is a sequence classifier ({architectures}), "
+                             "not a causal LM; pass it as --reward-model or --critic-model")
+        tokenizer = load_tokenizer(name, "--model")
+        model = load_pretrained(AutoModelForCausalLM, name, "--model")
     if tokenizer.pad_token is None:  # GPT-2, SmolLM...: pad with EOS, the mask tells them apart
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # prompts end where the response begins
@@ -828,6 +828,9 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
         length = responses.shape[1]
         action_mask = response_mask(responses, eos_token_ids)
         attention_mask = torch.cat([prompt_mask.bool(), action_mask], dim=1).long()
+        # One more actor forward rather than generate's logits: those would be [B, T, vocab]
+        # held at once (1.6 GB for GPT-2 at B=64, T=128), and this is the exact computation
+        # the update repeats, so the first ratio is 1 up to float noise.
         log_probs, entropy = policy_log_probs(actor, sequences, attention_mask, length,
                                               temperature, with_entropy=True)
         ref_log_probs, _ = policy_log_probs(ref_model, sequences, attention_mask, length,
