@@ -32,7 +32,6 @@ import functools
 import importlib
 import importlib.util
 import json
-import math
 import os
 import random
 import signal
@@ -732,7 +731,9 @@ def policy_log_probs(model, input_ids, attention_mask, response_length: int,
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids_from(attention_mask),
                 logits_to_keep=response_length + 1, use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature  # [B, T, V]
+    logits = out.logits[:, :-1].float()  # [B, T, V]
+    if temperature != 1.0:  # skipped at 1: a [B, T, V] copy, and another in backward
+        logits = logits / temperature
     log_probs = logprobs_from_logits(logits, input_ids[:, -response_length:])
     return log_probs, (entropy_from_logits(logits) if with_entropy else None)
 
