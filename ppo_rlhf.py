@@ -843,9 +843,9 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
                                    skip_special_tokens=True)
     scores = score_fn(prompts, texts).to(log_probs.device)
     if missing_eos_penalty is not None:
-        ended = (action_mask & torch.isin(responses, torch.tensor(eos_token_ids,
-                                                                  device=responses.device)))
-        scores = torch.where(ended.any(1), scores, scores - missing_eos_penalty)
+        eos = torch.tensor(eos_token_ids, device=responses.device)
+        ended = torch.isin(responses, eos).any(1)  # [B] the response emitted an EOS
+        scores = torch.where(ended, scores, scores - missing_eos_penalty)
 
     # outside inference mode: these tensors enter the loss as constants, which autograd saves
     log_probs, ref_log_probs, values = log_probs.clone(), ref_log_probs.clone(), values.clone()
@@ -942,7 +942,10 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
 
 
 def update_stats(log_probs, values, mb: Experience, cliprange, cliprange_value):
-    """Diagnostics of one micro-batch, masked means as in the losses (OpenAI-style names)."""
+    """Diagnostics of one micro-batch, masked means as in the losses (OpenAI-style names).
+
+    The terms of `actor_loss_fn` and `critic_loss_fn` are recomputed here (no gradient): those
+    functions return only their scalar, so that each stands alone as 004 writes it."""
     mask = mb.action_mask
     log_ratio = torch.where(mask, log_probs - mb.log_probs, 0.0)
     ratio = torch.exp(log_ratio)
@@ -1170,6 +1173,12 @@ def check_prompt_lengths(prompts: list[str], tokenizer, actor, cfg: Config, log)
                          "lower --max-new-tokens or --max-prompt-length")
 
 
+def encode_prompts(tokenizer, prompts: list[str], max_length: int, device: torch.device):
+    """Left-padded [B, P] input_ids and attention_mask, long prompts cut from the left."""
+    return tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
+                     max_length=max_length).to(device)
+
+
 def prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
     """Prompts of iteration `step` (1-based): consecutive slices of a stream of per-epoch
     permutations of the prompt set. A pure function of (step, seed): a resumed run draws
@@ -1305,8 +1314,8 @@ def train(cfg: Config) -> int:
         for step in range(start_step + 1, cfg.steps + 1):
             indices = prompt_indices(step, cfg.batch_size, len(prompts), cfg.seed)
             mine = indices[rank * per_rank:(rank + 1) * per_rank]  # this rank's slice
-            encoded = tokenizer([prompts[i] for i in mine], return_tensors="pt", padding=True,
-                                truncation=True, max_length=cfg.max_prompt_length).to(device)
+            encoded = encode_prompts(tokenizer, [prompts[i] for i in mine],
+                                     cfg.max_prompt_length, device)
             t0 = time.perf_counter()
             exp = generate_experience(
                 actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids,
@@ -1375,8 +1384,8 @@ def train(cfg: Config) -> int:
         actor.save_pretrained(out)
         tokenizer.save_pretrained(out)
         if first_exp is not None and cfg.samples > 0:
-            encoded = tokenizer(first_exp.prompts[:cfg.samples], return_tensors="pt",
-                                padding=True).to(device)
+            encoded = encode_prompts(tokenizer, first_exp.prompts[:cfg.samples],
+                                     cfg.max_prompt_length, device)
             final = generate_experience(
                 actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids,
                 encoded.attention_mask, eos_token_ids=eos_token_ids,
