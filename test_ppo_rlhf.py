@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -994,20 +995,20 @@ def bad_input_cases(tmp_path, tiny_dirs):
 
 def test_bad_input_gets_one_line_and_exit_2(tmp_path, tiny_dirs):
     """Each bad input: exit status 2, one line on stderr naming the problem, no traceback,
-    and no output directory written."""
-    cases = bad_input_cases(tmp_path, tiny_dirs)
-    failures = []
-    for name, (args, needle) in cases.items():
+    and no output directory written. (Two subprocesses at a time: one per core.)"""
+    def run_case(item):
+        name, (args, needle) = item
         out = tmp_path / ("out-" + name.replace(" ", "-"))
-        result = run_cli([*args, "--output-dir", str(out), "--steps", "1", "--batch-size",
-                          args[args.index("--batch-size") + 1] if "--batch-size" in args else "4",
-                          "--mini-batch-size", "2" if "--mini-batch-size" not in args
-                          else args[args.index("--mini-batch-size") + 1]], tmp_path)
+        sizes = [] if "--batch-size" in args else ["--batch-size", "4", "--mini-batch-size", "2"]
+        result = run_cli([*args, *sizes, "--output-dir", str(out), "--steps", "1"], tmp_path)
         lines = result.stderr.strip().splitlines()
         ok = (result.returncode == 2 and len(lines) == 1 and needle in lines[0]
-              and "Traceback" not in result.stderr and not (out / P.METRICS).exists())
-        if not ok:
-            failures.append((name, result.returncode, result.stderr[-500:]))
+              and "Traceback" not in result.stderr and not out.exists())
+        return None if ok else (name, result.returncode, result.stderr[-500:])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failures = [f for f in pool.map(run_case, bad_input_cases(tmp_path, tiny_dirs).items())
+                    if f is not None]
     assert not failures, failures
 
 
