@@ -392,6 +392,11 @@ class UsageError(Exception):
     """A problem with the user's input (options, files, models): reported in one line."""
 
 
+def is_sequence_classifier(config) -> bool:
+    """Whether a model config names an ...ForSequenceClassification architecture."""
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+
 TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?'"
 TINY_EOS, TINY_UNK, TINY_PAD = "<|endoftext|>", "<unk>", "<pad>"
 TINY_GPT2 = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128)  # ~0.1M parameters
@@ -455,17 +460,16 @@ def load_policy(name: str, seed: int):
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
         try:  # the config comes first: if it loads, the model's files are within reach
-            architectures = load_pretrained(AutoConfig, name, "--model").architectures or []
+            config = load_pretrained(AutoConfig, name, "--model")
         except UsageError as e:
             raise UsageError(f"{e} (offline? pass a local directory, or run without --model "
                              "for the built-in demo)") from e
-        if any(a.endswith("ForSequenceClassification") for a in architectures):
-            raise UsageError(f"--model {name!r} is a sequence classifier ({architectures}), "
-                             "not a causal LM; pass it as --reward-model or --critic-model")
+        if is_sequence_classifier(config):
+            raise UsageError(f"--model {name!r} is a sequence classifier "
+                             f"({config.architectures}), not a causal LM; pass it as "
+                             "--reward-model or --critic-model")
         tokenizer = load_tokenizer(name, "--model")
         model = load_pretrained(AutoModelForCausalLM, name, "--model")
-    if tokenizer.pad_token is None:  # GPT-2, SmolLM...: pad with EOS, the mask tells them apart
-        tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # prompts end where the response begins
     tokenizer.truncation_side = "left"  # keep the end of a long prompt, the part that is continued
     disable_dropout(model)
@@ -498,9 +502,7 @@ def load_critic(name: str | None, actor: nn.Module) -> ValueModel:
     else:
         from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
         config = load_pretrained(AutoConfig, name, "--critic-model")
-        is_reward_model = any(a.endswith("ForSequenceClassification")
-                              for a in (config.architectures or []))
-        if is_reward_model and config.num_labels == 1:
+        if is_sequence_classifier(config) and config.num_labels == 1:
             source = load_pretrained(AutoModelForSequenceClassification, name, "--critic-model")
             backbone = source.base_model
         else:
@@ -545,14 +547,12 @@ class RewardModelScorer:
                  dtype: torch.dtype = torch.float32):
         from transformers import AutoConfig, AutoModelForSequenceClassification
         config = load_pretrained(AutoConfig, name, "--reward-model")
-        if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+        if not is_sequence_classifier(config):
             raise UsageError(f"--reward-model {name!r} is not a sequence classifier (its "
                              f"architectures are {config.architectures}); it must load with "
                              "AutoModelForSequenceClassification")
         self.tokenizer = load_tokenizer(name, "--reward-model")
         self.model = load_pretrained(AutoModelForSequenceClassification, name, "--reward-model")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         # the classifier finds each row's last real token through config.pad_token_id
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(device, dtype).eval().requires_grad_(False)
@@ -611,8 +611,6 @@ def checked_scores(fn: Callable, name: str) -> Callable[[list[str], list[str]], 
         try:
             raw = fn(prompts, responses)
             scores = torch.as_tensor(raw, dtype=torch.float32).flatten().cpu()
-        except UsageError:
-            raise
         except Exception as e:  # user code: any failure is the user's to fix, in one line
             raise UsageError(f"{name} failed: {type(e).__name__}: {first_line(e)}") from e
         if scores.numel() != len(responses):
@@ -690,12 +688,15 @@ def load_pretrained(loader, name: str, option: str, **kwargs):
 
 def load_tokenizer(name: str, option: str):
     """AutoTokenizer for `name`, refusing the empty tokenizer transformers builds for a
-    directory that holds weights but no tokenizer files."""
+    directory that holds weights but no tokenizer files. Without a pad token (GPT-2, SmolLM...)
+    it pads with EOS: the attention and action masks tell the two apart."""
     from transformers import AutoTokenizer
     tokenizer = load_pretrained(AutoTokenizer, name, option)
     if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
         raise UsageError(f"{option} {name!r} has no usable tokenizer (no tokenizer files?); "
                          "save one beside the weights with tokenizer.save_pretrained")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
@@ -1147,11 +1148,17 @@ def load_models(cfg: Config, device: torch.device):
     actor.to(device).train()  # train mode with dropout off: gradient checkpointing needs it
     critic.to(device).train()
     ref_model.to(device, frozen_dtype)
-    if cfg.gradient_checkpointing:  # non-reentrant: works with DDP and frozen inputs
-        checkpointing = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
-        actor.activation_checkpointing_enable(**checkpointing)
-        critic.backbone.activation_checkpointing_enable(**checkpointing)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(actor, critic)
     return actor, ref_model, critic, tokenizer, score_fn
+
+
+def enable_gradient_checkpointing(actor, critic: ValueModel) -> None:
+    """Recompute activations in backward in both trained models (non-reentrant: works with DDP
+    and with inputs that need no gradient)."""
+    checkpointing = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
+    actor.activation_checkpointing_enable(**checkpointing)
+    critic.backbone.activation_checkpointing_enable(**checkpointing)
 
 
 def check_prompt_lengths(prompts: list[str], tokenizer, actor, cfg: Config, log) -> None:

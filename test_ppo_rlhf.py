@@ -678,19 +678,24 @@ def test_update_trains_actor_and_critic_only(tiny_dirs):
     assert not moved("ref", ref_model) and not moved("reward", reward_model)
 
 
+def sgd_updated_weights(actor, critic, exp, **kwargs) -> torch.Tensor:
+    """All weights of copies of actor and critic after one seeded SGD ppo_update (SGD: the
+    update is the gradient itself, so equal gradients give equal weights)."""
+    torch.manual_seed(0)
+    P.ppo_update(actor, critic, torch.optim.SGD(actor.parameters(), lr=0.1),
+                 torch.optim.SGD(critic.parameters(), lr=0.1), exp, ppo_epochs=1, **kwargs)
+    return torch.cat([p.detach().flatten() for p in [*actor.parameters(),
+                                                      *critic.parameters()]])
+
+
 def test_gradient_accumulation_matches_whole_minibatch(tiny_dirs):
     """Micro-batches weighted by their share of tokens give the whole minibatch's gradient."""
     torch.manual_seed(6)
     actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
     exp = rollout(actor, critic, ref_model, scorer, tokenizer)
-    results = []
-    for micro in (8, 3):
-        a, c = P.copy.deepcopy(actor), P.copy.deepcopy(critic)
-        torch.manual_seed(0)
-        P.ppo_update(a, c, torch.optim.SGD(a.parameters(), lr=0.1),
-                     torch.optim.SGD(c.parameters(), lr=0.1), exp, ppo_epochs=1,
-                     mini_batch_size=8, micro_batch_size=micro, max_grad_norm=1e9)
-        results.append(torch.cat([p.flatten() for p in a.parameters()]))
+    results = [sgd_updated_weights(P.copy.deepcopy(actor), P.copy.deepcopy(critic), exp,
+                                   mini_batch_size=8, micro_batch_size=micro, max_grad_norm=1e9)
+               for micro in (8, 3)]
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
 
 
@@ -703,15 +708,9 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_dirs):
     for checkpointing in (False, True):
         a, c = P.copy.deepcopy(actor), P.copy.deepcopy(critic)
         if checkpointing:
-            kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
-            a.activation_checkpointing_enable(**kwargs)
-            c.backbone.activation_checkpointing_enable(**kwargs)
-            assert a.is_activation_checkpointing
-        torch.manual_seed(0)
-        P.ppo_update(a, c, torch.optim.SGD(a.parameters(), lr=0.1),
-                     torch.optim.SGD(c.parameters(), lr=0.1), exp, ppo_epochs=1,
-                     mini_batch_size=8)
-        weights.append(torch.cat([p.flatten() for p in [*a.parameters(), *c.parameters()]]))
+            P.enable_gradient_checkpointing(a, c)
+            assert a.is_activation_checkpointing and c.backbone.is_activation_checkpointing
+        weights.append(sgd_updated_weights(a, c, exp, mini_batch_size=8))
     torch.testing.assert_close(weights[0], weights[1], atol=1e-6, rtol=1e-5)
 
 
