@@ -643,8 +643,8 @@ def test_experience_shapes_and_masks(tiny_dirs):
 
 
 def test_first_minibatch_ratio_is_one(tiny_dirs):
-    """Recomputing log-probs in the update's setting reproduces the rollout's to ~1e-5 on a
-    ragged, left-padded batch (position_ids, temperature and no dropout all agree)."""
+    """The update's full forward reproduces the log-probs recorded while sampling to ~1e-5 on
+    a ragged, left-padded batch (position_ids, temperature and no dropout all agree)."""
     torch.manual_seed(4)
     actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
     exp = rollout(actor, critic, ref_model, scorer, tokenizer, temperature=0.7)
@@ -653,6 +653,25 @@ def test_first_minibatch_ratio_is_one(tiny_dirs):
                                       exp.response_length, temperature=0.7)
     ratio = torch.exp(torch.where(mb.action_mask, log_probs - mb.log_probs, 0.0))
     assert (ratio - 1).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 3, 1.0), (1.3, 0, 0.8)])
+def test_log_probs_recorded_while_sampling_equal_a_full_forward(tiny_dirs, temperature, top_k,
+                                                                top_p):
+    """SampledLogProbs gives log pi(a_t|s_t) and entropy of softmax(logits / temperature), the
+    policy itself: top-k / top-p shape what is sampled, not the recorded distribution."""
+    actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
+    kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    torch.manual_seed(5)
+    recorded = rollout(actor, critic, ref_model, scorer, tokenizer, **kwargs)
+    torch.manual_seed(5)
+    recomputed = rollout(actor, critic, ref_model, scorer, tokenizer, recompute_log_probs=True,
+                         **kwargs)
+    assert torch.equal(recorded.input_ids, recomputed.input_ids)  # the same samples
+    mask = recorded.action_mask
+    for name in ("log_probs", "entropy"):
+        difference = getattr(recorded, name) - getattr(recomputed, name)
+        assert difference[mask].abs().max().item() < 1e-5, name
 
 
 def test_update_trains_actor_and_critic_only(tiny_dirs):
@@ -764,6 +783,23 @@ def test_critic_initialized_from_reward_model_takes_its_head(tiny_dirs):
     torch.testing.assert_close(critic.backbone.wte.weight, reward_model.transformer.wte.weight)
 
 
+def test_fused_gelu_computes_the_same_model(tiny_dirs):
+    """The loaded models run PyTorch's one-kernel tanh GELU in place of transformers' seven-op
+    `gelu_new`, and the policy's logits are those of the model as saved."""
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import NewGELUActivation
+    saved = AutoModelForCausalLM.from_pretrained(tiny_dirs["policy"]).eval()
+    assert any(isinstance(m, NewGELUActivation) for m in saved.modules())
+    actor, critic, ref_model, _, tokenizer = make_models(tiny_dirs)
+    reward = P.RewardModelScorer(tiny_dirs["reward"], None, torch.device("cpu"))
+    for model in (actor, critic, ref_model, reward.model):
+        assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+        assert any(isinstance(m, torch.nn.GELU) for m in model.modules())
+    ids = tokenizer(RAGGED_PROMPTS, return_tensors="pt", padding=True).input_ids
+    with torch.no_grad():
+        assert torch.allclose(actor(ids).logits, saved(ids).logits, atol=1e-5, rtol=0)
+
+
 def test_reward_label_selects_a_class_logit(tiny_dirs):
     scorer = P.RewardModelScorer(tiny_dirs["sentiment"], "POS", torch.device("cpu"))
     batch = scorer.tokenizer(["ab", "cd"], return_tensors="pt", padding=True)
@@ -840,6 +876,45 @@ def test_frozen_models_in_bf16_halve_their_memory_and_still_train(tiny_dirs, tmp
     assert P.train(cfg) == 0
     first = read_metrics(cfg.output_dir)[0]
     assert abs(first["objective/kl"]) < 0.5 and math.isfinite(first["loss/policy"])
+
+
+FAULTS_PROBE = """
+import resource, sys, torch
+sys.path.insert(0, {here!r})
+import ppo_rlhf as P
+
+torch.manual_seed(0)
+w = torch.randn(4096, 4096, requires_grad=True)  # 64 MB: its gradient is a fresh 64 MB block
+x = torch.randn(64, 4096)
+
+def page_faults(steps):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        (x @ w).square().mean().backward()
+        w.grad = None  # as zero_grad(set_to_none=True) does after each optimizer step
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+page_faults(2)
+default = page_faults(5)
+P.keep_freed_memory(torch.device("cpu"))
+page_faults(20)  # the heap grows to the loop's working set
+print(default, page_faults(5))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_stops_page_faults_in_a_training_loop(tmp_path):
+    """By default each step's freed 64 MB gradient goes back to the kernel and its 16384 pages
+    fault in again on the next step; after keep_freed_memory (and a warm-up) the loop runs
+    on memory the heap kept."""
+    script = tmp_path / "probe.py"
+    script.write_text(FAULTS_PROBE.format(here=str(Path(__file__).parent)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    default, kept = map(int, out.stdout.split())
+    # by default 5 steps re-fault ~5 x 16384 pages; kept, not even a quarter of one block
+    assert default > 4 * 16384 and kept < 16384 // 4, (default, kept)
 
 
 def test_kl_controllers_move_the_coefficient_in_a_run(tmp_path):

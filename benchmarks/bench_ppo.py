@@ -71,8 +71,7 @@ def build_models(preset: dict, root: Path) -> dict:
 # The two runners. Each prints one JSON line: per-iteration times and the peak memory.
 # ------------------------------------------------------------------------------------------------
 
-def run_ours(preset: dict, paths: dict, device: str) -> dict:
-    out = tempfile.mkdtemp()
+def run_ours(preset: dict, paths: dict, device: str, out: str) -> dict:
     cfg = P.Config(model=paths["policy"], reward_model=paths["reward"],
                    critic_model=paths["reward"], output_dir=out, steps=preset["steps"],
                    batch_size=preset["batch_size"],
@@ -86,7 +85,7 @@ def run_ours(preset: dict, paths: dict, device: str) -> dict:
             "tokens": [r["response/tokens"] for r in rows]}
 
 
-def run_trl(preset: dict, paths: dict, device: str) -> dict:
+def run_trl(preset: dict, paths: dict, device: str, out: str) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import trl.experimental.ppo.ppo_trainer as trl_ppo
     from datasets import Dataset
@@ -97,7 +96,7 @@ def run_trl(preset: dict, paths: dict, device: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(paths["policy"], padding_side="left")
     dataset = Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in PROMPTS]})
     steps, batch = preset["steps"], preset["batch_size"]
-    args = PPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
+    args = PPOConfig(output_dir=out, per_device_train_batch_size=batch,
                      gradient_accumulation_steps=1, num_mini_batches=preset["num_mini_batches"],
                      num_ppo_epochs=preset["ppo_epochs"], response_length=preset["max_new_tokens"],
                      total_episodes=steps * batch, local_rollout_forward_batch_size=batch,
@@ -165,15 +164,16 @@ def backbone_flops_per_token(model: dict, context: float) -> float:
 
 def iteration_flops(preset: dict, vocab: int, prompt_len: float, response_len: float) -> float:
     """The least an iteration must compute, over batch x (prompt + response) tokens: generation
-    (prefill + one token at a time), the rollout forwards of actor, reference, critic and reward
-    model, and ppo_epochs of forward+backward (3x a forward) of actor and critic. The LM head
-    (2 x d x vocab per token) is needed only where a response token is predicted."""
+    (prefill + one token at a time; its logits give the old log-probs), the rollout forwards of
+    reference, critic and reward model, and ppo_epochs of forward+backward (3x a forward) of
+    actor and critic. The LM head (2 x d x vocab per token) is needed only where a response
+    token is predicted."""
     model, batch = preset["model"], preset["batch_size"]
     seq = prompt_len + response_len
     body = batch * seq * backbone_flops_per_token(model, seq / 2)
     head = batch * response_len * 2 * model["n_embd"] * vocab
     generation = body + head
-    rollout = 4 * body + 2 * head  # actor and reference need the head, critic and reward not
+    rollout = 3 * body + head  # the reference needs the head, critic and reward model not
     update = preset["ppo_epochs"] * 3 * (2 * body + head)
     return generation + rollout + update
 
@@ -200,7 +200,8 @@ def child(which: str, preset_name: str, paths: dict, device: str) -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     runner = run_ours if which == "ours" else run_trl
-    result = runner(PRESETS[preset_name], paths, device)
+    with tempfile.TemporaryDirectory() as out:  # a GPT-2-size run writes GBs of checkpoint
+        result = runner(PRESETS[preset_name], paths, device, out)
     result["peak_mb"] = peak_memory_mb(device)
     print("RESULT " + json.dumps(result))
 
@@ -220,6 +221,17 @@ def summarize(name: str, result: dict, preset: dict, vocab: int, rate: float,
             "of matmul peak": flops / seconds / rate}
 
 
+def run_child(which: str, args, paths: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", which, "--preset", args.preset,
+                           "--device", args.device, "--paths", json.dumps(paths)],
+                          capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.exit(f"{which} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny")
@@ -234,20 +246,14 @@ def main() -> None:
         return
 
     preset = PRESETS[args.preset]
-    root = Path(tempfile.mkdtemp())
-    paths = build_models(preset, root)
-    results = {"ours": [], "trl": []}
-    for _ in range(args.rounds):
-        for which in ("ours", "trl"):
-            proc = subprocess.run([sys.executable, __file__, "--child", which, "--preset",
-                                   args.preset, "--device", args.device, "--paths",
-                                   json.dumps(paths)], capture_output=True, text=True,
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")),
-                        None)
-            if proc.returncode != 0 or line is None:
-                sys.exit(f"{which} failed:\n{proc.stderr[-3000:]}")
-            results[which].append(json.loads(line[len("RESULT "):]))
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # saving the models would draw progress bars
+    with tempfile.TemporaryDirectory() as root:
+        paths = build_models(preset, Path(root))
+        results = {"ours": [], "trl": []}
+        for _ in range(args.rounds):
+            for which in ("ours", "trl"):
+                results[which].append(run_child(which, args, paths))
     # every round's iterations after its first (warm-up), pooled; peak memory: the largest
     results = {which: {"rollout_s": [t for r in runs for t in r["rollout_s"][1:]],
                        "update_s": [t for r in runs for t in r["update_s"][1:]],
@@ -257,8 +263,7 @@ def main() -> None:
 
     # both trainers sample from the same policy: count tokens with ours' measured lengths
     tokens = statistics.median(results["ours"]["tokens"])
-    vocab = preset["model"].get("vocab_size") or len(json.loads(
-        (Path(paths["policy"]) / "tokenizer.json").read_text())["model"]["vocab"])
+    vocab = preset["model"].get("vocab_size") or len(P.build_tiny_tokenizer(separate_pad=True))
     prompt_len = statistics.mean(len(p) for p in PROMPTS)  # character tokens
     rate = matmul_rate(args.device)
     rows = []
