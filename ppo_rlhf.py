@@ -87,6 +87,9 @@ class Config:
     micro_batch_size: int | None = field(default=None, metadata={
         "help": "sequences per forward/backward on each rank (gradient accumulation); default: "
                 "the minibatch"})
+    rollout_micro_batch_size: int | None = field(default=None, metadata={
+        "help": "sequences per scoring forward of the rollout (reference, critic, reward "
+                "model) on each rank; default: the whole batch at once"})
     ppo_epochs: int = field(default=4, metadata={"help": "passes over each batch of experience"})
     # generation
     max_new_tokens: int = field(default=16, metadata={"help": "response length limit"})
@@ -862,7 +865,8 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
                         kl_ctl=0.1, clip_reward_value=5.0, kl_estimator="k1", gamma=1.0,
                         lam=0.95, whiten_advantages=True, whiten_rewards=False,
                         missing_eos_penalty=None, recompute_log_probs=False,
-                        autocast=nullcontext, mean_fn=masked_mean) -> Experience:
+                        micro_batch_size=None, autocast=nullcontext,
+                        mean_fn=masked_mean) -> Experience:
     """004 §4.1(5) steps 1-3: the actor answers, the four models score the answers.
 
     Args:
@@ -872,6 +876,7 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
         eos_token_ids: token ids that end a response.
         recompute_log_probs: the old log-probs from a full actor forward (as the update
             computes them) rather than from the logits `generate` sampled from.
+        micro_batch_size: rows per scoring forward (memory); None: the whole batch at once.
         The rest are the hyperparameters of `compute_rewards` and `get_advantages_and_returns`;
         whitening takes its statistics with `mean_fn` (a global mean under torchrun).
     Returns:
@@ -888,19 +893,23 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
         length = responses.shape[1]
         action_mask = response_mask(responses, eos_token_ids)
         attention_mask = torch.cat([prompt_mask.bool(), action_mask], dim=1).long()
+        step = micro_batch_size or len(sequences)
+        rows = [slice(i, i + step) for i in range(0, len(sequences), step)]  # micro-batches
         if recorder is None:
-            log_probs, entropy = policy_log_probs(actor, sequences, attention_mask, length,
-                                                  temperature, with_entropy=True)
+            parts = [policy_log_probs(actor, sequences[r], attention_mask[r], length,
+                                      temperature, with_entropy=True) for r in rows]
+            log_probs, entropy = (torch.cat(part) for part in zip(*parts))
         else:
             log_probs, entropy = recorder.result(responses[:, -1])
-        ref_log_probs, _ = policy_log_probs(ref_model, sequences, attention_mask, length,
-                                            temperature)
-        values = critic_values(critic, sequences, attention_mask, length)
+        ref_log_probs = torch.cat([policy_log_probs(ref_model, sequences[r], attention_mask[r],
+                                                    length, temperature)[0] for r in rows])
+        values = torch.cat([critic_values(critic, sequences[r], attention_mask[r], length)
+                            for r in rows])
 
     prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
     texts = tokenizer.batch_decode(responses.masked_fill(~action_mask, tokenizer.pad_token_id),
                                    skip_special_tokens=True)
-    scores = score_fn(prompts, texts).to(log_probs.device)
+    scores = torch.cat([score_fn(prompts[r], texts[r]) for r in rows]).to(log_probs.device)
     if missing_eos_penalty is not None:
         eos = torch.tensor(eos_token_ids, device=responses.device)
         ended = torch.isin(responses, eos).any(1)  # [B] the response emitted an EOS
@@ -1100,7 +1109,10 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 # options that may change between a run and its resumption; any other difference is refused
 RESUMABLE_OPTIONS = {"steps", "resume", "save_every", "output_dir", "device", "samples",
-                     "max_skipped_updates"}
+                     "max_skipped_updates",
+                     # memory knobs, to resume a run that ran out of memory: they move results
+                     # by float rounding only
+                     "micro_batch_size", "rollout_micro_batch_size", "gradient_checkpointing"}
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -1160,6 +1172,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         (cfg.batch_size >= 1 and cfg.mini_batch_size >= 1, "batch sizes must be >= 1"),
         (cfg.micro_batch_size is None or cfg.micro_batch_size >= 1,
          "--micro-batch-size must be >= 1"),
+        (cfg.rollout_micro_batch_size is None or cfg.rollout_micro_batch_size >= 1,
+         "--rollout-micro-batch-size must be >= 1"),
         (cfg.batch_size % cfg.mini_batch_size == 0,
          f"--batch-size {cfg.batch_size} must be a multiple of --mini-batch-size "
          f"{cfg.mini_batch_size}"),
@@ -1413,7 +1427,8 @@ def train(cfg: Config) -> int:
                 clip_reward_value=cfg.clip_reward_value, kl_estimator=cfg.kl_estimator,
                 gamma=cfg.gamma, lam=cfg.lam, whiten_advantages=cfg.whiten_advantages,
                 whiten_rewards=cfg.whiten_rewards, missing_eos_penalty=cfg.missing_eos_penalty,
-                recompute_log_probs=cfg.recompute_log_probs, autocast=autocast,
+                recompute_log_probs=cfg.recompute_log_probs,
+                micro_batch_size=cfg.rollout_micro_batch_size, autocast=autocast,
                 mean_fn=global_masked_mean)
             if first_exp is None:
                 first_exp = exp

@@ -674,6 +674,20 @@ def test_log_probs_recorded_while_sampling_equal_a_full_forward(tiny_dirs, tempe
         assert difference[mask].abs().max().item() < 1e-5, name
 
 
+def test_rollout_micro_batches_give_the_same_experience(tiny_dirs):
+    """Scoring forwards in micro-batches of 3 rows (3 + 3 + 2) change nothing but memory."""
+    actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
+    experiences = []
+    for micro_batch_size in (None, 3):
+        torch.manual_seed(6)
+        experiences.append(rollout(actor, critic, ref_model, scorer, tokenizer,
+                                   recompute_log_probs=True, micro_batch_size=micro_batch_size))
+    whole, split = experiences
+    assert torch.equal(whole.input_ids, split.input_ids)
+    for name in ("log_probs", "ref_log_probs", "values", "entropy", "scores", "advantages"):
+        assert torch.allclose(getattr(whole, name), getattr(split, name), atol=1e-5), name
+
+
 def test_update_trains_actor_and_critic_only(tiny_dirs):
     """After one PPO update: losses finite; actor and critic weights moved; reference and
     reward model untouched."""
@@ -1024,13 +1038,18 @@ def test_consecutive_nonfinite_updates_stop_the_run(tmp_path, monkeypatch, capsy
     assert all(torch.isfinite(v).all() for v in state["actor"].values())
 
 
-def test_resume_without_checkpoint_or_with_other_options_is_refused(tmp_path):
+def test_resume_refuses_missing_checkpoint_or_changed_options_not_memory_knobs(tmp_path):
+    """Refused: no checkpoint, or an option that changes the run. Accepted: a memory knob."""
     cfg = tiny_config(tmp_path, resume=True)
     with pytest.raises(P.UsageError, match="no checkpoint"):
         P.train(cfg)
     assert P.train(dataclass_replace(cfg, resume=False, steps=1)) == 0
     with pytest.raises(P.UsageError, match="cliprange"):
         P.train(dataclass_replace(cfg, cliprange=0.3))
+    # memory knobs may change: the way to go on after running out of memory
+    assert P.train(dataclass_replace(cfg, steps=2, micro_batch_size=2,
+                                     rollout_micro_batch_size=3)) == 0
+    assert [row["step"] for row in read_metrics(cfg.output_dir)] == [1, 2]
 
 
 def bad_input_cases(tmp_path, tiny_dirs):
@@ -1061,6 +1080,8 @@ def bad_input_cases(tmp_path, tiny_dirs):
         "lam outside [0, 1]": (["--lam", "-0.1"], "--lam"),
         "batch not a multiple": (["--batch-size", "10", "--mini-batch-size", "4"], "multiple"),
         "non-positive size": (["--batch-size", "0"], "batch sizes"),
+        "non-positive rollout micro-batch": (["--rollout-micro-batch-size", "0"],
+                                             "--rollout-micro-batch-size"),
         "non-positive learning rate": (["--actor-lr=-1e-3"], "--actor-lr"),
         "context too small": (["--max-new-tokens", "500"], "context"),
         "resume without checkpoint": (["--resume"], "no checkpoint"),
