@@ -805,7 +805,7 @@ class Experience:
 class SampledLogProbs:
     """Records log pi(a_t|s_t) and H(pi(.|s_t)) of softmax(logits / temperature) for each token
     `generate` samples, from the logits generation computes anyway: the rollout then needs no
-    actor forward of its own ("no recomputation of what the rollout already has").
+    actor forward of its own.
 
     It is a `generate` logits processor: each step, `generate` hands it the raw logits [B, V]
     (float32, before its own temperature/top-k/top-p, so top-k never leaks into the policy's
