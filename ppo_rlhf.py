@@ -1336,8 +1336,8 @@ def keep_freed_memory(device: torch.device) -> None:
     (batch 8, 2 cores): 0.6M page faults and 3.3 s of kernel time per 10 s update; with big
     blocks taken from the heap and the heap kept, 0 faults and 7.8 s. The heap grows to the
     loop's working set in the first steps and then stays (the GPT-2-size benchmark's peak RSS:
-    5.8-6.1 GB before and after). CUDA's caching allocator already reuses memory; without glibc (macOS) there is no
-    `mallopt` and nothing is done.
+    5.8-6.1 GB before and after). CUDA's caching allocator already reuses memory; without
+    glibc (macOS) there is no `mallopt` and nothing is done.
     """
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if device.type == "cpu" and mallopt is not None:
