@@ -1339,8 +1339,10 @@ def keep_freed_memory(device: torch.device) -> None:
     5.8-6.1 GB before and after). CUDA's caching allocator already reuses memory; without
     glibc (macOS) there is no `mallopt` and nothing is done.
     """
+    if device.type != "cpu":
+        return
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if device.type == "cpu" and mallopt is not None:
+    if mallopt is not None:
         mallopt(GLIBC_M_MMAP_MAX, 0)  # no block gets its own mapping: all come from the heap
         mallopt(GLIBC_M_TRIM_THRESHOLD, GLIBC_MAX_TRIM_THRESHOLD)  # and the heap is not shrunk
 
