@@ -11,11 +11,16 @@ How to run:
     python ppo_rlhf.py --help               # every option with its default
     python -m pytest -q test_ppo_rlhf.py    # the property tests against the derivation
 
-Reading order follows the derivation: config; masked helpers; log-probs and KL estimators;
-KL-shaped rewards (004 `compute_rewards`); GAE (000, 004 `get_advantages_and_returns`); the
-PPO-clip actor loss and clipped critic loss (004 `actor_loss_fn`, `critic_loss_fn`); the
-adaptive KL coefficient (004 §4.2 PPO-Penalty); then models, `generate_experience`, the PPO
-update, checkpoints and `main`.
+Reading order is one PPO iteration, in the derivation's order:
+    1-6   the math, pure torch: masked helpers; log-probs and KL estimators; KL-shaped rewards
+          (004 `compute_rewards`); GAE (000, 004 `get_advantages_and_returns`); the PPO-clip
+          actor loss and clipped critic loss (004 `actor_loss_fn`, `critic_loss_fn`); the KL
+          coefficient controllers (004 §4.2 PPO-Penalty)
+    7     `generate_experience`: sample, score with the four models, rewards, advantages
+    8     `ppo_update`: ppo_epochs passes of minibatch steps on actor and critic
+    9     the hyperparameters (`Config`) and the training loop (`train`)
+    10-14 plumbing a reader can skip: loading models, rewards and prompts, torchrun,
+          checkpoints, the command line
 
 Notation (shapes in comments):
     B  batch (sequences), P  prompt length (left-padded), T  response length (right-padded)
@@ -47,116 +52,6 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
-
-# ------------------------------------------------------------------------------------------------
-# Config: one dataclass; the command line is generated from it (see `parse_args`).
-# Defaults of the math are the documents' (DeepSpeed-Chat's): kl_ctl 0.1, clip_reward_value 5,
-# cliprange 0.2, cliprange_value 0.2, gamma 1.0, lam 0.95.
-# ------------------------------------------------------------------------------------------------
-
-BUILTIN_MODEL = "builtin:tiny-gpt2"
-BUILTIN_ACTOR_LR = 1e-3  # a randomly initialized tiny model learns fast and needs a large step
-PRETRAINED_ACTOR_LR = 1e-5  # a common choice for fine-tuning a pretrained LM with PPO
-CRITIC_LR_FACTOR = 5.0  # the critic learns a fresh head: a larger step than the actor's
-
-
-@dataclass
-class Config:
-    # models and data
-    model: str = field(default=BUILTIN_MODEL, metadata={"help": "policy: a causal-LM hub name "
-                       "or directory, or builtin:tiny-gpt2 (an in-memory tiny GPT-2, no download)"})
-    critic_model: str | None = field(default=None, metadata={"help": "critic initialization "
-                                     "(hub name or directory); default: the policy's weights"})
-    reward_model: str | None = field(default=None, metadata={"help": "frozen reward model: an "
-                                     "AutoModelForSequenceClassification hub name or directory"})
-    reward_label: str | None = field(default=None, metadata={"help": "for a multi-class reward "
-                                     "model, the label (name or index) whose logit is the score"})
-    reward_fn: str | None = field(default=None, metadata={"help": "rule-based reward "
-                                  "'module:function' or 'file.py:function', called as "
-                                  "f(prompts, responses) -> list of floats"})
-    prompts: str | None = field(default=None, metadata={"help": "prompt file: text, one per line, "
-                                "or .jsonl with a 'prompt' field; default: a built-in set"})
-    output_dir: str = field(default="runs/ppo", metadata={"help": "metrics.jsonl, checkpoints and "
-                            "the trained policy go here"})
-    # schedule
-    steps: int = field(default=80, metadata={"help": "PPO iterations (rollout + update)"})
-    batch_size: int = field(default=32, metadata={"help": "prompts per rollout (all ranks "
-                            "together under torchrun)"})
-    mini_batch_size: int = field(default=16, metadata={"help": "sequences per optimizer step "
-                                 "(all ranks together)"})
-    micro_batch_size: int | None = field(default=None, metadata={
-        "help": "sequences per forward/backward on each rank (gradient accumulation); default: "
-                "the minibatch"})
-    rollout_micro_batch_size: int | None = field(default=None, metadata={
-        "help": "sequences per scoring forward of the rollout (reference, critic, reward "
-                "model) on each rank; default: the whole batch at once"})
-    ppo_epochs: int = field(default=4, metadata={"help": "passes over each batch of experience"})
-    # generation
-    max_new_tokens: int = field(default=16, metadata={"help": "response length limit"})
-    max_prompt_length: int = field(default=64, metadata={"help": "longer prompts are truncated "
-                                   "from the left, with one warning"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; log-probs "
-                               "are taken from logits / temperature everywhere"})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling; 0 = off (the full policy)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; 1.0 = off"})
-    missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtracted from "
-                                              "the score of responses that never emit EOS"})
-    recompute_log_probs: bool = field(default=False, metadata={"help": "take the rollout's "
-                                      "log-probs from a full actor forward, as the update does, "
-                                      "not from generate's logits: one forward more; exact "
-                                      "under bf16, where generate's differ by ~1e-2 nats"})
-    # optimization
-    actor_lr: float | None = field(default=None, metadata={"help": "actor AdamW learning rate; "
-                                   f"default {BUILTIN_ACTOR_LR} for the built-in model, "
-                                   f"{PRETRAINED_ACTOR_LR} for a pretrained one"})
-    critic_lr: float | None = field(default=None, metadata={"help": "critic AdamW learning rate; "
-                                    f"default {CRITIC_LR_FACTOR:g} x actor_lr"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
-    ent_coef: float = field(default=0.0, metadata={"help": "entropy bonus in the actor loss"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for "
-                                         "memory in the actor and critic"})
-    frozen_bf16: bool = field(default=False, metadata={"help": "store the reference and reward "
-                              "models in bf16: half their memory; their log-probs and scores "
-                              "move by bf16 rounding (the KL starts near, not at, 0)"})
-    # the math (004's defaults)
-    kl_ctl: float = field(default=0.1, metadata={"help": "KL coefficient beta in "
-                          "r_t = -beta*(log pi - log pi_ref) (+ score at the last token)"})
-    kl_estimator: Literal["k1", "k3"] = field(default="k1", metadata={"help": "per-token KL "
-                                              "estimator in the reward: k1 = log-ratio, k3"})
-    kl_controller: Literal["fixed", "adaptive", "proportional"] = field(
-        default="fixed", metadata={"help": "fixed beta; adaptive (004 PPO-Penalty: x2 above "
-                                   "1.5*target, /2 below target/1.5); proportional (Ziegler)"})
-    kl_target: float = field(default=6.0, metadata={"help": "target per-sequence KL for the "
-                             "adaptive/proportional controllers"})
-    kl_horizon: int = field(default=10000, metadata={"help": "horizon of the proportional "
-                            "controller, in sequences"})
-    clip_reward_value: float = field(default=5.0, metadata={"help": "scores are clamped to "
-                                     "[-v, v]"})
-    cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon"})
-    cliprange_value: float = field(default=0.2, metadata={"help": "critic value clip epsilon"})
-    gamma: float = field(default=1.0, metadata={"help": "discount factor"})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
-    whiten_advantages: bool = field(default=True, metadata={"help": "normalize advantages over "
-                                    "the batch's real tokens"})
-    whiten_rewards: bool = field(default=False, metadata={"help": "scale per-token rewards to "
-                                 "unit variance before GAE"})
-    # runtime
-    seed: int = field(default=0, metadata={"help": "seed for Python and torch; a CPU run with "
-                      "the same seed gives the same metrics"})
-    device: str = field(default="auto", metadata={"help": "auto (CUDA if present, else CPU), "
-                        "cpu, cuda, cuda:N"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA where supported "
-                       "(fp32 weights and losses); ignored on CPU"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N iterations "
-                            "(0: only at the end)"})
-    resume: bool = field(default=False, metadata={"help": "continue from <output-dir>'s "
-                         "checkpoint"})
-    max_skipped_updates: int = field(default=5, metadata={"help": "stop after this many "
-                                     "consecutive updates skipped for non-finite loss/grad"})
-    samples: int = field(default=3, metadata={"help": "sample responses printed before and "
-                         "after training"})
-
 
 # ------------------------------------------------------------------------------------------------
 # 1. Masked helpers. Statistics over real tokens only: padding must never move a mean.
@@ -393,339 +288,7 @@ def proportional_kl_coef(kl_coef: float, kl: float, target: float, n_steps: int,
 
 
 # ------------------------------------------------------------------------------------------------
-# 7. Models: the four of 004 §3. Errors a user can fix are `UsageError`s: one line, exit 2.
-# ------------------------------------------------------------------------------------------------
-
-class UsageError(Exception):
-    """A problem with the user's input (options, files, models): reported in one line."""
-
-
-def is_sequence_classifier(config) -> bool:
-    """Whether a model config names an ...ForSequenceClassification architecture."""
-    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-
-
-TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?'"
-TINY_EOS, TINY_UNK, TINY_PAD = "<|endoftext|>", "<unk>", "<pad>"
-TINY_GPT2 = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128)  # ~0.1M parameters
-
-BUILTIN_PROMPTS = [
-    "the weather today is", "my favourite food is", "once upon a time", "the best way to learn",
-    "i think that", "in the morning i", "a good friend is", "the city at night",
-    "she opened the door and", "the answer is", "we went to the sea", "music makes me",
-    "the cat sat on", "tomorrow we will", "the old house", "what i like about you is",
-    "he said hello and", "the garden in spring", "a long time ago", "my dream is to",
-    "the train was late so", "books are", "the moon is", "after dinner we",
-    "the little dog", "on a rainy day", "her song was", "the mountain road",
-    "we laughed because", "the new teacher", "at the market", "the river runs",
-]
-
-
-def build_tiny_tokenizer(separate_pad: bool = False):
-    """A character tokenizer: a-z, space and punctuation are tokens, so what the policy learns
-    is readable letter by letter. pad == eos as for GPT-2, unless `separate_pad` (TRL's
-    PPOTrainer, in the benchmark, needs them apart)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [TINY_EOS, TINY_UNK] + ([TINY_PAD] if separate_pad else [])
-    vocab = {token: i for i, token in enumerate(specials + list(TINY_ALPHABET))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=TINY_UNK))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=TINY_EOS,
-                                   bos_token=TINY_EOS, unk_token=TINY_UNK,
-                                   pad_token=TINY_PAD if separate_pad else TINY_EOS)
-
-
-def build_tiny_model(seed: int):
-    """A randomly initialized 2-layer GPT-2 and its character tokenizer, built in memory."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tokenizer = build_tiny_tokenizer()
-    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                        **TINY_GPT2)
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(config), tokenizer
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """p = 0 in every dropout layer. PPO's ratio compares two evaluations of the same policy:
-    with dropout on, pi/pi_old != 1 before any update and the clip fires on noise."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if hasattr(module, "attention_dropout"):  # attention modules that pass p to SDPA
-            module.attention_dropout = 0.0
-
-
-def fuse_gelu(model: nn.Module) -> None:
-    """Swap transformers' `NewGELUActivation` (`gelu_new`: GPT-2, GPT-J, Phi, CodeGen) for
-    PyTorch's `nn.GELU(approximate="tanh")`. Both compute 0.5 x (1 + tanh(sqrt(2/pi) (x +
-    0.044715 x^3))), but transformers writes it as seven tensor operations, each a pass over the
-    MLP's [B, L, 4d] activations (and as many again in backward), where PyTorch runs one fused
-    kernel. No parameters change; results agree to float rounding (< 1e-6)."""
-    from transformers.activations import NewGELUActivation
-    for module in model.modules():
-        for name, child in module.named_children():
-            if isinstance(child, NewGELUActivation):
-                setattr(module, name, nn.GELU(approximate="tanh"))
-
-
-def load_policy(name: str, seed: int):
-    """(actor, tokenizer) from the built-in tiny model or a causal-LM hub name / directory."""
-    if name == BUILTIN_MODEL:
-        model, tokenizer = build_tiny_model(seed)
-    else:
-        from transformers import AutoConfig, AutoModelForCausalLM
-        try:  # the config comes first: if it loads, the model's files are within reach
-            config = load_pretrained(AutoConfig, name, "--model")
-        except UsageError as e:
-            raise UsageError(f"{e} (offline? pass a local directory, or run without --model "
-                             "for the built-in demo)") from e
-        if is_sequence_classifier(config):
-            raise UsageError(f"--model {name!r} is a sequence classifier "
-                             f"({config.architectures}), not a causal LM; pass it as "
-                             "--reward-model or --critic-model")
-        tokenizer = load_tokenizer(name, "--model")
-        model = load_pretrained(AutoModelForCausalLM, name, "--model")
-    tokenizer.padding_side = "left"  # prompts end where the response begins
-    tokenizer.truncation_side = "left"  # keep the end of a long prompt, the part that is continued
-    disable_dropout(model)
-    fuse_gelu(model)
-    return model, tokenizer
-
-
-class ValueModel(nn.Module):
-    """The critic: a transformer backbone and a linear value head, V(s) at every position."""
-
-    def __init__(self, backbone: nn.Module, hidden_size: int):
-        super().__init__()
-        self.backbone = backbone
-        self.v_head = nn.Linear(hidden_size, 1)
-        # V = 0 at the start: the first advantages are the rewards themselves, not noise
-        nn.init.zeros_(self.v_head.weight)
-        nn.init.zeros_(self.v_head.bias)
-
-    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False).last_hidden_state
-        return self.v_head(hidden).squeeze(-1).float()  # [B, L]
-
-
-def load_critic(name: str | None, actor: nn.Module) -> ValueModel:
-    """Critic from `name` (a causal LM or a 1-label reward model, as DeepSpeed-Chat does), or by
-    default from the policy's own backbone. A 1-label reward model also lends its score head."""
-    if name is None:
-        backbone = copy.deepcopy(actor.base_model)
-        critic = ValueModel(backbone, backbone.config.hidden_size)
-    else:
-        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
-        config = load_pretrained(AutoConfig, name, "--critic-model")
-        if is_sequence_classifier(config) and config.num_labels == 1:
-            source = load_pretrained(AutoModelForSequenceClassification, name, "--critic-model")
-            backbone = source.base_model
-        else:
-            source, backbone = None, load_pretrained(AutoModel, name, "--critic-model")
-        critic = ValueModel(backbone, backbone.config.hidden_size)
-        head = getattr(source, "score", None)
-        if isinstance(head, nn.Linear) and head.weight.shape == critic.v_head.weight.shape:
-            critic.v_head.weight.data.copy_(head.weight.data)
-    disable_dropout(critic)
-    fuse_gelu(critic)
-    return critic
-
-
-# ------------------------------------------------------------------------------------------------
-# 8. Rewards: a frozen sequence classifier, a Python function, or the built-in rule.
-# Each is a callable (prompts: list[str], responses: list[str]) -> scores [B] on the CPU.
-# ------------------------------------------------------------------------------------------------
-
-VOWELS = "aeiou"
-VOWEL_POINTS = 0.5  # per letter: 10 more vowels than consonants reach the default clip of 5
-
-
-def vowel_reward(prompts: list[str], responses: list[str]) -> list[float]:
-    """The built-in task: +0.5 per vowel and -0.5 per consonant in the response.
-
-    Readable at a glance ("strk" scores -2, "aia eo" +2.5), it needs no download and works on
-    the decoded text of any model. Spaces and punctuation score 0, and a longer vowel-rich
-    answer beats a short one, so stopping early is not a way to win.
-    """
-    scores = []
-    for response in responses:
-        letters = [c for c in response.lower() if "a" <= c <= "z"]
-        vowels = sum(c in VOWELS for c in letters)
-        scores.append(VOWEL_POINTS * (vowels - (len(letters) - vowels)))
-    return scores
-
-
-class RewardModelScorer:
-    """Scores decoded prompt + response with a frozen `AutoModelForSequenceClassification`,
-    using the reward model's own tokenizer (it need not share the policy's vocabulary)."""
-
-    def __init__(self, name: str, label: str | None, device: torch.device,
-                 dtype: torch.dtype = torch.float32):
-        from transformers import AutoConfig, AutoModelForSequenceClassification
-        config = load_pretrained(AutoConfig, name, "--reward-model")
-        if not is_sequence_classifier(config):
-            raise UsageError(f"--reward-model {name!r} is not a sequence classifier (its "
-                             f"architectures are {config.architectures}); it must load with "
-                             "AutoModelForSequenceClassification")
-        self.tokenizer = load_tokenizer(name, "--reward-model")
-        self.model = load_pretrained(AutoModelForSequenceClassification, name, "--reward-model")
-        # the classifier finds each row's last real token through config.pad_token_id
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        fuse_gelu(self.model)
-        self.model.to(device, dtype).eval().requires_grad_(False)
-        self.device = device
-        self.label = self._label_index(label, self.model.config)
-
-    @staticmethod
-    def _label_index(label: str | None, config) -> int:
-        if label is None:
-            if config.num_labels == 1:
-                return 0
-            raise UsageError(f"the reward model has {config.num_labels} labels "
-                             f"{list(config.id2label.values())}; pick one with --reward-label")
-        if label.isdigit() and int(label) < config.num_labels:
-            return int(label)
-        if label in config.label2id:
-            return config.label2id[label]
-        raise UsageError(f"--reward-label {label!r} is not one of "
-                         f"{list(config.label2id)} or an index below {config.num_labels}")
-
-    @torch.inference_mode()
-    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        batch = self.tokenizer([p + r for p, r in zip(prompts, responses)], return_tensors="pt",
-                               padding=True, truncation=True).to(self.device)
-        return self.model(**batch).logits[:, self.label].float().cpu()
-
-
-def load_reward_fn(spec: str) -> Callable[[list[str], list[str]], list[float]]:
-    """Import 'package.module:function' or 'path/to/file.py:function'."""
-    module_name, _, attr = spec.rpartition(":")
-    if not module_name or not attr:
-        raise UsageError(f"--reward-fn {spec!r} must look like 'module:function' or "
-                         "'file.py:function'")
-    try:
-        if module_name.endswith(".py"):
-            module_spec = importlib.util.spec_from_file_location(Path(module_name).stem,
-                                                                 module_name)
-            if module_spec is None or not Path(module_name).is_file():
-                raise ImportError(f"no file {module_name}")
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-        fn = getattr(module, attr)
-    except Exception as e:  # an import runs arbitrary user code: report any failure in one line
-        raise UsageError(f"cannot import --reward-fn {spec!r}: {type(e).__name__}: "
-                         f"{first_line(e)}") from e
-    if not callable(fn):
-        raise UsageError(f"--reward-fn {spec!r} is not callable")
-    return fn
-
-
-def checked_scores(fn: Callable, name: str) -> Callable[[list[str], list[str]], torch.Tensor]:
-    """Wraps a scorer so a wrong count, a non-finite score or an exception is a UsageError."""
-    def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
-        try:
-            raw = fn(prompts, responses)
-            scores = torch.as_tensor(raw, dtype=torch.float32).flatten().cpu()
-        except Exception as e:  # user code: any failure is the user's to fix, in one line
-            raise UsageError(f"{name} failed: {type(e).__name__}: {first_line(e)}") from e
-        if scores.numel() != len(responses):
-            raise UsageError(f"{name} returned {scores.numel()} scores for {len(responses)} "
-                             "responses; it must return one float per response")
-        if not torch.isfinite(scores).all():
-            raise UsageError(f"{name} returned a non-finite score: {scores.tolist()}")
-        return scores
-    return score
-
-
-def load_prompts(path: str | None) -> list[str]:
-    """Prompts from a text file (one per line) or JSONL (a 'prompt' field); default built-in."""
-    if path is None:
-        return list(BUILTIN_PROMPTS)
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"--prompts {path!r}: no such file")
-    prompts = []
-    lines = file.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if file.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"--prompts {path}:{number}: not JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise UsageError(f"--prompts {path}:{number}: each JSONL line needs a "
-                                 "string field 'prompt'")
-            prompts.append(record["prompt"])
-        else:
-            prompts.append(line)
-    if not prompts:
-        raise UsageError(f"--prompts {path!r} holds no prompt")
-    return prompts
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-HUB_PROBE_TIMEOUT_S = 3.0
-
-
-@functools.cache
-def hub_reachable() -> bool:
-    """Whether the Hugging Face hub answers a TCP connect. Offline, transformers would retry
-    each file for about a minute before failing; this lets us go to the local cache at once."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((endpoint.hostname, endpoint.port or 443),
-                                      timeout=HUB_PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
-
-
-def load_pretrained(loader, name: str, option: str, **kwargs):
-    """`loader.from_pretrained(name)` for a hub name or a directory; failures become one line.
-
-    Without a reachable hub, only a local directory or the local cache is tried."""
-    offline = not Path(name).exists() and not hub_reachable()
-    try:
-        return loader.from_pretrained(name, local_files_only=offline, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        where = ("it is not a local directory, not in the Hugging Face cache, and the hub is "
-                 "unreachable" if offline else first_line(e))
-        raise UsageError(f"cannot load {option} {name!r} with {loader.__name__}: {where}") from e
-
-
-def load_tokenizer(name: str, option: str):
-    """AutoTokenizer for `name`, refusing the empty tokenizer transformers builds for a
-    directory that holds weights but no tokenizer files. Without a pad token (GPT-2, SmolLM...)
-    it pads with EOS: the attention and action masks tell the two apart."""
-    from transformers import AutoTokenizer
-    tokenizer = load_pretrained(AutoTokenizer, name, option)
-    if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
-        raise UsageError(f"{option} {name!r} has no usable tokenizer (no tokenizer files?); "
-                         "save one beside the weights with tokenizer.save_pretrained")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-# ------------------------------------------------------------------------------------------------
-# 9. Experience (004 §4.1(5), steps 1-3): sample, then score with all four models.
+# 7. Experience (004 §4.1(5), steps 1-3): sample, then score with all four models.
 # ------------------------------------------------------------------------------------------------
 
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -733,7 +296,6 @@ def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
     absolute positions (GPT-2) would otherwise score a different policy than the one that
     sampled: `generate` counts positions this way, so every forward must too."""
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-
 
 def response_mask(responses: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
     """action_mask [B, T]: 1 up to and including each row's first EOS, 0 after it.
@@ -744,7 +306,6 @@ def response_mask(responses: torch.Tensor, eos_token_ids: list[int]) -> torch.Te
     is_eos = torch.isin(responses, torch.tensor(eos_token_ids, device=responses.device))
     eos_before = is_eos.long().cumsum(1) - is_eos.long()  # EOS strictly before position t
     return eos_before == 0
-
 
 def policy_log_probs(model, input_ids, attention_mask, response_length: int,
                      temperature: float, with_entropy: bool = False):
@@ -762,12 +323,10 @@ def policy_log_probs(model, input_ids, attention_mask, response_length: int,
     log_probs = logprobs_from_logits(logits, input_ids[:, -response_length:])
     return log_probs, (entropy_from_logits(logits) if with_entropy else None)
 
-
 def critic_values(critic, input_ids, attention_mask, response_length: int) -> torch.Tensor:
     """V(s_t) [B, T]: the value at the position that predicts response token t."""
     values = critic(input_ids, attention_mask, position_ids_from(attention_mask))
     return values[:, -response_length - 1:-1]
-
 
 @dataclass
 class Experience:
@@ -801,7 +360,6 @@ class Experience:
             picked[f.name] = value[device_index] if is_tensor else [value[i] for i in rows]
         return Experience(**picked)
 
-
 class SampledLogProbs:
     """Records log pi(a_t|s_t) and H(pi(.|s_t)) of softmax(logits / temperature) for each token
     `generate` samples, from the logits generation computes anyway: the rollout then needs no
@@ -833,7 +391,6 @@ class SampledLogProbs:
         log_probs = self.log_probs + [logprobs_from_logits(self.pending, last_tokens)]
         return torch.stack(log_probs, dim=1), torch.stack(self.entropy, dim=1)
 
-
 def sample_responses(actor, prompt_ids, prompt_mask, *, eos_token_ids, pad_token_id,
                      max_new_tokens, temperature, top_k=0, top_p=1.0,
                      logits_processor=()) -> torch.Tensor:
@@ -858,7 +415,6 @@ def sample_responses(actor, prompt_ids, prompt_mask, *, eos_token_ids, pad_token
     finally:
         actor.generation_config = saved
         actor.train(was_training)
-
 
 def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_ids, prompt_mask,
                         *, eos_token_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
@@ -933,7 +489,7 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
 
 
 # ------------------------------------------------------------------------------------------------
-# 10. The PPO update (004 §4.1(5) step 4): ppo_epochs passes of minibatch steps.
+# 8. The PPO update (004 §4.1(5) step 4): ppo_epochs passes of minibatch steps.
 # ------------------------------------------------------------------------------------------------
 
 def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience, *,
@@ -1008,7 +564,6 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
     return ({name: all_reduce_sum(total) / steps for name, total in totals.items()},
             torch.stack(skipped))
 
-
 def update_stats(log_probs, values, mb: Experience, cliprange, cliprange_value):
     """Diagnostics of one micro-batch, masked means as in the losses (OpenAI-style names).
 
@@ -1031,7 +586,743 @@ def update_stats(log_probs, values, mb: Experience, cliprange, cliprange_value):
 
 
 # ------------------------------------------------------------------------------------------------
-# 11. Data parallelism (torchrun). The only code that knows other ranks exist; with a single
+# 9. The training loop: 004 §4.1(5)'s pseudo-code. Each iteration: rollout (steps 1-3), then
+# ppo_epochs of updates (step 4), then log and save. Setup and the final save are helpers below.
+#
+# First the hyperparameters: one dataclass; the command line is generated from it
+# (`parse_args`). The math's defaults are the documents' (DeepSpeed-Chat's): kl_ctl 0.1,
+# clip_reward_value 5, cliprange 0.2, cliprange_value 0.2, gamma 1.0, lam 0.95.
+# ------------------------------------------------------------------------------------------------
+
+BUILTIN_MODEL = "builtin:tiny-gpt2"
+BUILTIN_ACTOR_LR = 1e-3  # a randomly initialized tiny model learns fast and needs a large step
+PRETRAINED_ACTOR_LR = 1e-5  # a common choice for fine-tuning a pretrained LM with PPO
+CRITIC_LR_FACTOR = 5.0  # the critic learns a fresh head: a larger step than the actor's
+
+
+@dataclass
+class Config:
+    # models and data
+    model: str = field(default=BUILTIN_MODEL, metadata={"help": "policy: a causal-LM hub name "
+                       "or directory, or builtin:tiny-gpt2 (an in-memory tiny GPT-2, no download)"})
+    critic_model: str | None = field(default=None, metadata={"help": "critic initialization "
+                                     "(hub name or directory); default: the policy's weights"})
+    reward_model: str | None = field(default=None, metadata={"help": "frozen reward model: an "
+                                     "AutoModelForSequenceClassification hub name or directory"})
+    reward_label: str | None = field(default=None, metadata={"help": "for a multi-class reward "
+                                     "model, the label (name or index) whose logit is the score"})
+    reward_fn: str | None = field(default=None, metadata={"help": "rule-based reward "
+                                  "'module:function' or 'file.py:function', called as "
+                                  "f(prompts, responses) -> list of floats"})
+    prompts: str | None = field(default=None, metadata={"help": "prompt file: text, one per line, "
+                                "or .jsonl with a 'prompt' field; default: a built-in set"})
+    output_dir: str = field(default="runs/ppo", metadata={"help": "metrics.jsonl, checkpoints and "
+                            "the trained policy go here"})
+    # schedule
+    steps: int = field(default=80, metadata={"help": "PPO iterations (rollout + update)"})
+    batch_size: int = field(default=32, metadata={"help": "prompts per rollout (all ranks "
+                            "together under torchrun)"})
+    mini_batch_size: int = field(default=16, metadata={"help": "sequences per optimizer step "
+                                 "(all ranks together)"})
+    micro_batch_size: int | None = field(default=None, metadata={
+        "help": "sequences per forward/backward on each rank (gradient accumulation); default: "
+                "the minibatch"})
+    rollout_micro_batch_size: int | None = field(default=None, metadata={
+        "help": "sequences per scoring forward of the rollout (reference, critic, reward "
+                "model) on each rank; default: the whole batch at once"})
+    ppo_epochs: int = field(default=4, metadata={"help": "passes over each batch of experience"})
+    # generation
+    max_new_tokens: int = field(default=16, metadata={"help": "response length limit"})
+    max_prompt_length: int = field(default=64, metadata={"help": "longer prompts are truncated "
+                                   "from the left, with one warning"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; log-probs "
+                               "are taken from logits / temperature everywhere"})
+    top_k: int = field(default=0, metadata={"help": "top-k sampling; 0 = off (the full policy)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; 1.0 = off"})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtracted from "
+                                              "the score of responses that never emit EOS"})
+    recompute_log_probs: bool = field(default=False, metadata={"help": "take the rollout's "
+                                      "log-probs from a full actor forward, as the update does, "
+                                      "not from generate's logits: one forward more; exact "
+                                      "under bf16, where generate's differ by ~1e-2 nats"})
+    # optimization
+    actor_lr: float | None = field(default=None, metadata={"help": "actor AdamW learning rate; "
+                                   f"default {BUILTIN_ACTOR_LR} for the built-in model, "
+                                   f"{PRETRAINED_ACTOR_LR} for a pretrained one"})
+    critic_lr: float | None = field(default=None, metadata={"help": "critic AdamW learning rate; "
+                                    f"default {CRITIC_LR_FACTOR:g} x actor_lr"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
+    ent_coef: float = field(default=0.0, metadata={"help": "entropy bonus in the actor loss"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for "
+                                         "memory in the actor and critic"})
+    frozen_bf16: bool = field(default=False, metadata={"help": "store the reference and reward "
+                              "models in bf16: half their memory; their log-probs and scores "
+                              "move by bf16 rounding (the KL starts near, not at, 0)"})
+    # the math (004's defaults)
+    kl_ctl: float = field(default=0.1, metadata={"help": "KL coefficient beta in "
+                          "r_t = -beta*(log pi - log pi_ref) (+ score at the last token)"})
+    kl_estimator: Literal["k1", "k3"] = field(default="k1", metadata={"help": "per-token KL "
+                                              "estimator in the reward: k1 = log-ratio, k3"})
+    kl_controller: Literal["fixed", "adaptive", "proportional"] = field(
+        default="fixed", metadata={"help": "fixed beta; adaptive (004 PPO-Penalty: x2 above "
+                                   "1.5*target, /2 below target/1.5); proportional (Ziegler)"})
+    kl_target: float = field(default=6.0, metadata={"help": "target per-sequence KL for the "
+                             "adaptive/proportional controllers"})
+    kl_horizon: int = field(default=10000, metadata={"help": "horizon of the proportional "
+                            "controller, in sequences"})
+    clip_reward_value: float = field(default=5.0, metadata={"help": "scores are clamped to "
+                                     "[-v, v]"})
+    cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "critic value clip epsilon"})
+    gamma: float = field(default=1.0, metadata={"help": "discount factor"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    whiten_advantages: bool = field(default=True, metadata={"help": "normalize advantages over "
+                                    "the batch's real tokens"})
+    whiten_rewards: bool = field(default=False, metadata={"help": "scale per-token rewards to "
+                                 "unit variance before GAE"})
+    # runtime
+    seed: int = field(default=0, metadata={"help": "seed for Python and torch; a CPU run with "
+                      "the same seed gives the same metrics"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA if present, else CPU), "
+                        "cpu, cuda, cuda:N"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA where supported "
+                       "(fp32 weights and losses); ignored on CPU"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N iterations "
+                            "(0: only at the end)"})
+    resume: bool = field(default=False, metadata={"help": "continue from <output-dir>'s "
+                         "checkpoint"})
+    max_skipped_updates: int = field(default=5, metadata={"help": "stop after this many "
+                                     "consecutive updates skipped for non-finite loss/grad"})
+    samples: int = field(default=3, metadata={"help": "sample responses printed before and "
+                         "after training"})
+
+
+@dataclass
+class Run:
+    """What the loop works with, built by `setup_run`: models, optimizers, data, place."""
+    cfg: Config
+    device: torch.device
+    rank: int
+    world_size: int
+    actor: nn.Module  # the trained policy, unwrapped (generation, saving)
+    critic: nn.Module  # the trained `ValueModel`, unwrapped
+    ref_model: nn.Module  # the frozen initial policy
+    train_actor: nn.Module  # actor and critic as the update sees them: DDP under torchrun
+    train_critic: nn.Module
+    actor_optimizer: torch.optim.Optimizer
+    critic_optimizer: torch.optim.Optimizer
+    tokenizer: object
+    score_fn: Callable  # (prompts, responses) -> [B] scores: the reward model
+    prompts: list
+    eos_token_ids: list[int]
+    autocast: Callable  # () -> context manager: bf16 autocast on CUDA, else nothing
+    out: Path
+    log: Callable  # print on rank 0, silent elsewhere
+    start_step: int  # iterations already done (a resumed run's checkpoint step)
+    kl_coef: float  # beta of the rewards, moved by the KL controller
+
+
+def train(cfg: Config) -> int:
+    """Runs RLHF-PPO as configured; returns the exit status (0, 1 after too many skipped
+    updates, 128 + signal when stopped by SIGINT/SIGTERM)."""
+    run = setup_run(cfg)
+    log, out = run.log, run.out
+    consecutive_skips = 0
+    log(f"training {cfg.model} on {run.device} x{run.world_size} for {cfg.steps} iterations "
+        f"({len(run.prompts)} prompts, batch {cfg.batch_size}, {cfg.ppo_epochs} PPO epochs)")
+    with StopRequest() as stop:
+        for step in range(run.start_step + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            # steps 1-3: the actor answers; actor, reference, critic and reward model score it;
+            # KL-shaped rewards and GAE advantages are computed (generate_experience)
+            exp = collect_experience(run, rank_prompts(run, step), run.kl_coef)
+            if step == 1:
+                print_samples("samples before training:", exp, cfg.samples, log)
+            t1 = time.perf_counter()
+            # step 4: ppo_epochs passes of clipped minibatch updates of actor and critic
+            stats, skipped = ppo_update(
+                run.train_actor, run.train_critic, run.actor_optimizer, run.critic_optimizer,
+                exp, ppo_epochs=cfg.ppo_epochs,
+                mini_batch_size=cfg.mini_batch_size // run.world_size,
+                micro_batch_size=cfg.micro_batch_size, cliprange=cfg.cliprange,
+                cliprange_value=cfg.cliprange_value, ent_coef=cfg.ent_coef,
+                max_grad_norm=cfg.max_grad_norm, temperature=cfg.temperature,
+                autocast=run.autocast)
+            row = {**rollout_stats(exp, run.kl_coef, global_masked_mean), **stats,
+                   "updates/skipped": skipped.sum().float(),
+                   "stop": all_reduce_sum(torch.tensor(float(stop.signum is not None),
+                                                       device=run.device))}
+            row = dict(zip(row, torch.stack(list(row.values())).tolist()))  # the one host sync
+            t2 = time.perf_counter()
+            stop_requested = row.pop("stop") > 0  # every rank stops at the same iteration
+            row.update({"step": step, "objective/kl_coef": run.kl_coef,
+                        "time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
+                        "throughput/tokens_per_s": row["response/tokens"] / (t2 - t0)})
+            if run.rank == 0:
+                write_metrics(out / METRICS, row, first=step == run.start_step + 1,
+                              kept_steps=run.start_step)
+            log(f"step {step:4d}/{cfg.steps} | score {row['objective/scores']:7.3f} | "
+                f"kl {row['objective/kl']:7.3f} | beta {run.kl_coef:.3f} | "
+                f"pg {row['loss/policy']:7.4f} | vf {row['loss/value']:7.4f} | "
+                f"clip {row['policy/clipfrac']:.3f} | len {row['response/length']:5.1f} | "
+                f"{t2 - t0:5.2f}s", flush=True)
+            # the controller sees this rollout's KL and sets beta for the next one
+            run.kl_coef = next_kl_coef(cfg, run.kl_coef, row["objective/kl"])
+
+            for was_skipped in skipped.tolist():
+                consecutive_skips = consecutive_skips + 1 if was_skipped else 0
+            if consecutive_skips >= cfg.max_skipped_updates:
+                save_checkpoint(run, step)  # skipped steps left weights and optimizers intact
+                log(f"stopping: {consecutive_skips} consecutive updates had a non-finite loss "
+                    f"or gradient; the last good state is in {out / CHECKPOINT}. Lower the "
+                    "learning rates or check the reward scale.", file=sys.stderr)
+                return 1
+            if stop_requested or (cfg.save_every and step % cfg.save_every == 0):
+                save_checkpoint(run, step)
+            if stop_requested:
+                signum = stop.signum or signal.SIGTERM  # a rank that got none follows the others
+                log(f"{signal.Signals(signum).name}: stopped after step {step}; checkpoint "
+                    f"saved in {out / CHECKPOINT}. Resume with the same options plus --resume.",
+                    file=sys.stderr)
+                return 128 + signum
+    finish_run(run)
+    return 0
+
+
+def collect_experience(run: Run, prompts: list, kl_coef: float, mean_fn=None) -> Experience:
+    """`generate_experience` on `prompts` with the run's models and hyperparameters; whitening
+    statistics over all ranks' rollouts unless another `mean_fn` is given."""
+    cfg = run.cfg
+    encoded = encode_prompts(run.tokenizer, prompts, cfg.max_prompt_length, run.device)
+    return generate_experience(
+        run.actor, run.critic, run.ref_model, run.score_fn, run.tokenizer, encoded.input_ids,
+        encoded.attention_mask, eos_token_ids=run.eos_token_ids,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+        top_p=cfg.top_p, kl_ctl=kl_coef, clip_reward_value=cfg.clip_reward_value,
+        kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
+        whiten_advantages=cfg.whiten_advantages, whiten_rewards=cfg.whiten_rewards,
+        missing_eos_penalty=cfg.missing_eos_penalty, recompute_log_probs=cfg.recompute_log_probs,
+        micro_batch_size=cfg.rollout_micro_batch_size, autocast=run.autocast,
+        mean_fn=mean_fn or global_masked_mean)
+
+
+def rank_prompts(run: Run, step: int) -> list:
+    """This rank's share of iteration `step`'s global batch of prompts."""
+    per_rank = run.cfg.batch_size // run.world_size
+    indices = prompt_indices(step, run.cfg.batch_size, len(run.prompts), run.cfg.seed)
+    return [run.prompts[i] for i in indices[run.rank * per_rank:(run.rank + 1) * per_rank]]
+
+
+def rollout_stats(exp: Experience, kl_coef: float, mean_fn=masked_mean) -> dict:
+    """Per-rollout metrics as 0-d tensors (the caller syncs them all at once). Means are taken
+    with `mean_fn`: over the global batch under torchrun.
+
+        objective/kl            mean over sequences of sum_t (log pi - log pi_ref)   (k1)
+        objective/rlhf_reward   mean of score - kl_coef * kl, the objective PPO maximizes
+        val/explained_variance  1 - Var[returns - values] / Var[returns], over real tokens
+    """
+    mask = exp.action_mask
+    rows = torch.ones_like(exp.scores, dtype=torch.bool)
+    kl = torch.where(mask, exp.log_probs - exp.ref_log_probs, 0.0).sum(1)  # [B] sum_t k1
+    residual_var = masked_var(exp.returns - exp.values, mask, mean_fn)
+    return {
+        "objective/scores": mean_fn(exp.scores, rows),
+        "objective/kl": mean_fn(kl, rows),
+        "objective/non_score_reward": mean_fn(-kl_coef * kl, rows),
+        "objective/rlhf_reward": mean_fn(exp.scores - kl_coef * kl, rows),
+        "policy/entropy": mean_fn(exp.entropy, mask),
+        "val/explained_variance": 1 - residual_var / masked_var(exp.returns, mask,
+                                                                mean_fn).clamp(min=1e-8),
+        "response/length": mean_fn(mask.sum(1).float(), rows),
+        "response/tokens": all_reduce_sum(mask.sum().float()),
+    }
+
+
+def next_kl_coef(cfg: Config, kl_coef: float, kl: float) -> float:
+    """beta for the next rollout from this rollout's KL: fixed, 004's adaptive rule, or
+    Ziegler's proportional controller."""
+    if cfg.kl_controller == "adaptive":
+        return adaptive_kl_coef(kl_coef, kl, cfg.kl_target)
+    if cfg.kl_controller == "proportional":
+        return proportional_kl_coef(kl_coef, kl, cfg.kl_target, n_steps=cfg.batch_size,
+                                    horizon=cfg.kl_horizon)
+    return kl_coef
+
+
+def setup_run(cfg: Config) -> Run:
+    """Device and process group, options checked, prompts and models loaded, optimizers
+    made, a checkpoint restored with --resume: everything before the first iteration."""
+    device = init_distributed(cfg.device)
+    keep_freed_memory(device)
+    rank, world_size = world()
+    validate(cfg, world_size)
+    log = print if rank == 0 else (lambda *args, **kwargs: None)  # one voice under torchrun
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    prompts = load_prompts(cfg.prompts)
+    actor, ref_model, critic, tokenizer, score_fn = load_models(cfg, device)
+    check_prompt_lengths(prompts, tokenizer, actor, cfg, log)
+
+    actor_lr = cfg.actor_lr or (BUILTIN_ACTOR_LR if cfg.model == BUILTIN_MODEL
+                                else PRETRAINED_ACTOR_LR)
+    critic_lr = cfg.critic_lr or CRITIC_LR_FACTOR * actor_lr
+    # separate optimizers: actor and critic are separate models with separate losses. Fused
+    # AdamW lets GradScaler skip a non-finite step without waiting for the device.
+    actor_optimizer = torch.optim.AdamW(actor.parameters(), lr=actor_lr,
+                                        weight_decay=cfg.weight_decay, fused=True)
+    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=critic_lr,
+                                         weight_decay=cfg.weight_decay, fused=True)
+    use_bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16
+                else nullcontext)
+    eos_token_ids = actor.generation_config.eos_token_id or tokenizer.eos_token_id
+    eos_token_ids = eos_token_ids if isinstance(eos_token_ids, list) else [eos_token_ids]
+
+    # DDP averages the gradients of the trained models over ranks
+    train_actor, train_critic = actor, critic
+    if world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        train_actor = nn.parallel.DistributedDataParallel(actor, device_ids=ids)
+        train_critic = nn.parallel.DistributedDataParallel(critic, device_ids=ids)
+    run = Run(cfg=cfg, device=device, rank=rank, world_size=world_size, actor=actor,
+              critic=critic, ref_model=ref_model, train_actor=train_actor,
+              train_critic=train_critic, actor_optimizer=actor_optimizer,
+              critic_optimizer=critic_optimizer, tokenizer=tokenizer, score_fn=score_fn,
+              prompts=prompts, eos_token_ids=eos_token_ids, autocast=autocast,
+              out=Path(cfg.output_dir), log=log, start_step=0, kl_coef=cfg.kl_ctl)
+    torch.manual_seed(cfg.seed + rank)  # ranks sample different responses
+    if cfg.resume:
+        restore_checkpoint(run)
+        log(f"resumed from {run.out / CHECKPOINT} at step {run.start_step}")
+    return run
+
+
+def finish_run(run: Run) -> None:
+    """The last checkpoint, the policy as a `from_pretrained` directory, and a few samples."""
+    cfg = run.cfg
+    save_checkpoint(run, cfg.steps)
+    if run.rank != 0:
+        return
+    run.actor.save_pretrained(run.out)
+    run.tokenizer.save_pretrained(run.out)
+    if cfg.samples > 0:  # the first iteration's prompts, answered by the trained policy
+        first = prompt_indices(1, cfg.batch_size, len(run.prompts), cfg.seed)[:cfg.samples]
+        # rank 0 alone: statistics of its own rollout (a global mean would wait for the others)
+        final = collect_experience(run, [run.prompts[i] for i in first], run.kl_coef,
+                                   mean_fn=masked_mean)
+        print_samples("samples after training:", final, cfg.samples, run.log)
+    run.log(f"saved the policy to {run.out} "
+            f"(AutoModelForCausalLM.from_pretrained({str(run.out)!r}))")
+
+
+def print_samples(title: str, exp: Experience, n: int, log) -> None:
+    if n > 0:
+        log(title)
+        for prompt, response, score in list(zip(exp.prompts, exp.responses, exp.scores))[:n]:
+            log(f"  [{float(score):+.2f}] {prompt!r} -> {response!r}")
+
+
+def write_metrics(path: Path, row: dict, first: bool, kept_steps: int) -> None:
+    """Appends one JSON line. The first row of a (resumed) run first drops the rows of steps
+    after `kept_steps`, written by the interrupted run after its last checkpoint: one row per
+    iteration across resumes, and nothing rewritten before an iteration has succeeded."""
+    line = json.dumps(dict(sorted(row.items()))) + "\n"
+    if first:
+        rows = path.read_text().splitlines() if path.exists() else []
+        kept = "".join(r + "\n" for r in rows if json.loads(r)["step"] <= kept_steps)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(kept + line)
+    else:
+        with path.open("a") as f:
+            f.write(line)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plumbing a reader of the method can skip: models, rewards and prompts, torchrun,
+# checkpoints and the command line.
+#
+# 10. Models: the four of 004 §3. Errors a user can fix are `UsageError`s: one line, exit 2.
+# ------------------------------------------------------------------------------------------------
+
+class UsageError(Exception):
+    """A problem with the user's input (options, files, models): reported in one line."""
+
+def is_sequence_classifier(config) -> bool:
+    """Whether a model config names an ...ForSequenceClassification architecture."""
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?'"
+TINY_EOS, TINY_UNK, TINY_PAD = "<|endoftext|>", "<unk>", "<pad>"
+TINY_GPT2 = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128)  # ~0.1M parameters
+
+BUILTIN_PROMPTS = [
+    "the weather today is", "my favourite food is", "once upon a time", "the best way to learn",
+    "i think that", "in the morning i", "a good friend is", "the city at night",
+    "she opened the door and", "the answer is", "we went to the sea", "music makes me",
+    "the cat sat on", "tomorrow we will", "the old house", "what i like about you is",
+    "he said hello and", "the garden in spring", "a long time ago", "my dream is to",
+    "the train was late so", "books are", "the moon is", "after dinner we",
+    "the little dog", "on a rainy day", "her song was", "the mountain road",
+    "we laughed because", "the new teacher", "at the market", "the river runs",
+]
+
+
+def build_tiny_tokenizer(separate_pad: bool = False):
+    """A character tokenizer: a-z, space and punctuation are tokens, so what the policy learns
+    is readable letter by letter. pad == eos as for GPT-2, unless `separate_pad` (TRL's
+    PPOTrainer, in the benchmark, needs them apart)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [TINY_EOS, TINY_UNK] + ([TINY_PAD] if separate_pad else [])
+    vocab = {token: i for i, token in enumerate(specials + list(TINY_ALPHABET))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=TINY_UNK))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=TINY_EOS,
+                                   bos_token=TINY_EOS, unk_token=TINY_UNK,
+                                   pad_token=TINY_PAD if separate_pad else TINY_EOS)
+
+def build_tiny_model(seed: int):
+    """A randomly initialized 2-layer GPT-2 and its character tokenizer, built in memory."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_tiny_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                        **TINY_GPT2)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config), tokenizer
+
+def load_models(cfg: Config, device: torch.device):
+    """The four models of 004 §3 and the policy's tokenizer, on `device`, dropout off."""
+    actor, tokenizer = load_policy(cfg.model, cfg.seed)
+    frozen_dtype = torch.bfloat16 if cfg.frozen_bf16 else torch.float32
+    if cfg.reward_model:
+        scorer = RewardModelScorer(cfg.reward_model, cfg.reward_label, device, frozen_dtype)
+        score_fn = checked_scores(scorer, f"--reward-model {cfg.reward_model}")
+    elif cfg.reward_fn:
+        score_fn = checked_scores(load_reward_fn(cfg.reward_fn), f"--reward-fn {cfg.reward_fn}")
+    else:
+        score_fn = checked_scores(vowel_reward, "the built-in vowel reward")
+    ref_model = copy.deepcopy(actor).requires_grad_(False).eval()
+    critic = load_critic(cfg.critic_model, actor)
+    actor.to(device).train()  # train mode with dropout off: gradient checkpointing needs it
+    critic.to(device).train()
+    ref_model.to(device, frozen_dtype)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(actor, critic)
+    return actor, ref_model, critic, tokenizer, score_fn
+
+def load_policy(name: str, seed: int):
+    """(actor, tokenizer) from the built-in tiny model or a causal-LM hub name / directory."""
+    if name == BUILTIN_MODEL:
+        model, tokenizer = build_tiny_model(seed)
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        try:  # the config comes first: if it loads, the model's files are within reach
+            config = load_pretrained(AutoConfig, name, "--model")
+        except UsageError as e:
+            raise UsageError(f"{e} (offline? pass a local directory, or run without --model "
+                             "for the built-in demo)") from e
+        if is_sequence_classifier(config):
+            raise UsageError(f"--model {name!r} is a sequence classifier "
+                             f"({config.architectures}), not a causal LM; pass it as "
+                             "--reward-model or --critic-model")
+        tokenizer = load_tokenizer(name, "--model")
+        model = load_pretrained(AutoModelForCausalLM, name, "--model")
+    tokenizer.padding_side = "left"  # prompts end where the response begins
+    tokenizer.truncation_side = "left"  # keep the end of a long prompt, the part that is continued
+    disable_dropout(model)
+    fuse_gelu(model)
+    return model, tokenizer
+
+class ValueModel(nn.Module):
+    """The critic: a transformer backbone and a linear value head, V(s) at every position."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.v_head = nn.Linear(hidden_size, 1)
+        # V = 0 at the start: the first advantages are the rewards themselves, not noise
+        nn.init.zeros_(self.v_head.weight)
+        nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.v_head(hidden).squeeze(-1).float()  # [B, L]
+
+def load_critic(name: str | None, actor: nn.Module) -> ValueModel:
+    """Critic from `name` (a causal LM or a 1-label reward model, as DeepSpeed-Chat does), or by
+    default from the policy's own backbone. A 1-label reward model also lends its score head."""
+    if name is None:
+        backbone = copy.deepcopy(actor.base_model)
+        critic = ValueModel(backbone, backbone.config.hidden_size)
+    else:
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+        config = load_pretrained(AutoConfig, name, "--critic-model")
+        if is_sequence_classifier(config) and config.num_labels == 1:
+            source = load_pretrained(AutoModelForSequenceClassification, name, "--critic-model")
+            backbone = source.base_model
+        else:
+            source, backbone = None, load_pretrained(AutoModel, name, "--critic-model")
+        critic = ValueModel(backbone, backbone.config.hidden_size)
+        head = getattr(source, "score", None)
+        if isinstance(head, nn.Linear) and head.weight.shape == critic.v_head.weight.shape:
+            critic.v_head.weight.data.copy_(head.weight.data)
+    disable_dropout(critic)
+    fuse_gelu(critic)
+    return critic
+
+def disable_dropout(model: nn.Module) -> None:
+    """p = 0 in every dropout layer. PPO's ratio compares two evaluations of the same policy:
+    with dropout on, pi/pi_old != 1 before any update and the clip fires on noise."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout"):  # attention modules that pass p to SDPA
+            module.attention_dropout = 0.0
+
+def fuse_gelu(model: nn.Module) -> None:
+    """Swap transformers' `NewGELUActivation` (`gelu_new`: GPT-2, GPT-J, Phi, CodeGen) for
+    PyTorch's `nn.GELU(approximate="tanh")`. Both compute 0.5 x (1 + tanh(sqrt(2/pi) (x +
+    0.044715 x^3))), but transformers writes it as seven tensor operations, each a pass over the
+    MLP's [B, L, 4d] activations (and as many again in backward), where PyTorch runs one fused
+    kernel. No parameters change; results agree to float rounding (< 1e-6)."""
+    from transformers.activations import NewGELUActivation
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, nn.GELU(approximate="tanh"))
+
+def enable_gradient_checkpointing(actor, critic: ValueModel) -> None:
+    """Recompute activations in backward in both trained models (non-reentrant: works with DDP
+    and with inputs that need no gradient)."""
+    checkpointing = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
+    actor.activation_checkpointing_enable(**checkpointing)
+    critic.backbone.activation_checkpointing_enable(**checkpointing)
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers a TCP connect. Offline, transformers would retry
+    each file for about a minute before failing; this lets us go to the local cache at once."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443),
+                                      timeout=HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+def load_pretrained(loader, name: str, option: str, **kwargs):
+    """`loader.from_pretrained(name)` for a hub name or a directory; failures become one line.
+
+    Without a reachable hub, only a local directory or the local cache is tried."""
+    offline = not Path(name).exists() and not hub_reachable()
+    try:
+        return loader.from_pretrained(name, local_files_only=offline, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        where = ("it is not a local directory, not in the Hugging Face cache, and the hub is "
+                 "unreachable" if offline else first_line(e))
+        raise UsageError(f"cannot load {option} {name!r} with {loader.__name__}: {where}") from e
+
+def load_tokenizer(name: str, option: str):
+    """AutoTokenizer for `name`, refusing the empty tokenizer transformers builds for a
+    directory that holds weights but no tokenizer files. Without a pad token (GPT-2, SmolLM...)
+    it pads with EOS: the attention and action masks tell the two apart."""
+    from transformers import AutoTokenizer
+    tokenizer = load_pretrained(AutoTokenizer, name, option)
+    if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+        raise UsageError(f"{option} {name!r} has no usable tokenizer (no tokenizer files?); "
+                         "save one beside the weights with tokenizer.save_pretrained")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. Rewards and prompts. A reward is a callable (prompts: list[str], responses:
+# list[str]) -> scores [B] on the CPU: a frozen sequence classifier, a Python function
+# or the built-in rule.
+# ------------------------------------------------------------------------------------------------
+
+VOWELS = "aeiou"
+VOWEL_POINTS = 0.5  # per letter: 10 more vowels than consonants reach the default clip of 5
+
+
+def vowel_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """The built-in task: +0.5 per vowel and -0.5 per consonant in the response.
+
+    Readable at a glance ("strk" scores -2, "aia eo" +2.5), it needs no download and works on
+    the decoded text of any model. Spaces and punctuation score 0, and a longer vowel-rich
+    answer beats a short one, so stopping early is not a way to win.
+    """
+    scores = []
+    for response in responses:
+        letters = [c for c in response.lower() if "a" <= c <= "z"]
+        vowels = sum(c in VOWELS for c in letters)
+        scores.append(VOWEL_POINTS * (vowels - (len(letters) - vowels)))
+    return scores
+
+class RewardModelScorer:
+    """Scores decoded prompt + response with a frozen `AutoModelForSequenceClassification`,
+    using the reward model's own tokenizer (it need not share the policy's vocabulary)."""
+
+    def __init__(self, name: str, label: str | None, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+        config = load_pretrained(AutoConfig, name, "--reward-model")
+        if not is_sequence_classifier(config):
+            raise UsageError(f"--reward-model {name!r} is not a sequence classifier (its "
+                             f"architectures are {config.architectures}); it must load with "
+                             "AutoModelForSequenceClassification")
+        self.tokenizer = load_tokenizer(name, "--reward-model")
+        self.model = load_pretrained(AutoModelForSequenceClassification, name, "--reward-model")
+        # the classifier finds each row's last real token through config.pad_token_id
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        fuse_gelu(self.model)
+        self.model.to(device, dtype).eval().requires_grad_(False)
+        self.device = device
+        self.label = self._label_index(label, self.model.config)
+
+    @staticmethod
+    def _label_index(label: str | None, config) -> int:
+        if label is None:
+            if config.num_labels == 1:
+                return 0
+            raise UsageError(f"the reward model has {config.num_labels} labels "
+                             f"{list(config.id2label.values())}; pick one with --reward-label")
+        if label.isdigit() and int(label) < config.num_labels:
+            return int(label)
+        if label in config.label2id:
+            return config.label2id[label]
+        raise UsageError(f"--reward-label {label!r} is not one of "
+                         f"{list(config.label2id)} or an index below {config.num_labels}")
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        batch = self.tokenizer([p + r for p, r in zip(prompts, responses)], return_tensors="pt",
+                               padding=True, truncation=True).to(self.device)
+        return self.model(**batch).logits[:, self.label].float().cpu()
+
+def load_reward_fn(spec: str) -> Callable[[list[str], list[str]], list[float]]:
+    """Import 'package.module:function' or 'path/to/file.py:function'."""
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise UsageError(f"--reward-fn {spec!r} must look like 'module:function' or "
+                         "'file.py:function'")
+    try:
+        if module_name.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(Path(module_name).stem,
+                                                                 module_name)
+            if module_spec is None or not Path(module_name).is_file():
+                raise ImportError(f"no file {module_name}")
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        fn = getattr(module, attr)
+    except Exception as e:  # an import runs arbitrary user code: report any failure in one line
+        raise UsageError(f"cannot import --reward-fn {spec!r}: {type(e).__name__}: "
+                         f"{first_line(e)}") from e
+    if not callable(fn):
+        raise UsageError(f"--reward-fn {spec!r} is not callable")
+    return fn
+
+def checked_scores(fn: Callable, name: str) -> Callable[[list[str], list[str]], torch.Tensor]:
+    """Wraps a scorer so a wrong count, a non-finite score or an exception is a UsageError."""
+    def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
+        try:
+            raw = fn(prompts, responses)
+            scores = torch.as_tensor(raw, dtype=torch.float32).flatten().cpu()
+        except Exception as e:  # user code: any failure is the user's to fix, in one line
+            raise UsageError(f"{name} failed: {type(e).__name__}: {first_line(e)}") from e
+        if scores.numel() != len(responses):
+            raise UsageError(f"{name} returned {scores.numel()} scores for {len(responses)} "
+                             "responses; it must return one float per response")
+        if not torch.isfinite(scores).all():
+            raise UsageError(f"{name} returned a non-finite score: {scores.tolist()}")
+        return scores
+    return score
+
+def load_prompts(path: str | None) -> list[str]:
+    """Prompts from a text file (one per line) or JSONL (a 'prompt' field); default built-in."""
+    if path is None:
+        return list(BUILTIN_PROMPTS)
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--prompts {path!r}: no such file")
+    prompts = []
+    lines = file.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if file.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"--prompts {path}:{number}: not JSON ({e.msg})") from e
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise UsageError(f"--prompts {path}:{number}: each JSONL line needs a "
+                                 "string field 'prompt'")
+            prompts.append(record["prompt"])
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise UsageError(f"--prompts {path!r} holds no prompt")
+    return prompts
+
+def check_prompt_lengths(prompts: list[str], tokenizer, actor, cfg: Config, log) -> None:
+    """Long prompts are truncated from the left (one warning); prompt + response must fit."""
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    if min(lengths) == 0:
+        raise UsageError("--prompts holds a prompt with no token; remove empty prompts")
+    if max(lengths) > cfg.max_prompt_length:
+        n_long = sum(n > cfg.max_prompt_length for n in lengths)
+        log(f"warning: {n_long} prompt(s) longer than --max-prompt-length "
+            f"{cfg.max_prompt_length} tokens are truncated from the left", file=sys.stderr)
+    config = actor.config
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings",
+                                                              None)
+    longest = min(max(lengths), cfg.max_prompt_length)
+    if context is not None and longest + cfg.max_new_tokens > context:
+        raise UsageError(f"prompts of up to {longest} tokens + --max-new-tokens "
+                         f"{cfg.max_new_tokens} exceed the model's context of {context}; "
+                         "lower --max-new-tokens or --max-prompt-length")
+
+def encode_prompts(tokenizer, prompts: list[str], max_length: int, device: torch.device):
+    """Left-padded [B, P] input_ids and attention_mask, long prompts cut from the left."""
+    return tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
+                     max_length=max_length).to(device)
+
+def prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
+    """Prompts of iteration `step` (1-based): consecutive slices of a stream of per-epoch
+    permutations of the prompt set. A pure function of (step, seed): a resumed run draws
+    exactly the prompts the uninterrupted one would have, and ranks split one global batch
+    (no prompt twice within an epoch of the prompt set)."""
+    start = (step - 1) * batch_size
+    indices = []
+    for k in range(start, start + batch_size):
+        epoch, position = divmod(k, n_prompts)
+        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch))
+        indices.append(int(order[position]))
+    return indices
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. Data parallelism (torchrun). The only code that knows other ranks exist; with a single
 # process every function here is the identity or its local twin.
 # ------------------------------------------------------------------------------------------------
 
@@ -1102,7 +1393,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------------------
-# 12. Checkpoints: everything needed to continue exactly, written atomically.
+# 13. Checkpoints: everything needed to continue exactly, written atomically.
 # ------------------------------------------------------------------------------------------------
 
 CHECKPOINT = "checkpoint.pt"
@@ -1121,7 +1412,6 @@ def atomic_save(obj, path: Path) -> None:
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
-
 def rng_state() -> dict:
     """This process's random state: Python, torch CPU and, if used, the current CUDA device."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -1129,19 +1419,16 @@ def rng_state() -> dict:
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
-
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
-
 def resume_fingerprint(cfg: Config) -> dict:
     """The options a checkpoint must agree with, and the number of ranks that wrote it."""
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_OPTIONS}
     return {**options, "world_size": world()[1]}
-
 
 def load_checkpoint(out: Path, cfg: Config) -> dict:
     path = out / CHECKPOINT
@@ -1158,10 +1445,31 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
     return state
 
 
+def save_checkpoint(run, step: int) -> None:
+    """Everything `--resume` needs to continue exactly: both trained models and optimizers,
+    beta, the step and every rank's random state. Rank 0 writes it."""
+    rngs = gather_objects(rng_state())  # every rank's sampler state, for an exact resume
+    if run.rank == 0:
+        atomic_save({"step": step, "kl_coef": run.kl_coef, "actor": run.actor.state_dict(),
+                     "critic": run.critic.state_dict(),
+                     "actor_optimizer": run.actor_optimizer.state_dict(),
+                     "critic_optimizer": run.critic_optimizer.state_dict(), "rng": rngs,
+                     "fingerprint": resume_fingerprint(run.cfg)}, run.out / CHECKPOINT)
+
+
+def restore_checkpoint(run) -> None:
+    """Puts a `save_checkpoint` state back into `run` (models, optimizers, step, beta, RNG)."""
+    state = load_checkpoint(run.out, run.cfg)
+    run.actor.load_state_dict(state["actor"])
+    run.critic.load_state_dict(state["critic"])
+    run.actor_optimizer.load_state_dict(state["actor_optimizer"])
+    run.critic_optimizer.load_state_dict(state["critic_optimizer"])
+    run.start_step, run.kl_coef = state["step"], state["kl_coef"]
+    set_rng_state(state["rng"][run.rank])
 
 
 # ------------------------------------------------------------------------------------------------
-# 13. The training loop (004 §4.1(5) pseudo-code) and the command line.
+# 14. Runtime and the command line.
 # ------------------------------------------------------------------------------------------------
 
 def validate(cfg: Config, world_size: int = 1) -> None:
@@ -1203,75 +1511,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if not ok:
             raise UsageError(message)
 
-
-def load_models(cfg: Config, device: torch.device):
-    """The four models of 004 §3 and the policy's tokenizer, on `device`, dropout off."""
-    actor, tokenizer = load_policy(cfg.model, cfg.seed)
-    frozen_dtype = torch.bfloat16 if cfg.frozen_bf16 else torch.float32
-    if cfg.reward_model:
-        scorer = RewardModelScorer(cfg.reward_model, cfg.reward_label, device, frozen_dtype)
-        score_fn = checked_scores(scorer, f"--reward-model {cfg.reward_model}")
-    elif cfg.reward_fn:
-        score_fn = checked_scores(load_reward_fn(cfg.reward_fn), f"--reward-fn {cfg.reward_fn}")
-    else:
-        score_fn = checked_scores(vowel_reward, "the built-in vowel reward")
-    ref_model = copy.deepcopy(actor).requires_grad_(False).eval()
-    critic = load_critic(cfg.critic_model, actor)
-    actor.to(device).train()  # train mode with dropout off: gradient checkpointing needs it
-    critic.to(device).train()
-    ref_model.to(device, frozen_dtype)
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(actor, critic)
-    return actor, ref_model, critic, tokenizer, score_fn
-
-
-def enable_gradient_checkpointing(actor, critic: ValueModel) -> None:
-    """Recompute activations in backward in both trained models (non-reentrant: works with DDP
-    and with inputs that need no gradient)."""
-    checkpointing = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
-    actor.activation_checkpointing_enable(**checkpointing)
-    critic.backbone.activation_checkpointing_enable(**checkpointing)
-
-
-def check_prompt_lengths(prompts: list[str], tokenizer, actor, cfg: Config, log) -> None:
-    """Long prompts are truncated from the left (one warning); prompt + response must fit."""
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-    if min(lengths) == 0:
-        raise UsageError("--prompts holds a prompt with no token; remove empty prompts")
-    if max(lengths) > cfg.max_prompt_length:
-        n_long = sum(n > cfg.max_prompt_length for n in lengths)
-        log(f"warning: {n_long} prompt(s) longer than --max-prompt-length "
-            f"{cfg.max_prompt_length} tokens are truncated from the left", file=sys.stderr)
-    config = actor.config
-    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings",
-                                                              None)
-    longest = min(max(lengths), cfg.max_prompt_length)
-    if context is not None and longest + cfg.max_new_tokens > context:
-        raise UsageError(f"prompts of up to {longest} tokens + --max-new-tokens "
-                         f"{cfg.max_new_tokens} exceed the model's context of {context}; "
-                         "lower --max-new-tokens or --max-prompt-length")
-
-
-def encode_prompts(tokenizer, prompts: list[str], max_length: int, device: torch.device):
-    """Left-padded [B, P] input_ids and attention_mask, long prompts cut from the left."""
-    return tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                     max_length=max_length).to(device)
-
-
-def prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
-    """Prompts of iteration `step` (1-based): consecutive slices of a stream of per-epoch
-    permutations of the prompt set. A pure function of (step, seed): a resumed run draws
-    exactly the prompts the uninterrupted one would have, and ranks split one global batch
-    (no prompt twice within an epoch of the prompt set)."""
-    start = (step - 1) * batch_size
-    indices = []
-    for k in range(start, start + batch_size):
-        epoch, position = divmod(k, n_prompts)
-        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch))
-        indices.append(int(order[position]))
-    return indices
-
-
 class StopRequest:
     """While active, SIGINT/SIGTERM only set `signum`: the loop finishes its iteration, saves
     and exits. A second signal interrupts at once. The previous handlers come back on exit."""
@@ -1294,34 +1533,6 @@ class StopRequest:
         self.signum = signum
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-
-
-def rollout_stats(exp: Experience, kl_coef: float, mean_fn=masked_mean) -> dict:
-    """Per-rollout metrics as 0-d tensors (the caller syncs them all at once). Means are taken
-    with `mean_fn`: over the global batch under torchrun."""
-    mask = exp.action_mask
-    rows = torch.ones_like(exp.scores, dtype=torch.bool)
-    kl = torch.where(mask, exp.log_probs - exp.ref_log_probs, 0.0).sum(1)  # [B] sum_t k1
-    residual_var = masked_var(exp.returns - exp.values, mask, mean_fn)
-    return {
-        "objective/scores": mean_fn(exp.scores, rows),
-        "objective/kl": mean_fn(kl, rows),
-        "objective/non_score_reward": mean_fn(-kl_coef * kl, rows),
-        "objective/rlhf_reward": mean_fn(exp.scores - kl_coef * kl, rows),
-        "policy/entropy": mean_fn(exp.entropy, mask),
-        "val/explained_variance": 1 - residual_var / masked_var(exp.returns, mask,
-                                                                mean_fn).clamp(min=1e-8),
-        "response/length": mean_fn(mask.sum(1).float(), rows),
-        "response/tokens": all_reduce_sum(mask.sum().float()),
-    }
-
-
-def print_samples(title: str, exp: Experience, n: int, log) -> None:
-    if n > 0:
-        log(title)
-        for prompt, response, score in list(zip(exp.prompts, exp.responses, exp.scores))[:n]:
-            log(f"  [{float(score):+.2f}] {prompt!r} -> {response!r}")
-
 
 GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
 GLIBC_MAX_TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt takes an int
@@ -1346,173 +1557,6 @@ def keep_freed_memory(device: torch.device) -> None:
         mallopt(GLIBC_M_MMAP_MAX, 0)  # no block gets its own mapping: all come from the heap
         mallopt(GLIBC_M_TRIM_THRESHOLD, GLIBC_MAX_TRIM_THRESHOLD)  # and the heap is not shrunk
 
-
-def train(cfg: Config) -> int:
-    """Runs RLHF-PPO as configured; returns the exit status."""
-    device = init_distributed(cfg.device)
-    keep_freed_memory(device)
-    rank, world_size = world()
-    validate(cfg, world_size)
-    log = print if rank == 0 else (lambda *args, **kwargs: None)  # one voice under torchrun
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    prompts = load_prompts(cfg.prompts)
-    actor, ref_model, critic, tokenizer, score_fn = load_models(cfg, device)
-    check_prompt_lengths(prompts, tokenizer, actor, cfg, log)
-
-    actor_lr = cfg.actor_lr or (BUILTIN_ACTOR_LR if cfg.model == BUILTIN_MODEL
-                                else PRETRAINED_ACTOR_LR)
-    critic_lr = cfg.critic_lr or CRITIC_LR_FACTOR * actor_lr
-    # separate optimizers: actor and critic are separate models with separate losses. Fused
-    # AdamW lets GradScaler skip a non-finite step without waiting for the device.
-    actor_optimizer = torch.optim.AdamW(actor.parameters(), lr=actor_lr,
-                                        weight_decay=cfg.weight_decay, fused=True)
-    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=critic_lr,
-                                         weight_decay=cfg.weight_decay, fused=True)
-    use_bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16
-                else nullcontext)
-    eos_token_ids = actor.generation_config.eos_token_id or tokenizer.eos_token_id
-    eos_token_ids = eos_token_ids if isinstance(eos_token_ids, list) else [eos_token_ids]
-
-    out = Path(cfg.output_dir)
-    start_step, kl_coef = 0, cfg.kl_ctl
-    torch.manual_seed(cfg.seed + rank)  # ranks sample different responses
-    if cfg.resume:
-        state = load_checkpoint(out, cfg)
-        actor.load_state_dict(state["actor"])
-        critic.load_state_dict(state["critic"])
-        actor_optimizer.load_state_dict(state["actor_optimizer"])
-        critic_optimizer.load_state_dict(state["critic_optimizer"])
-        start_step, kl_coef = state["step"], state["kl_coef"]
-        set_rng_state(state["rng"][rank])
-        log(f"resumed from {out / CHECKPOINT} at step {start_step}")
-    metrics_path = out / METRICS
-    # one row per iteration across resumes: rows written after the checkpoint are dropped when
-    # the first new row is written (nothing is written before an iteration has succeeded)
-    rows = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-    kept_rows = "".join(r + "\n" for r in rows if json.loads(r)["step"] <= start_step)
-
-    # --- data parallel: DDP averages the gradients of the trained models over ranks ---
-    train_actor, train_critic = actor, critic
-    if world_size > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        train_actor = nn.parallel.DistributedDataParallel(actor, device_ids=ids)
-        train_critic = nn.parallel.DistributedDataParallel(critic, device_ids=ids)
-
-    def save(step: int) -> None:
-        rngs = gather_objects(rng_state())  # every rank's sampler state, for an exact resume
-        if rank == 0:
-            atomic_save({"step": step, "kl_coef": kl_coef, "actor": actor.state_dict(),
-                         "critic": critic.state_dict(),
-                         "actor_optimizer": actor_optimizer.state_dict(),
-                         "critic_optimizer": critic_optimizer.state_dict(), "rng": rngs,
-                         "fingerprint": resume_fingerprint(cfg)}, out / CHECKPOINT)
-
-    consecutive_skips = 0
-    first_exp = None
-    per_rank = cfg.batch_size // world_size
-    log(f"training {cfg.model} on {device} x{world_size} for {cfg.steps} iterations "
-        f"({len(prompts)} prompts, batch {cfg.batch_size}, {cfg.ppo_epochs} PPO epochs)")
-    with StopRequest() as stop:
-        for step in range(start_step + 1, cfg.steps + 1):
-            indices = prompt_indices(step, cfg.batch_size, len(prompts), cfg.seed)
-            mine = indices[rank * per_rank:(rank + 1) * per_rank]  # this rank's slice
-            encoded = encode_prompts(tokenizer, [prompts[i] for i in mine],
-                                     cfg.max_prompt_length, device)
-            t0 = time.perf_counter()
-            exp = generate_experience(
-                actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids,
-                encoded.attention_mask, eos_token_ids=eos_token_ids,
-                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                top_k=cfg.top_k, top_p=cfg.top_p, kl_ctl=kl_coef,
-                clip_reward_value=cfg.clip_reward_value, kl_estimator=cfg.kl_estimator,
-                gamma=cfg.gamma, lam=cfg.lam, whiten_advantages=cfg.whiten_advantages,
-                whiten_rewards=cfg.whiten_rewards, missing_eos_penalty=cfg.missing_eos_penalty,
-                recompute_log_probs=cfg.recompute_log_probs,
-                micro_batch_size=cfg.rollout_micro_batch_size, autocast=autocast,
-                mean_fn=global_masked_mean)
-            if first_exp is None:
-                first_exp = exp
-            if step == 1:
-                print_samples("samples before training:", exp, cfg.samples, log)
-            t1 = time.perf_counter()
-            stats, skipped = ppo_update(
-                train_actor, train_critic, actor_optimizer, critic_optimizer, exp,
-                ppo_epochs=cfg.ppo_epochs, mini_batch_size=cfg.mini_batch_size // world_size,
-                micro_batch_size=cfg.micro_batch_size, cliprange=cfg.cliprange,
-                cliprange_value=cfg.cliprange_value, ent_coef=cfg.ent_coef,
-                max_grad_norm=cfg.max_grad_norm, temperature=cfg.temperature,
-                autocast=autocast)
-            row = {**rollout_stats(exp, kl_coef, global_masked_mean), **stats,
-                   "updates/skipped": skipped.sum().float(),
-                   "stop": all_reduce_sum(torch.tensor(float(stop.signum is not None),
-                                                       device=device))}
-            row = dict(zip(row, torch.stack(list(row.values())).tolist()))  # the one host sync
-            t2 = time.perf_counter()
-            stop_requested = row.pop("stop") > 0  # every rank stops at the same iteration
-            row.update({"step": step, "objective/kl_coef": kl_coef, "time/rollout_s": t1 - t0,
-                        "time/update_s": t2 - t1,
-                        "throughput/tokens_per_s": row["response/tokens"] / (t2 - t0)})
-            if rank == 0:
-                write_metrics(metrics_path, row, kept_rows if step == start_step + 1 else None)
-            log(f"step {step:4d}/{cfg.steps} | score {row['objective/scores']:7.3f} | "
-                f"kl {row['objective/kl']:7.3f} | beta {kl_coef:.3f} | "
-                f"pg {row['loss/policy']:7.4f} | vf {row['loss/value']:7.4f} | "
-                f"clip {row['policy/clipfrac']:.3f} | len {row['response/length']:5.1f} | "
-                f"{t2 - t0:5.2f}s", flush=True)
-
-            # the controller sees this rollout's KL and sets the coefficient for the next one
-            if cfg.kl_controller == "adaptive":
-                kl_coef = adaptive_kl_coef(kl_coef, row["objective/kl"], cfg.kl_target)
-            elif cfg.kl_controller == "proportional":
-                kl_coef = proportional_kl_coef(kl_coef, row["objective/kl"], cfg.kl_target,
-                                               n_steps=cfg.batch_size, horizon=cfg.kl_horizon)
-            for was_skipped in skipped.tolist():
-                consecutive_skips = consecutive_skips + 1 if was_skipped else 0
-            if consecutive_skips >= cfg.max_skipped_updates:
-                save(step)  # skipped steps left weights and optimizer as they were: all good
-                log(f"stopping: {consecutive_skips} consecutive updates had a non-finite loss "
-                    f"or gradient; the last good state is in {out / CHECKPOINT}. Lower the "
-                    "learning rates or check the reward scale.", file=sys.stderr)
-                return 1
-            if stop_requested or (cfg.save_every and step % cfg.save_every == 0):
-                save(step)
-            if stop_requested:
-                name = signal.Signals(stop.signum or signal.SIGTERM).name
-                log(f"{name}: stopped after step {step}; checkpoint saved in "
-                    f"{out / CHECKPOINT}. Resume with the same options plus --resume.",
-                    file=sys.stderr)
-                return 128 + (stop.signum or signal.SIGTERM)
-
-    save(cfg.steps)
-    if rank == 0:
-        actor.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        if first_exp is not None and cfg.samples > 0:
-            encoded = encode_prompts(tokenizer, first_exp.prompts[:cfg.samples],
-                                     cfg.max_prompt_length, device)
-            final = generate_experience(
-                actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids,
-                encoded.attention_mask, eos_token_ids=eos_token_ids,
-                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                top_k=cfg.top_k, top_p=cfg.top_p, autocast=autocast)
-            print_samples("samples after training:", final, cfg.samples, log)
-        log(f"saved the policy to {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
-    return 0
-
-
-def write_metrics(path: Path, row: dict, kept_rows: str | None) -> None:
-    """Appends one JSON line; `kept_rows` (first row of a run) rewrites the file before it."""
-    line = json.dumps(dict(sorted(row.items()))) + "\n"
-    if kept_rows is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(kept_rows + line)
-    else:
-        with path.open("a") as f:
-            f.write(line)
-
-
 def parse_args(argv: list[str] | None = None) -> Config:
     """The command line, generated from `Config`: --kebab-case per field, help and default."""
     parser = argparse.ArgumentParser(
@@ -1533,7 +1577,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
             parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
     return Config(**vars(parser.parse_args(argv)))
 
-
 def main(argv: list[str] | None = None) -> int:
     from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
@@ -1549,7 +1592,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if world()[1] > 1:
             torch.distributed.destroy_process_group()
-
 
 if __name__ == "__main__":
     sys.exit(main())
