@@ -297,6 +297,7 @@ def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
     sampled: `generate` counts positions this way, so every forward must too."""
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
+
 def response_mask(responses: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
     """action_mask [B, T]: 1 up to and including each row's first EOS, 0 after it.
 
@@ -306,6 +307,7 @@ def response_mask(responses: torch.Tensor, eos_token_ids: list[int]) -> torch.Te
     is_eos = torch.isin(responses, torch.tensor(eos_token_ids, device=responses.device))
     eos_before = is_eos.long().cumsum(1) - is_eos.long()  # EOS strictly before position t
     return eos_before == 0
+
 
 def policy_log_probs(model, input_ids, attention_mask, response_length: int,
                      temperature: float, with_entropy: bool = False):
@@ -323,10 +325,12 @@ def policy_log_probs(model, input_ids, attention_mask, response_length: int,
     log_probs = logprobs_from_logits(logits, input_ids[:, -response_length:])
     return log_probs, (entropy_from_logits(logits) if with_entropy else None)
 
+
 def critic_values(critic, input_ids, attention_mask, response_length: int) -> torch.Tensor:
     """V(s_t) [B, T]: the value at the position that predicts response token t."""
     values = critic(input_ids, attention_mask, position_ids_from(attention_mask))
     return values[:, -response_length - 1:-1]
+
 
 @dataclass
 class Experience:
@@ -360,6 +364,7 @@ class Experience:
             picked[f.name] = value[device_index] if is_tensor else [value[i] for i in rows]
         return Experience(**picked)
 
+
 class SampledLogProbs:
     """Records log pi(a_t|s_t) and H(pi(.|s_t)) of softmax(logits / temperature) for each token
     `generate` samples, from the logits generation computes anyway: the rollout then needs no
@@ -391,6 +396,7 @@ class SampledLogProbs:
         log_probs = self.log_probs + [logprobs_from_logits(self.pending, last_tokens)]
         return torch.stack(log_probs, dim=1), torch.stack(self.entropy, dim=1)
 
+
 def sample_responses(actor, prompt_ids, prompt_mask, *, eos_token_ids, pad_token_id,
                      max_new_tokens, temperature, top_k=0, top_p=1.0,
                      logits_processor=()) -> torch.Tensor:
@@ -415,6 +421,7 @@ def sample_responses(actor, prompt_ids, prompt_mask, *, eos_token_ids, pad_token
     finally:
         actor.generation_config = saved
         actor.train(was_training)
+
 
 def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_ids, prompt_mask,
                         *, eos_token_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
@@ -563,6 +570,7 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
     steps = len(skipped)
     return ({name: all_reduce_sum(total) / steps for name, total in totals.items()},
             torch.stack(skipped))
+
 
 def update_stats(log_probs, values, mb: Experience, cliprange, cliprange_value):
     """Diagnostics of one micro-batch, masked means as in the losses (OpenAI-style names).
@@ -948,9 +956,11 @@ def write_metrics(path: Path, row: dict, first: bool, kept_steps: int) -> None:
 class UsageError(Exception):
     """A problem with the user's input (options, files, models): reported in one line."""
 
+
 def is_sequence_classifier(config) -> bool:
     """Whether a model config names an ...ForSequenceClassification architecture."""
     return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
 
 TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?'"
 TINY_EOS, TINY_UNK, TINY_PAD = "<|endoftext|>", "<unk>", "<pad>"
@@ -985,6 +995,7 @@ def build_tiny_tokenizer(separate_pad: bool = False):
                                    bos_token=TINY_EOS, unk_token=TINY_UNK,
                                    pad_token=TINY_PAD if separate_pad else TINY_EOS)
 
+
 def build_tiny_model(seed: int):
     """A randomly initialized 2-layer GPT-2 and its character tokenizer, built in memory."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -995,6 +1006,7 @@ def build_tiny_model(seed: int):
                         **TINY_GPT2)
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config), tokenizer
+
 
 def load_models(cfg: Config, device: torch.device):
     """The four models of 004 §3 and the policy's tokenizer, on `device`, dropout off."""
@@ -1015,6 +1027,7 @@ def load_models(cfg: Config, device: torch.device):
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(actor, critic)
     return actor, ref_model, critic, tokenizer, score_fn
+
 
 def load_policy(name: str, seed: int):
     """(actor, tokenizer) from the built-in tiny model or a causal-LM hub name / directory."""
@@ -1039,6 +1052,7 @@ def load_policy(name: str, seed: int):
     fuse_gelu(model)
     return model, tokenizer
 
+
 class ValueModel(nn.Module):
     """The critic: a transformer backbone and a linear value head, V(s) at every position."""
 
@@ -1054,6 +1068,7 @@ class ValueModel(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids, use_cache=False).last_hidden_state
         return self.v_head(hidden).squeeze(-1).float()  # [B, L]
+
 
 def load_critic(name: str | None, actor: nn.Module) -> ValueModel:
     """Critic from `name` (a causal LM or a 1-label reward model, as DeepSpeed-Chat does), or by
@@ -1077,6 +1092,7 @@ def load_critic(name: str | None, actor: nn.Module) -> ValueModel:
     fuse_gelu(critic)
     return critic
 
+
 def disable_dropout(model: nn.Module) -> None:
     """p = 0 in every dropout layer. PPO's ratio compares two evaluations of the same policy:
     with dropout on, pi/pi_old != 1 before any update and the clip fires on noise."""
@@ -1085,6 +1101,7 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
         if hasattr(module, "attention_dropout"):  # attention modules that pass p to SDPA
             module.attention_dropout = 0.0
+
 
 def fuse_gelu(model: nn.Module) -> None:
     """Swap transformers' `NewGELUActivation` (`gelu_new`: GPT-2, GPT-J, Phi, CodeGen) for
@@ -1098,6 +1115,7 @@ def fuse_gelu(model: nn.Module) -> None:
             if isinstance(child, NewGELUActivation):
                 setattr(module, name, nn.GELU(approximate="tanh"))
 
+
 def enable_gradient_checkpointing(actor, critic: ValueModel) -> None:
     """Recompute activations in backward in both trained models (non-reentrant: works with DDP
     and with inputs that need no gradient)."""
@@ -1105,9 +1123,11 @@ def enable_gradient_checkpointing(actor, critic: ValueModel) -> None:
     actor.activation_checkpointing_enable(**checkpointing)
     critic.backbone.activation_checkpointing_enable(**checkpointing)
 
+
 def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
 
 HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -1126,6 +1146,7 @@ def hub_reachable() -> bool:
     except OSError:
         return False
 
+
 def load_pretrained(loader, name: str, option: str, **kwargs):
     """`loader.from_pretrained(name)` for a hub name or a directory; failures become one line.
 
@@ -1137,6 +1158,7 @@ def load_pretrained(loader, name: str, option: str, **kwargs):
         where = ("it is not a local directory, not in the Hugging Face cache, and the hub is "
                  "unreachable" if offline else first_line(e))
         raise UsageError(f"cannot load {option} {name!r} with {loader.__name__}: {where}") from e
+
 
 def load_tokenizer(name: str, option: str):
     """AutoTokenizer for `name`, refusing the empty tokenizer transformers builds for a
@@ -1175,6 +1197,7 @@ def vowel_reward(prompts: list[str], responses: list[str]) -> list[float]:
         vowels = sum(c in VOWELS for c in letters)
         scores.append(VOWEL_POINTS * (vowels - (len(letters) - vowels)))
     return scores
+
 
 class RewardModelScorer:
     """Scores decoded prompt + response with a frozen `AutoModelForSequenceClassification`,
@@ -1217,6 +1240,7 @@ class RewardModelScorer:
                                padding=True, truncation=True).to(self.device)
         return self.model(**batch).logits[:, self.label].float().cpu()
 
+
 def load_reward_fn(spec: str) -> Callable[[list[str], list[str]], list[float]]:
     """Import 'package.module:function' or 'path/to/file.py:function'."""
     module_name, _, attr = spec.rpartition(":")
@@ -1241,6 +1265,7 @@ def load_reward_fn(spec: str) -> Callable[[list[str], list[str]], list[float]]:
         raise UsageError(f"--reward-fn {spec!r} is not callable")
     return fn
 
+
 def checked_scores(fn: Callable, name: str) -> Callable[[list[str], list[str]], torch.Tensor]:
     """Wraps a scorer so a wrong count, a non-finite score or an exception is a UsageError."""
     def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -1256,6 +1281,7 @@ def checked_scores(fn: Callable, name: str) -> Callable[[list[str], list[str]], 
             raise UsageError(f"{name} returned a non-finite score: {scores.tolist()}")
         return scores
     return score
+
 
 def load_prompts(path: str | None) -> list[str]:
     """Prompts from a text file (one per line) or JSONL (a 'prompt' field); default built-in."""
@@ -1284,6 +1310,7 @@ def load_prompts(path: str | None) -> list[str]:
         raise UsageError(f"--prompts {path!r} holds no prompt")
     return prompts
 
+
 def check_prompt_lengths(prompts: list[str], tokenizer, actor, cfg: Config, log) -> None:
     """Long prompts are truncated from the left (one warning); prompt + response must fit."""
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
@@ -1302,10 +1329,12 @@ def check_prompt_lengths(prompts: list[str], tokenizer, actor, cfg: Config, log)
                          f"{cfg.max_new_tokens} exceed the model's context of {context}; "
                          "lower --max-new-tokens or --max-prompt-length")
 
+
 def encode_prompts(tokenizer, prompts: list[str], max_length: int, device: torch.device):
     """Left-padded [B, P] input_ids and attention_mask, long prompts cut from the left."""
     return tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
                      max_length=max_length).to(device)
+
 
 def prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
     """Prompts of iteration `step` (1-based): consecutive slices of a stream of per-epoch
@@ -1412,6 +1441,7 @@ def atomic_save(obj, path: Path) -> None:
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
+
 def rng_state() -> dict:
     """This process's random state: Python, torch CPU and, if used, the current CUDA device."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -1419,16 +1449,19 @@ def rng_state() -> dict:
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
+
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
+
 def resume_fingerprint(cfg: Config) -> dict:
     """The options a checkpoint must agree with, and the number of ranks that wrote it."""
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_OPTIONS}
     return {**options, "world_size": world()[1]}
+
 
 def load_checkpoint(out: Path, cfg: Config) -> dict:
     path = out / CHECKPOINT
@@ -1511,6 +1544,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if not ok:
             raise UsageError(message)
 
+
 class StopRequest:
     """While active, SIGINT/SIGTERM only set `signum`: the loop finishes its iteration, saves
     and exits. A second signal interrupts at once. The previous handlers come back on exit."""
@@ -1533,6 +1567,7 @@ class StopRequest:
         self.signum = signum
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
 
 GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
 GLIBC_MAX_TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt takes an int
@@ -1557,6 +1592,7 @@ def keep_freed_memory(device: torch.device) -> None:
         mallopt(GLIBC_M_MMAP_MAX, 0)  # no block gets its own mapping: all come from the heap
         mallopt(GLIBC_M_TRIM_THRESHOLD, GLIBC_MAX_TRIM_THRESHOLD)  # and the heap is not shrunk
 
+
 def parse_args(argv: list[str] | None = None) -> Config:
     """The command line, generated from `Config`: --kebab-case per field, help and default."""
     parser = argparse.ArgumentParser(
@@ -1577,6 +1613,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
     return Config(**vars(parser.parse_args(argv)))
 
+
 def main(argv: list[str] | None = None) -> int:
     from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
@@ -1592,6 +1629,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if world()[1] > 1:
             torch.distributed.destroy_process_group()
+
 
 if __name__ == "__main__":
     sys.exit(main())
