@@ -1027,6 +1027,8 @@ def test_consecutive_nonfinite_updates_stop_the_run(tmp_path, monkeypatch, capsy
     cfg = tiny_config(tmp_path, steps=10, max_skipped_updates=3)
     assert P.train(cfg) == 1
     assert "non-finite" in capsys.readouterr().err
+    # the first iteration's 2 epochs x 2 minibatches were all skipped, and the run stopped
+    assert [row["updates/skipped"] for row in read_metrics(cfg.output_dir)] == [4]
     state = torch.load(Path(cfg.output_dir) / P.CHECKPOINT, weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["actor"].values())
 
@@ -1138,8 +1140,26 @@ stats, skipped = P.ppo_update(ddp_actor, ddp_critic,
                               torch.optim.SGD(actor.parameters(), lr=0.1),
                               torch.optim.SGD(critic.parameters(), lr=0.1), exp,
                               ppo_epochs=2, mini_batch_size=4, micro_batch_size=2)
-torch.save({{"actor": actor.state_dict(), "critic": critic.state_dict(), "stats": stats}},
-           {out!r}.format(rank))
+rollout = P.rollout_stats(exp, 0.1, P.global_masked_mean)
+
+# whitening over both ranks' rollouts: each rank samples its own half of the prompts
+actor, ref_model, critic, tokenizer, score_fn = P.load_models(P.Config(model={policy!r}),
+                                                              torch.device("cpu"))
+torch.manual_seed(rank)
+encoded = tokenizer({prompts!r}[rank * 4:rank * 4 + 4], return_tensors="pt", padding=True)
+own = P.generate_experience(actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids,
+                            encoded.attention_mask, eos_token_ids=[tokenizer.eos_token_id],
+                            max_new_tokens=8, whiten_rewards=True,
+                            mean_fn=P.global_masked_mean)
+raw_rewards = P.compute_rewards(own.log_probs, own.ref_log_probs, own.scores, own.action_mask)
+lengths = own.action_mask.sum(1).tolist()
+def real(t):
+    return [row[:n] for row, n in zip(t.tolist(), lengths)]
+whitening = {{"raw_rewards": real(raw_rewards), "rewards": real(own.rewards),
+              "raw_advantages": real(own.returns - own.values),
+              "advantages": real(own.advantages)}}
+torch.save({{"actor": data["actor"].state_dict(), "critic": data["critic"].state_dict(),
+            "stats": stats, "rollout": rollout, "whitening": whitening}}, {out!r}.format(rank))
 torch.distributed.destroy_process_group()
 """
 
@@ -1152,8 +1172,9 @@ def torchrun(args, cwd, timeout=300):
 
 
 def test_two_rank_update_equals_one_process_on_the_concatenated_batch(tiny_dirs, tmp_path):
-    """Same experience: 2 ranks x 4 sequences == 1 process x 8, in weights and in metrics; and
-    both ranks end with identical weights. (SGD: Adam's m/sqrt(v) would magnify float32
+    """Same experience: 2 ranks x 4 sequences == 1 process x 8, in weights and in metrics
+    (update and rollout); both ranks end with identical weights; and generate_experience
+    whitens with the statistics of both ranks' tokens. (SGD: Adam's m/sqrt(v) would magnify float32
     summation-order noise on near-zero gradients; the identity is about the gradient.)"""
     torch.manual_seed(10)
     actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
@@ -1162,7 +1183,8 @@ def test_two_rank_update_equals_one_process_on_the_concatenated_batch(tiny_dirs,
     torch.save({"actor": actor, "critic": critic, "exp": exp}, data)
     script = tmp_path / "worker.py"
     out = str(tmp_path / "rank{}.pt")
-    script.write_text(DDP_WORKER.format(here=str(HERE), data=str(data), out=out))
+    script.write_text(DDP_WORKER.format(here=str(HERE), data=str(data), out=out,
+                                        policy=tiny_dirs["policy"], prompts=RAGGED_PROMPTS))
     result = torchrun([str(script)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     stats, _ = P.ppo_update(actor, critic, torch.optim.SGD(actor.parameters(), lr=0.1),
@@ -1175,6 +1197,16 @@ def test_two_rank_update_equals_one_process_on_the_concatenated_batch(tiny_dirs,
             torch.testing.assert_close(ranks[0][name][key], value, atol=1e-5, rtol=1e-4)
     for key, value in stats.items():
         torch.testing.assert_close(ranks[0]["stats"][key], value, atol=1e-5, rtol=1e-4)
+    for key, value in P.rollout_stats(exp, 0.1).items():  # metrics of the global batch
+        torch.testing.assert_close(ranks[0]["rollout"][key], value, atol=1e-5, rtol=1e-4)
+    # whitening statistics are those of both ranks' real tokens together
+    both = {k: ranks[0]["whitening"][k] + ranks[1]["whitening"][k]
+            for k in ranks[0]["whitening"]}
+    lengths = [len(row) for row in both["rewards"]]
+    close(sum(both["rewards"], []),
+          sum(whiten_oracle(both["raw_rewards"], lengths, shift_mean=False), []), atol=1e-5)
+    close(sum(both["advantages"], []),
+          sum(whiten_oracle(both["raw_advantages"], lengths), []), atol=1e-4)
 
 
 def test_torchrun_cli_writes_one_set_of_outputs_and_resumes(tmp_path):
@@ -1469,7 +1501,8 @@ def test_update_stats_equal_their_formulas(tiny_dirs):
     stats, skipped = P.ppo_update(actor, critic, torch.optim.SGD(actor.parameters(), lr=0.0),
                                   torch.optim.SGD(critic.parameters(), lr=0.0), exp,
                                   ppo_epochs=2, mini_batch_size=8, micro_batch_size=3,
-                                  cliprange=0.1, cliprange_value=0.05, temperature=0.8)
+                                  cliprange=0.1, cliprange_value=0.05, temperature=0.8,
+                                  ent_coef=0.05)  # loss/policy is the clipped term alone
     assert skipped.tolist() == [False, False]
     expected = update_oracle(actor, critic, exp, 0.8, cliprange=0.1, cliprange_value=0.05)
     assert 0 < expected["policy/clipfrac"] < 1 and 0 < expected["val/clipfrac"] < 1
