@@ -37,8 +37,10 @@ import dataclasses
 import functools
 import importlib
 import importlib.util
+import itertools
 import json
 import os
+import pickle
 import random
 import signal
 import socket
@@ -49,6 +51,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, get_args, get_origin
 from urllib.parse import urlparse
+
+try:
+    import fcntl  # the output directory's lock; not on Windows
+except ImportError:
+    fcntl = None
 
 import torch
 import torch.nn as nn
@@ -624,8 +631,9 @@ class Config:
                                   "f(prompts, responses) -> list of floats"})
     prompts: str | None = field(default=None, metadata={"help": "prompt file: text, one per line, "
                                 "or .jsonl with a 'prompt' field; default: a built-in set"})
-    output_dir: str = field(default="runs/ppo", metadata={"help": "metrics.jsonl, checkpoints and "
-                            "the trained policy go here"})
+    output_dir: str | None = field(default=None, metadata={
+        "help": "where metrics.jsonl, checkpoint.pt and the trained policy go; default: a new "
+                "directory runs/<model>__<seed>__<date-time> for every run"})
     # schedule
     steps: int = field(default=80, metadata={"help": "PPO iterations (rollout + update)"})
     batch_size: int = field(default=32, metadata={"help": "prompts per rollout (all ranks "
@@ -698,8 +706,10 @@ class Config:
                        "(fp32 weights and losses); ignored on CPU"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N iterations "
                             "(0: only at the end)"})
-    resume: bool = field(default=False, metadata={"help": "continue from <output-dir>'s "
-                         "checkpoint"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --output-dir "
+                         "from its checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh in an --output-dir "
+                            "that holds an earlier run: its checkpoint and metrics are deleted"})
     max_skipped_updates: int = field(default=5, metadata={"help": "stop after this many "
                                      "consecutive updates skipped for non-finite loss/grad"})
     samples: int = field(default=3, metadata={"help": "sample responses printed before and "
@@ -729,6 +739,7 @@ class Run:
     log: Callable  # print on rank 0, silent elsewhere
     start_step: int  # iterations already done (a resumed run's checkpoint step)
     kl_coef: float  # beta of the rewards, moved by the KL controller
+    lock: "OutputLock"  # rank 0's lock on `out`, held until the run ends
 
 
 def train(cfg: Config) -> int:
@@ -739,7 +750,7 @@ def train(cfg: Config) -> int:
     consecutive_skips = 0
     log(f"training {cfg.model} on {run.device} x{run.world_size} for {cfg.steps} iterations "
         f"({len(run.prompts)} prompts, batch {cfg.batch_size}, {cfg.ppo_epochs} PPO epochs)")
-    with StopRequest() as stop:
+    with run.lock, StopRequest() as stop:  # the output directory stays ours until the end
         for step in range(run.start_step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             # steps 1-3: the actor answers; actor, reference, critic and reward model score it;
@@ -791,10 +802,10 @@ def train(cfg: Config) -> int:
             if stop_requested:
                 signum = stop.signum or signal.SIGTERM  # a rank that got none follows the others
                 log(f"{signal.Signals(signum).name}: stopped after step {step}; checkpoint "
-                    f"saved in {out / CHECKPOINT}. Resume with the same options plus --resume.",
-                    file=sys.stderr)
+                    f"saved in {out / CHECKPOINT}. Resume with the same options plus "
+                    f"--resume --output-dir {out}", file=sys.stderr)
                 return 128 + signum
-    finish_run(run)
+        finish_run(run)
     return 0
 
 
@@ -866,9 +877,24 @@ def setup_run(cfg: Config) -> Run:
     rank, world_size = world()
     validate(cfg, world_size)
     log = print if rank == 0 else (lambda *args, **kwargs: None)  # one voice under torchrun
+    prompts = load_prompts(cfg.prompts)
+    lock = claim_output_dir(cfg, rank)  # checked and locked before any model loads
+    try:
+        run = load_run(cfg, device, rank, world_size, prompts, lock, log)
+    except BaseException:
+        lock.release(remove_created=True)  # a failed start leaves no directory behind
+        raise
+    if cfg.overwrite:
+        lock.discard_earlier_run()
+    log(f"outputs go to {lock.out}")
+    return run
+
+
+def load_run(cfg: Config, device: torch.device, rank: int, world_size: int, prompts: list,
+             lock: "OutputLock", log: Callable) -> Run:
+    """Models, optimizers and (with --resume) the checkpoint's state, in a `Run`."""
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    prompts = load_prompts(cfg.prompts)
     actor, ref_model, critic, tokenizer, score_fn = load_models(cfg, device)
     check_prompt_lengths(prompts, tokenizer, actor, cfg, log)
 
@@ -898,7 +924,7 @@ def setup_run(cfg: Config) -> Run:
               train_critic=train_critic, actor_optimizer=actor_optimizer,
               critic_optimizer=critic_optimizer, tokenizer=tokenizer, score_fn=score_fn,
               prompts=prompts, eos_token_ids=eos_token_ids, autocast=autocast,
-              out=Path(cfg.output_dir), log=log, start_step=0, kl_coef=cfg.kl_ctl)
+              out=lock.out, log=log, start_step=0, kl_coef=cfg.kl_ctl, lock=lock)
     torch.manual_seed(cfg.seed + rank)  # ranks sample different responses
     if cfg.resume:
         restore_checkpoint(run)
@@ -1422,17 +1448,139 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------------------
-# 13. Checkpoints: everything needed to continue exactly, written atomically.
+# 13. The output directory (one run each, locked) and checkpoints: everything needed to
+# continue exactly, written atomically, loaded without running code.
 # ------------------------------------------------------------------------------------------------
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 # options that may change between a run and its resumption; any other difference is refused
-RESUMABLE_OPTIONS = {"steps", "resume", "save_every", "output_dir", "device", "samples",
+RESUMABLE_OPTIONS = {"steps", "resume", "overwrite", "save_every", "output_dir", "device",
+                     "samples",
                      "max_skipped_updates",
                      # memory knobs, to resume a run that ran out of memory: they move results
                      # by float rounding only
                      "micro_batch_size", "rollout_micro_batch_size", "gradient_checkpointing"}
+
+
+LOCK_FILE = ".ppo_rlhf.lock"
+# files that mark a directory as holding an earlier run's results
+RUN_FILES = (CHECKPOINT, METRICS, "model.safetensors", "model.safetensors.index.json")
+
+
+def new_run_dir(cfg: Config, root: Path = Path("runs")) -> Path:
+    """Creates runs/<model>__<seed>__<date-time> (CleanRL's convention), or -2, -3... when
+    that exists: each name is taken by an atomic mkdir, so runs started together get their
+    own."""
+    model = "tiny-gpt2" if cfg.model == BUILTIN_MODEL else Path(cfg.model.rstrip("/")).name
+    model = "".join(c if c.isalnum() or c in "._-" else "_" for c in model)
+    base = root / f"{model}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in itertools.count(1):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UsageError(f"cannot create the output directory {path}: "
+                             f"{e.strerror or first_line(e)}") from e
+
+
+class OutputLock:
+    """An exclusive `flock` on <out>/.ppo_rlhf.lock, held by rank 0 while a run uses the
+    directory. The kernel drops it when the process ends, however it ends: a crash or SIGKILL
+    leaves nothing stuck. (No `fcntl` on Windows: there the lock is not taken.)"""
+
+    def __init__(self, out: Path, file=None, created: bool = False):
+        self.out, self.file, self.created = out, file, created
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.release(remove_created=exc_type is not None)  # a run that failed before writing
+
+    def discard_earlier_run(self) -> None:
+        """--overwrite: delete the earlier run's checkpoint and metrics (its saved model is
+        replaced at the end). Called once the new run has loaded, so that a start that fails
+        destroys nothing."""
+        if self.file is not None:
+            for name in (CHECKPOINT, METRICS):
+                (self.out / name).unlink(missing_ok=True)
+
+    def release(self, remove_created: bool = False) -> None:
+        """Unlock; with `remove_created`, also remove the directory if this run created it
+        and wrote nothing there but the lock (a run that failed at its start)."""
+        if self.file is None:
+            return
+        self.file.close()
+        self.file = None
+        if remove_created and self.created and [p.name for p in self.out.iterdir()] == [
+                LOCK_FILE]:
+            (self.out / LOCK_FILE).unlink()
+            self.out.rmdir()
+
+
+def claim_output_dir(cfg: Config, rank: int) -> OutputLock:
+    """The run's output directory, checked and locked before anything is loaded or written.
+
+    Refused with a UsageError (exit 2): an earlier run's results without --resume or
+    --overwrite; --resume without a checkpoint; a directory that cannot be created or
+    written; one that another live run holds. Rank 0 decides and locks; under torchrun every
+    rank gets its answer. With --overwrite, the earlier checkpoint and metrics are deleted
+    by `discard_earlier_run` once the models have loaded.
+    """
+    lock, error = None, None
+    if rank == 0:
+        try:
+            if cfg.output_dir:
+                lock = lock_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite)
+            else:
+                lock = lock_output_dir(new_run_dir(cfg), False, False, created=True)
+        except UsageError as e:
+            error = str(e)
+    out_name, error = gather_objects((str(lock.out) if lock else None, error))[0]
+    if error:
+        raise UsageError(error)
+    return lock or OutputLock(Path(out_name))  # other ranks: the path, no lock
+
+
+def lock_output_dir(out: Path, resume: bool, overwrite: bool,
+                    created: bool = False) -> OutputLock:
+    """`claim_output_dir`'s checks and lock, on one process; `created`: by `new_run_dir`."""
+    earlier = [name for name in RUN_FILES if (out / name).exists()]
+    if earlier and not (resume or overwrite):
+        raise UsageError(f"--output-dir {out} holds an earlier run ({', '.join(earlier)}); "
+                         "continue it with --resume, replace it with --overwrite, or pass "
+                         "another --output-dir")
+    if resume and not (out / CHECKPOINT).is_file():
+        raise UsageError(f"--resume: no checkpoint at {out / CHECKPOINT}; start without "
+                         "--resume")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out} cannot be written: it is a file, not a directory")
+    created = created or not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        file = open(out / LOCK_FILE, "a+")
+    except OSError as e:
+        raise UsageError(f"--output-dir {out} cannot be written: "
+                         f"{e.strerror or first_line(e)}") from e
+    lock = OutputLock(out, file, created)
+    if fcntl is not None:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+            raise UsageError(f"--output-dir {out} is in use by another run (pid {holder}); "
+                             "wait for it to end or pass another --output-dir") from None
+    file.seek(0)
+    file.truncate()
+    file.write(f"{os.getpid()}\n")
+    file.flush()
+    return lock
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -1467,7 +1615,12 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
     path = out / CHECKPOINT
     if not path.is_file():
         raise UsageError(f"--resume: no checkpoint at {path}; start without --resume")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: tensors and plain containers only; a pickled callable is refused
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise UsageError(f"--resume: {path} is not a checkpoint this program wrote, or is "
+                         f"damaged; refusing to load it ({type(e).__name__}: "
+                         f"{first_line(e)[:200]})") from e
     saved = state["fingerprint"]
     now = resume_fingerprint(cfg)
     differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
@@ -1539,6 +1692,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         (cfg.save_every >= 0 and cfg.max_skipped_updates >= 1,
          "--save-every must be >= 0 and --max-skipped-updates >= 1"),
         (not (cfg.reward_model and cfg.reward_fn), "give --reward-model or --reward-fn, not both"),
+        (not cfg.resume or cfg.output_dir is not None,
+         "--resume needs --output-dir, the directory of the run to continue"),
+        (not (cfg.resume and cfg.overwrite), "give --resume or --overwrite, not both"),
     ]
     for ok, message in checks:
         if not ok:

@@ -967,25 +967,38 @@ def dataclass_replace(cfg, **changes):
     return P.dataclasses.replace(cfg, **changes)
 
 
-def test_sigint_saves_and_resumes(tmp_path):
+def start_cli(args, cwd):
+    """The command line in a subprocess, not waited for."""
+    return subprocess.Popen([sys.executable, str(HERE / "ppo_rlhf.py"), *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **NO_HUB})
+
+
+def wait_for_rows(metrics, n, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and (not metrics.exists() or
+                                      len(metrics.read_text().splitlines()) < n):
+        time.sleep(0.1)
+
+
+def test_sigint_saves_and_resumes_and_a_second_run_is_locked_out(tmp_path):
     """Ctrl-C finishes the iteration, saves, exits 130 with a resume hint; --resume continues
-    with one metrics row per iteration."""
+    with one metrics row per iteration. While the first run works, a second one on the same
+    --output-dir (even with --overwrite) is refused and deletes nothing."""
     out = tmp_path / "run"
     args = ["--output-dir", str(out), "--batch-size", "8", "--mini-batch-size", "4",
             "--max-new-tokens", "8", "--ppo-epochs", "1", "--samples", "0"]
-    env = {**os.environ, **NO_HUB}
-    proc = subprocess.Popen([sys.executable, str(HERE / "ppo_rlhf.py"), *args, "--steps", "500"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = start_cli([*args, "--steps", "500"], tmp_path)
     metrics = out / P.METRICS
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or
-                                      len(metrics.read_text().splitlines()) < 2):
-        time.sleep(0.2)
+    wait_for_rows(metrics, 2)
+    second = run_cli([*args, "--steps", "5", "--overwrite"], tmp_path)
+    assert second.returncode == 2 and "in use by another run" in second.stderr, second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1 and metrics.exists()
+    assert proc.poll() is None  # the first run goes on
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    assert "--resume" in stderr and "Traceback" not in stderr
+    assert f"--resume --output-dir {out}" in stderr and "Traceback" not in stderr
     stopped = len(metrics.read_text().splitlines())
     state = torch.load(out / P.CHECKPOINT, weights_only=False)
     assert state["step"] == stopped
@@ -1221,7 +1234,7 @@ def test_torchrun_cli_writes_one_set_of_outputs_and_resumes(tmp_path):
     assert result.stdout.count("step    2/2") == 1  # one voice
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["checkpoint.pt", "metrics.jsonl", "config.json", "generation_config.json",
+        [P.LOCK_FILE, "checkpoint.pt", "metrics.jsonl", "config.json", "generation_config.json",
          "model.safetensors", "tokenizer.json", "tokenizer_config.json"])
     assert len(torch.load(out / P.CHECKPOINT, weights_only=False)["rng"]) == 2
     result = torchrun([*args, "--steps", "3", "--resume"], tmp_path)
@@ -1614,3 +1627,259 @@ def test_kl_coef_in_the_metrics_follows_the_controller(tmp_path, controller):
     for before, after in zip(rows, rows[1:]):
         assert after["objective/kl_coef"] == pytest.approx(
             rule(before["objective/kl_coef"], before["objective/kl"]), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Nothing lost: one run per output directory, locked; checkpoints that run no code
+# ------------------------------------------------------------------------------------------------
+
+SMALL_RUN = ["--batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "4",
+             "--ppo-epochs", "1", "--samples", "0"]
+
+
+def file_bytes(directory):
+    """The run's files, byte for byte (the lock file holds the last holder's pid)."""
+    return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.name != P.LOCK_FILE}
+
+
+def test_default_output_dir_is_new_for_every_run(tmp_path):
+    """Two default runs started together: each gets its own runs/<model>__<seed>__<time>,
+    says where, and keeps its outputs."""
+    procs = [start_cli([*SMALL_RUN, "--steps", "1"], tmp_path) for _ in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all(r.name.startswith("tiny-gpt2__0__") for r in runs)
+    for run in runs:
+        assert [row["step"] for row in read_metrics(run)] == [1]
+        assert (run / "model.safetensors").is_file() and (run / P.CHECKPOINT).is_file()
+    said = sorted(line.split()[-1] for out, _ in outputs for line in out.splitlines()
+                  if line.startswith("outputs go to"))
+    assert said == [str(run.relative_to(tmp_path)) for run in runs]
+
+
+def test_an_earlier_run_is_refused_without_resume_or_overwrite(tmp_path):
+    """A directory holding a run's results is refused before any model loads (a model that
+    cannot load would otherwise be the error) and is left byte for byte; --overwrite starts
+    afresh there, and deletes the earlier results only once the new run has loaded."""
+    out = tmp_path / "run"
+    assert P.train(tiny_config(tmp_path, output_dir=str(out), steps=2)) == 0
+    before = file_bytes(out)
+    refused = run_cli([*SMALL_RUN, "--output-dir", str(out), "--steps", "1",
+                       "--model", "no-such-org/no-such-model"], tmp_path)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+    assert "earlier run" in lines[0] and "--resume" in lines[0] and "--overwrite" in lines[0]
+    failed = run_cli([*SMALL_RUN, "--output-dir", str(out), "--steps", "1", "--overwrite",
+                      "--model", "no-such-org/no-such-model"], tmp_path)
+    assert failed.returncode == 2 and "cannot load --model" in failed.stderr
+    assert file_bytes(out) == before  # neither start changed anything
+    fresh = run_cli([*SMALL_RUN, "--output-dir", str(out), "--steps", "1", "--overwrite"],
+                    tmp_path)
+    assert fresh.returncode == 0, fresh.stderr
+    assert [row["step"] for row in read_metrics(out)] == [1]
+    assert torch.load(out / P.CHECKPOINT, weights_only=True)["step"] == 1
+
+
+def test_unwritable_output_dir_is_reported_before_models_load(tmp_path):
+    """A file in the directory's place, a path through a file, a directory that cannot be
+    created: exit 2 and one line at start (the model named cannot load, so an error about
+    the directory proves it was checked first)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    cases = {"a file in its place": (a_file, "is a file"),
+             "a path through a file": (a_file / "run", "cannot be written")}
+    if os.geteuid() == 0:  # root writes through permissions; /proc takes no new directories
+        cases["no permission"] = (Path("/proc/ppo-rlhf-test-run"), "cannot be written")
+    else:
+        locked = tmp_path / "read-only"
+        locked.mkdir(mode=0o500)
+        cases["no permission"] = (locked / "run", "cannot be written")
+    for name, (out, needle) in cases.items():
+        result = run_cli([*SMALL_RUN, "--output-dir", str(out), "--steps", "1",
+                          "--model", "no-such-org/no-such-model"], tmp_path)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], (name, lines)
+    assert a_file.read_text() == "not a directory"
+
+
+def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path):
+    """A run killed with SIGKILL (no handler runs, the lock is left to the kernel) resumes from
+    its last checkpoint, and its metrics equal those of a run never interrupted."""
+    args = [*SMALL_RUN, "--save-every", "2", "--kl-controller", "adaptive", "--kl-target",
+            "0.5"]
+    killed = tmp_path / "killed"
+    proc = start_cli([*args, "--output-dir", str(killed), "--steps", "400"], tmp_path)
+    wait_for_rows(killed / P.METRICS, 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    checkpointed = torch.load(killed / P.CHECKPOINT, weights_only=True)["step"]
+    steps = str(checkpointed + 3)
+    resumed = run_cli([*args, "--output-dir", str(killed), "--steps", steps, "--resume"],
+                      tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    straight = run_cli([*args, "--output-dir", str(tmp_path / "straight"), "--steps", steps],
+                       tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    rows = read_metrics(killed)
+    assert [row["step"] for row in rows] == list(range(1, int(steps) + 1))
+    assert without_timing(rows) == without_timing(read_metrics(tmp_path / "straight"))
+
+
+class RunsCode:
+    """Pickles as a call to os.system: what a malicious checkpoint.pt would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    """checkpoint.pt is loaded with weights_only=True: a file that would run code when
+    unpickled is refused in one line (exit 2), and the code does not run."""
+    out, marker = tmp_path / "run", tmp_path / "code-ran"
+    out.mkdir()
+    torch.save({"step": 1, "actor": RunsCode(marker)}, out / P.CHECKPOINT)
+    result = run_cli([*SMALL_RUN, "--output-dir", str(out), "--steps", "2", "--resume"],
+                     tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "refusing" in lines[0], lines
+    assert not marker.exists()
+    torch.load(out / P.CHECKPOINT, weights_only=False)  # the file does run code, unguarded
+    assert marker.exists()
+
+
+def test_reward_fn_imports_only_the_named_file(tmp_path, monkeypatch):
+    """'file.py:f' executes that file once, as its own module (a stdlib name stays the
+    stdlib's); a '.py' path that does not exist is an error, never a module of that name."""
+    import json as stdlib_json
+    log = tmp_path / "imported.log"
+    named = tmp_path / "json.py"
+    named.write_text(f"open({str(log)!r}, 'a').write('x')\n"
+                     "def f(prompts, responses):\n    return [1.0] * len(responses)\n")
+    fn = P.load_reward_fn(f"{named}:f")
+    assert fn(["p"], ["r"]) == [1.0] and log.read_text() == "x"
+    assert sys.modules["json"] is stdlib_json
+    monkeypatch.chdir(tmp_path / "..")
+    with pytest.raises(P.UsageError, match="cannot import"):
+        P.load_reward_fn("json.py:dumps")
+    assert log.read_text() == "x"
+
+
+# ------------------------------------------------------------------------------------------------
+# The CUDA path: bf16 autocast, fused AdamW on the device, checkpoints, NCCL. These run only
+# where CUDA exists (python -m pytest -q test_ppo_rlhf.py on a GPU machine) and are skipped
+# elsewhere. Written with the same care as the rest, but never run by the sessions that wrote
+# them: no GPU was available to them.
+# ------------------------------------------------------------------------------------------------
+
+HAS_CUDA = torch.cuda.is_available()
+CUDA = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU; none on this machine")
+BF16 = pytest.mark.skipif(not (HAS_CUDA and torch.cuda.is_bf16_supported()),
+                          reason="needs a CUDA GPU with bf16")
+TWO_GPUS = pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2,
+                              reason="needs 2 CUDA GPUs for a 2-rank NCCL run")
+# bf16 keeps 8 significant bits: two forwards of the same tokens through differently shaped
+# batches (rollout: the whole batch; update: a minibatch) may round logits differently. The
+# recomputed log-probs must agree to this bound (a tolerance, not a measurement).
+BF16_RATIO_TOLERANCE = 2e-2
+
+
+def bf16_autocast():
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def device_models(tiny_dirs, device):
+    cfg = P.Config(model=tiny_dirs["policy"], reward_model=tiny_dirs["reward"], device=device)
+    actor, ref_model, critic, tokenizer, score_fn = P.load_models(cfg, torch.device(device))
+    return actor, critic, ref_model, score_fn, tokenizer
+
+
+def device_rollout(models, device, autocast, **kwargs):
+    actor, critic, ref_model, scorer, tokenizer = models
+    encoded = tokenizer(RAGGED_PROMPTS, return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(device)
+    return P.generate_experience(actor, critic, ref_model, scorer, tokenizer, encoded.input_ids,
+                                 encoded.attention_mask, eos_token_ids=[tokenizer.eos_token_id],
+                                 max_new_tokens=12, autocast=autocast, **kwargs)
+
+
+@BF16
+def test_cuda_bf16_first_minibatch_ratio_is_one_with_recomputed_log_probs(tiny_dirs):
+    """--recompute-log-probs under bf16 autocast: the update's forward of the first minibatch
+    gives back the rollout's log-probs, |ratio - 1| <= BF16_RATIO_TOLERANCE on every token."""
+    torch.manual_seed(17)
+    models = device_models(tiny_dirs, "cuda")
+    exp = device_rollout(models, "cuda", bf16_autocast, recompute_log_probs=True)
+    assert exp.log_probs.is_cuda and exp.log_probs.dtype == torch.float32
+    mb = exp.select(torch.arange(4))
+    with bf16_autocast():
+        log_probs, _ = P.policy_log_probs(models[0], mb.input_ids, mb.attention_mask,
+                                          exp.response_length, temperature=1.0)
+    ratio = torch.exp(torch.where(mb.action_mask, log_probs.float() - mb.log_probs, 0.0))
+    assert (ratio - 1).abs().max().item() <= BF16_RATIO_TOLERANCE
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=BF16)])
+def test_nonfinite_step_is_skipped_by_fused_adamw_on_the_device(tiny_dirs, device):
+    """A NaN advantage: GradScaler finds it where the gradients are, the fused AdamW the
+    trainer uses skips its step (weights kept, Adam's step count and moments still 0), and
+    the next finite step trains. On CUDA under bf16 autocast."""
+    torch.manual_seed(18)
+    autocast = bf16_autocast if device == "cuda" else P.nullcontext
+    models = device_models(tiny_dirs, device)
+    actor, critic = models[0], models[1]
+    exp = device_rollout(models, device, autocast)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True) for m in (actor, critic)]
+    before = [p.detach().clone() for p in actor.parameters()]
+    poisoned = P.dataclasses.replace(exp, advantages=exp.advantages.clone())
+    poisoned.advantages[0, 0] = float("nan")
+    _, skipped = P.ppo_update(actor, critic, *optimizers, poisoned, ppo_epochs=1,
+                              mini_batch_size=8, autocast=autocast)
+    assert skipped.device.type == device and skipped.tolist() == [True]
+    assert all(torch.equal(a, b) for a, b in zip(before, actor.parameters()))
+    for state in optimizers[0].state.values():
+        assert state["step"].item() == 0 and not state["exp_avg"].any()
+    _, skipped = P.ppo_update(actor, critic, *optimizers, exp, ppo_epochs=1, mini_batch_size=8,
+                              autocast=autocast)
+    assert skipped.tolist() == [False]
+    assert any(not torch.equal(a, b) for a, b in zip(before, actor.parameters()))
+
+
+@BF16
+def test_cuda_bf16_run_checkpoints_and_resumes(tiny_dirs, tmp_path):
+    """A few iterations on CUDA with bf16 autocast and the reward model: finite metrics, a
+    checkpoint that loads with weights_only, and a resume that continues where it stopped
+    with the optimizers' state (Adam's step count equals an uninterrupted run's)."""
+    common = dict(model=tiny_dirs["policy"], reward_model=tiny_dirs["reward"], device="cuda",
+                  bf16=True, save_every=1)
+    straight = tiny_config(tmp_path, output_dir=str(tmp_path / "straight"), steps=4, **common)
+    assert P.train(straight) == 0
+    split = tiny_config(tmp_path, output_dir=str(tmp_path / "split"), steps=2, **common)
+    assert P.train(split) == 0
+    assert P.train(dataclass_replace(split, steps=4, resume=True)) == 0
+    rows = read_metrics(split.output_dir)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(v) for row in rows for v in row.values())
+    states = [torch.load(Path(cfg.output_dir) / P.CHECKPOINT, weights_only=True)
+              for cfg in (straight, split)]
+    steps = [[float(s["step"]) for s in state["actor_optimizer"]["state"].values()]
+             for state in states]
+    assert steps[0] == steps[1] and steps[0][0] == 4 * 2 * 2  # 4 iterations x 2 epochs x 2
+
+
+@TWO_GPUS
+def test_two_gpu_nccl_run_writes_one_set_of_outputs_and_resumes(tmp_path):
+    """torchrun with 2 GPUs (NCCL): one set of outputs from rank 0, and a resume on 2 ranks."""
+    out = tmp_path / "run"
+    args = [str(HERE / "ppo_rlhf.py"), "--output-dir", str(out), "--device", "cuda",
+            *SMALL_RUN]
+    result = torchrun([*args, "--steps", "2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("step    2/2") == 1 and "x2" in result.stdout
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    result = torchrun([*args, "--steps", "3", "--resume"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
