@@ -353,8 +353,8 @@ class Experience:
     returns: torch.Tensor  # [B, T]
     scores: torch.Tensor  # [B] raw reward-model scores (after the missing-EOS penalty)
     entropy: torch.Tensor  # [B, T] entropy of the rollout policy at each step
-    prompts: list[str]
-    responses: list[str]
+    prompts: list  # strings, or message lists for conversations
+    responses: list[str]  # decoded through the first EOS, special tokens dropped
 
     @property
     def response_length(self) -> int:
@@ -436,7 +436,7 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
                         lam=0.95, whiten_advantages=True, whiten_rewards=False,
                         missing_eos_penalty=None, recompute_log_probs=False,
                         micro_batch_size=None, autocast=nullcontext,
-                        mean_fn=masked_mean) -> Experience:
+                        mean_fn=masked_mean, prompts=None) -> Experience:
     """004 §4.1(5) steps 1-3: the actor answers, the four models score the answers.
 
     Args:
@@ -447,6 +447,8 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
         recompute_log_probs: the old log-probs from a full actor forward (as the update
             computes them) rather than from the logits `generate` sampled from.
         micro_batch_size: rows per scoring forward (memory); None: the whole batch at once.
+        prompts: the prompts as given (strings, or message lists for conversations), for
+            score_fn and the Experience; default: prompt_ids decoded.
         The rest are the hyperparameters of `compute_rewards` and `get_advantages_and_returns`;
         whitening takes its statistics with `mean_fn` (a global mean under torchrun).
     Returns:
@@ -476,7 +478,8 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
         values = torch.cat([critic_values(critic, sequences[r], attention_mask[r], length)
                             for r in rows])
 
-    prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+    if prompts is None:
+        prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
     texts = tokenizer.batch_decode(responses.masked_fill(~action_mask, tokenizer.pad_token_id),
                                    skip_special_tokens=True)
     scores = torch.cat([score_fn(prompts[r], texts[r]) for r in rows]).to(log_probs.device)
@@ -714,6 +717,11 @@ class Config:
                                      "consecutive updates skipped for non-finite loss/grad"})
     samples: int = field(default=3, metadata={"help": "sample responses printed before and "
                          "after training"})
+    tensorboard: bool = field(default=True, metadata={"help": "write the metrics as TensorBoard "
+                              "event files to <output-dir> (tensorboard --logdir <output-dir>)"})
+    wandb: bool = field(default=False, metadata={"help": "also log the metrics to Weights & "
+                        "Biases (pip install wandb; WANDB_* variables set entity and mode)"})
+    wandb_project: str = field(default="ppo_rlhf", metadata={"help": "the W&B project"})
 
 
 @dataclass
@@ -732,14 +740,16 @@ class Run:
     critic_optimizer: torch.optim.Optimizer
     tokenizer: object
     score_fn: Callable  # (prompts, responses) -> [B] scores: the reward model
-    prompts: list
-    eos_token_ids: list[int]
+    prompts: list  # as the prompts file holds them: strings or message lists
+    prompt_ids: list[list[int]]  # each prompt's tokens (chat template applied), untruncated
+    eos_token_ids: list[int]  # every token that ends a response
     autocast: Callable  # () -> context manager: bf16 autocast on CUDA, else nothing
     out: Path
     log: Callable  # print on rank 0, silent elsewhere
     start_step: int  # iterations already done (a resumed run's checkpoint step)
     kl_coef: float  # beta of the rewards, moved by the KL controller
     lock: "OutputLock"  # rank 0's lock on `out`, held until the run ends
+    metrics: "MetricsWriter"  # metrics.jsonl, TensorBoard, W&B (rank 0 writes)
 
 
 def train(cfg: Config) -> int:
@@ -750,12 +760,13 @@ def train(cfg: Config) -> int:
     consecutive_skips = 0
     log(f"training {cfg.model} on {run.device} x{run.world_size} for {cfg.steps} iterations "
         f"({len(run.prompts)} prompts, batch {cfg.batch_size}, {cfg.ppo_epochs} PPO epochs)")
-    with run.lock, StopRequest() as stop:  # the output directory stays ours until the end
+    # the output directory stays ours until the end; the metrics' files are closed on any exit
+    with run.lock, run.metrics, StopRequest() as stop:
         for step in range(run.start_step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             # steps 1-3: the actor answers; actor, reference, critic and reward model score it;
             # KL-shaped rewards and GAE advantages are computed (generate_experience)
-            exp = collect_experience(run, rank_prompts(run, step), run.kl_coef)
+            exp = collect_experience(run, rank_indices(run, step), run.kl_coef)
             if step == 1:
                 print_samples("samples before training:", exp, cfg.samples, log)
             t1 = time.perf_counter()
@@ -778,9 +789,7 @@ def train(cfg: Config) -> int:
             row.update({"step": step, "objective/kl_coef": run.kl_coef,
                         "time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
                         "throughput/tokens_per_s": row["response/tokens"] / (t2 - t0)})
-            if run.rank == 0:
-                write_metrics(out / METRICS, row, first=step == run.start_step + 1,
-                              kept_steps=run.start_step)
+            run.metrics.write(row)
             log(f"step {step:4d}/{cfg.steps} | score {row['objective/scores']:7.3f} | "
                 f"kl {row['objective/kl']:7.3f} | beta {run.kl_coef:.3f} | "
                 f"pg {row['loss/policy']:7.4f} | vf {row['loss/value']:7.4f} | "
@@ -809,11 +818,14 @@ def train(cfg: Config) -> int:
     return 0
 
 
-def collect_experience(run: Run, prompts: list, kl_coef: float, mean_fn=None) -> Experience:
-    """`generate_experience` on `prompts` with the run's models and hyperparameters; whitening
-    statistics over all ranks' rollouts unless another `mean_fn` is given."""
+def collect_experience(run: Run, indices: list[int], kl_coef: float,
+                       mean_fn=None) -> Experience:
+    """`generate_experience` on the prompts at `indices` with the run's models and
+    hyperparameters; whitening statistics over all ranks' rollouts unless another `mean_fn`
+    is given."""
     cfg = run.cfg
-    encoded = encode_prompts(run.tokenizer, prompts, cfg.max_prompt_length, run.device)
+    encoded = encode_prompts(run.tokenizer, [run.prompt_ids[i] for i in indices],
+                             cfg.max_prompt_length, run.device)
     return generate_experience(
         run.actor, run.critic, run.ref_model, run.score_fn, run.tokenizer, encoded.input_ids,
         encoded.attention_mask, eos_token_ids=run.eos_token_ids,
@@ -823,14 +835,14 @@ def collect_experience(run: Run, prompts: list, kl_coef: float, mean_fn=None) ->
         whiten_advantages=cfg.whiten_advantages, whiten_rewards=cfg.whiten_rewards,
         missing_eos_penalty=cfg.missing_eos_penalty, recompute_log_probs=cfg.recompute_log_probs,
         micro_batch_size=cfg.rollout_micro_batch_size, autocast=run.autocast,
-        mean_fn=mean_fn or global_masked_mean)
+        mean_fn=mean_fn or global_masked_mean, prompts=[run.prompts[i] for i in indices])
 
 
-def rank_prompts(run: Run, step: int) -> list:
-    """This rank's share of iteration `step`'s global batch of prompts."""
+def rank_indices(run: Run, step: int) -> list[int]:
+    """This rank's share of iteration `step`'s global batch of prompts, as indices."""
     per_rank = run.cfg.batch_size // run.world_size
     indices = prompt_indices(step, run.cfg.batch_size, len(run.prompts), run.cfg.seed)
-    return [run.prompts[i] for i in indices[run.rank * per_rank:(run.rank + 1) * per_rank]]
+    return indices[run.rank * per_rank:(run.rank + 1) * per_rank]
 
 
 def rollout_stats(exp: Experience, kl_coef: float, mean_fn=masked_mean) -> dict:
@@ -887,6 +899,8 @@ def setup_run(cfg: Config) -> Run:
     if cfg.overwrite:
         lock.discard_earlier_run()
     log(f"outputs go to {lock.out}")
+    if cfg.tensorboard:
+        log(f"curves: tensorboard --logdir {lock.out}")
     return run
 
 
@@ -896,7 +910,8 @@ def load_run(cfg: Config, device: torch.device, rank: int, world_size: int, prom
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     actor, ref_model, critic, tokenizer, score_fn = load_models(cfg, device)
-    check_prompt_lengths(prompts, tokenizer, actor, cfg, log)
+    prompt_ids = [prompt_token_ids(tokenizer, prompt) for prompt in prompts]  # tokenized once
+    check_prompt_lengths(prompt_ids, actor, cfg, log)
 
     actor_lr = cfg.actor_lr or (BUILTIN_ACTOR_LR if cfg.model == BUILTIN_MODEL
                                 else PRETRAINED_ACTOR_LR)
@@ -910,8 +925,7 @@ def load_run(cfg: Config, device: torch.device, rank: int, world_size: int, prom
     use_bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16
                 else nullcontext)
-    eos_token_ids = actor.generation_config.eos_token_id or tokenizer.eos_token_id
-    eos_token_ids = eos_token_ids if isinstance(eos_token_ids, list) else [eos_token_ids]
+    eos_token_ids = end_of_response_ids(actor.generation_config, tokenizer)
 
     # DDP averages the gradients of the trained models over ranks
     train_actor, train_critic = actor, critic
@@ -923,11 +937,14 @@ def load_run(cfg: Config, device: torch.device, rank: int, world_size: int, prom
               critic=critic, ref_model=ref_model, train_actor=train_actor,
               train_critic=train_critic, actor_optimizer=actor_optimizer,
               critic_optimizer=critic_optimizer, tokenizer=tokenizer, score_fn=score_fn,
-              prompts=prompts, eos_token_ids=eos_token_ids, autocast=autocast,
-              out=lock.out, log=log, start_step=0, kl_coef=cfg.kl_ctl, lock=lock)
+              prompts=prompts, prompt_ids=prompt_ids, eos_token_ids=eos_token_ids,
+              autocast=autocast,
+              out=lock.out, log=log, start_step=0, kl_coef=cfg.kl_ctl, lock=lock,
+              metrics=MetricsWriter(cfg, lock.out, enabled=rank == 0))
     torch.manual_seed(cfg.seed + rank)  # ranks sample different responses
     if cfg.resume:
         restore_checkpoint(run)
+        run.metrics.start_step = run.start_step
         log(f"resumed from {run.out / CHECKPOINT} at step {run.start_step}")
     return run
 
@@ -943,8 +960,7 @@ def finish_run(run: Run) -> None:
     if cfg.samples > 0:  # the first iteration's prompts, answered by the trained policy
         first = prompt_indices(1, cfg.batch_size, len(run.prompts), cfg.seed)[:cfg.samples]
         # rank 0 alone: statistics of its own rollout (a global mean would wait for the others)
-        final = collect_experience(run, [run.prompts[i] for i in first], run.kl_coef,
-                                   mean_fn=masked_mean)
+        final = collect_experience(run, first, run.kl_coef, mean_fn=masked_mean)
         print_samples("samples after training:", final, cfg.samples, run.log)
     run.log(f"saved the policy to {run.out} "
             f"(AutoModelForCausalLM.from_pretrained({str(run.out)!r}))")
@@ -957,19 +973,64 @@ def print_samples(title: str, exp: Experience, n: int, log) -> None:
             log(f"  [{float(score):+.2f}] {prompt!r} -> {response!r}")
 
 
-def write_metrics(path: Path, row: dict, first: bool, kept_steps: int) -> None:
-    """Appends one JSON line. The first row of a (resumed) run first drops the rows of steps
-    after `kept_steps`, written by the interrupted run after its last checkpoint: one row per
-    iteration across resumes, and nothing rewritten before an iteration has succeeded."""
-    line = json.dumps(dict(sorted(row.items()))) + "\n"
-    if first:
-        rows = path.read_text().splitlines() if path.exists() else []
-        kept = "".join(r + "\n" for r in rows if json.loads(r)["step"] <= kept_steps)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(kept + line)
-    else:
-        with path.open("a") as f:
-            f.write(line)
+class MetricsWriter:
+    """Each iteration's row to metrics.jsonl, and the same scalars to TensorBoard event files
+    and to W&B when enabled. Only rank 0's writer is `enabled`. Files open with the first row:
+    a run that fails before its first iteration writes nothing.
+
+    After a resume, the first row drops the rows of steps after `start_step` that the
+    interrupted run wrote after its last checkpoint (metrics.jsonl keeps one row per
+    iteration; TensorBoard is told to purge them from its earlier event files)."""
+
+    def __init__(self, cfg: Config, out: Path, enabled: bool, start_step: int = 0):
+        self.cfg, self.out, self.enabled, self.start_step = cfg, out, enabled, start_step
+        self.started = False
+        self.tensorboard = self.wandb_run = None
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        path = self.out / METRICS
+        line = json.dumps(dict(sorted(row.items()))) + "\n"
+        if not self.started:
+            self.open()
+            rows = path.read_text().splitlines() if path.exists() else []
+            kept = "".join(r + "\n" for r in rows if json.loads(r)["step"] <= self.start_step)
+            path.write_text(kept + line)
+        else:
+            with path.open("a") as f:
+                f.write(line)
+        scalars = {k: v for k, v in row.items() if k != "step"}
+        if self.tensorboard is not None:
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(name, value, row["step"])
+            self.tensorboard.flush()  # curves follow the run, not its end
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=row["step"])
+
+    def open(self) -> None:
+        self.started = True
+        if self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(
+                log_dir=str(self.out), purge_step=self.start_step + 1 if self.start_step else None)
+        if self.cfg.wandb:
+            import wandb
+            id_file = self.out / WANDB_ID_FILE  # a resumed run continues its W&B run
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self.wandb_run = wandb.init(project=self.cfg.wandb_project, name=self.out.name,
+                                        id=run_id, resume="allow", dir=str(self.out),
+                                        config=dataclasses.asdict(self.cfg))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1186,6 +1247,17 @@ def load_pretrained(loader, name: str, option: str, **kwargs):
         raise UsageError(f"cannot load {option} {name!r} with {loader.__name__}: {where}") from e
 
 
+def end_of_response_ids(generation_config, tokenizer) -> list[int]:
+    """Every token that ends a response: the model's generation_config `eos_token_id` (one id
+    or a list: Llama 3 ends a turn with <|eot_id|> and the text with <|end_of_text|>), then
+    the tokenizer's own EOS when it is another one."""
+    ids = generation_config.eos_token_id
+    ids = [] if ids is None else (list(ids) if isinstance(ids, (list, tuple)) else [ids])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
 def load_tokenizer(name: str, option: str):
     """AutoTokenizer for `name`, refusing the empty tokenizer transformers builds for a
     directory that holds weights but no tokenizer files. Without a pad token (GPT-2, SmolLM...)
@@ -1226,8 +1298,14 @@ def vowel_reward(prompts: list[str], responses: list[str]) -> list[float]:
 
 
 class RewardModelScorer:
-    """Scores decoded prompt + response with a frozen `AutoModelForSequenceClassification`,
-    using the reward model's own tokenizer (it need not share the policy's vocabulary)."""
+    """Scores prompt and response with a frozen `AutoModelForSequenceClassification`, through
+    the reward model's own tokenizer (it need not share the policy's vocabulary).
+
+    A reward model whose tokenizer has a chat template reads the conversation as it was
+    trained to: the prompt's messages (a plain-text prompt as one user message) plus
+    {"role": "assistant", "content": response}, rendered by its template, whose special
+    tokens are not added twice. A plain classifier reads prompt + response as one string (a
+    conversation's message contents, one per line, then the response)."""
 
     def __init__(self, name: str, label: str | None, device: torch.device,
                  dtype: torch.dtype = torch.float32):
@@ -1260,11 +1338,22 @@ class RewardModelScorer:
         raise UsageError(f"--reward-label {label!r} is not one of "
                          f"{list(config.label2id)} or an index below {config.num_labels}")
 
+    def texts(self, prompts: list, responses: list[str]) -> list[str]:
+        """What the reward model reads, one string per response."""
+        if self.tokenizer.chat_template:
+            return [self.tokenizer.apply_chat_template(
+                (p if isinstance(p, list) else [{"role": "user", "content": p}])
+                + [{"role": "assistant", "content": r}], tokenize=False)
+                for p, r in zip(prompts, responses)]
+        return [(p if isinstance(p, str) else "".join(m["content"] + "\n" for m in p)) + r
+                for p, r in zip(prompts, responses)]
+
     @torch.inference_mode()
-    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        batch = self.tokenizer([p + r for p, r in zip(prompts, responses)], return_tensors="pt",
-                               padding=True, truncation=True).to(self.device)
-        return self.model(**batch).logits[:, self.label].float().cpu()
+    def __call__(self, prompts: list, responses: list[str]) -> torch.Tensor:
+        batch = self.tokenizer(self.texts(prompts, responses), return_tensors="pt",
+                               padding=True, truncation=True,
+                               add_special_tokens=not self.tokenizer.chat_template)
+        return self.model(**batch.to(self.device)).logits[:, self.label].float().cpu()
 
 
 def load_reward_fn(spec: str) -> Callable[[list[str], list[str]], list[float]]:
@@ -1309,8 +1398,13 @@ def checked_scores(fn: Callable, name: str) -> Callable[[list[str], list[str]], 
     return score
 
 
-def load_prompts(path: str | None) -> list[str]:
-    """Prompts from a text file (one per line) or JSONL (a 'prompt' field); default built-in."""
+def load_prompts(path: str | None) -> list:
+    """Prompts from a text file (one per line) or JSONL; default: a built-in set.
+
+    A JSONL line holds "prompt": a string, or a conversation in TRL's format, a list of
+    {"role", "content"} messages; or "messages", such a list, whose last message is dropped
+    when it is the assistant's (a reference answer is not part of the prompt). Strings stay
+    strings; conversations stay message lists, rendered later with the chat template."""
     if path is None:
         return list(BUILTIN_PROMPTS)
     file = Path(path)
@@ -1321,25 +1415,56 @@ def load_prompts(path: str | None) -> list[str]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        if file.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"--prompts {path}:{number}: not JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise UsageError(f"--prompts {path}:{number}: each JSONL line needs a "
-                                 "string field 'prompt'")
-            prompts.append(record["prompt"])
-        else:
+        if file.suffix != ".jsonl":
             prompts.append(line)
+            continue
+        where = f"--prompts {path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where}: not JSON ({e.msg})") from e
+        if not isinstance(record, dict) or not ({"prompt", "messages"} & set(record)):
+            raise UsageError(f"{where}: each JSONL line needs a field 'prompt' (a string or a "
+                             "list of messages) or 'messages'")
+        prompt = record["prompt"] if "prompt" in record else record["messages"]
+        if not isinstance(prompt, str):
+            prompt = checked_messages(prompt, where)
+            if "prompt" not in record and len(prompt) > 1 and prompt[-1]["role"] == "assistant":
+                prompt = prompt[:-1]
+        prompts.append(prompt)
     if not prompts:
         raise UsageError(f"--prompts {path!r} holds no prompt")
     return prompts
 
 
-def check_prompt_lengths(prompts: list[str], tokenizer, actor, cfg: Config, log) -> None:
+def checked_messages(messages, where: str) -> list[dict]:
+    """A conversation: a non-empty list of {"role": str, "content": str} messages."""
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages)):
+        raise UsageError(f"{where}: a conversation must be a non-empty list of "
+                         '{"role": ..., "content": ...} messages with string values')
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def prompt_token_ids(tokenizer, prompt) -> list[int]:
+    """The policy's tokens for one prompt. A string is tokenized as is (with the tokenizer's
+    own special tokens, as before chat models). A conversation is rendered by the tokenizer's
+    chat template with add_generation_prompt=True (ending where the assistant's reply
+    begins) and tokenized with add_special_tokens=False: the template already wrote BOS and
+    every other special token, and adding them again doubles the BOS."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    if not tokenizer.chat_template:
+        raise UsageError("--prompts holds conversations, but the policy's tokenizer has no chat "
+                         "template; use plain-text prompts or a chat model")
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def check_prompt_lengths(prompt_ids: list[list[int]], actor, cfg: Config, log) -> None:
     """Long prompts are truncated from the left (one warning); prompt + response must fit."""
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    lengths = [len(ids) for ids in prompt_ids]
     if min(lengths) == 0:
         raise UsageError("--prompts holds a prompt with no token; remove empty prompts")
     if max(lengths) > cfg.max_prompt_length:
@@ -1356,10 +1481,13 @@ def check_prompt_lengths(prompts: list[str], tokenizer, actor, cfg: Config, log)
                          "lower --max-new-tokens or --max-prompt-length")
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_length: int, device: torch.device):
-    """Left-padded [B, P] input_ids and attention_mask, long prompts cut from the left."""
-    return tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                     max_length=max_length).to(device)
+def encode_prompts(tokenizer, prompt_ids: list[list[int]], max_length: int,
+                   device: torch.device):
+    """Left-padded [B, P] input_ids and attention_mask from `prompt_token_ids` lists, long
+    prompts cut from the left (a chat prompt keeps its end: the assistant's turn)."""
+    batch = tokenizer.pad({"input_ids": [ids[-max_length:] for ids in prompt_ids]},
+                          padding=True, return_tensors="pt")
+    return batch.to(device)
 
 
 def prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
@@ -1456,7 +1584,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 # options that may change between a run and its resumption; any other difference is refused
 RESUMABLE_OPTIONS = {"steps", "resume", "overwrite", "save_every", "output_dir", "device",
-                     "samples",
+                     "samples", "tensorboard", "wandb", "wandb_project",
                      "max_skipped_updates",
                      # memory knobs, to resume a run that ran out of memory: they move results
                      # by float rounding only
@@ -1464,6 +1592,7 @@ RESUMABLE_OPTIONS = {"steps", "resume", "overwrite", "save_every", "output_dir",
 
 
 LOCK_FILE = ".ppo_rlhf.lock"
+WANDB_ID_FILE = ".wandb_run_id"
 # files that mark a directory as holding an earlier run's results
 RUN_FILES = (CHECKPOINT, METRICS, "model.safetensors", "model.safetensors.index.json")
 
@@ -1699,6 +1828,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    for wanted, package, option in ((cfg.tensorboard, "tensorboard", "--no-tensorboard"),
+                                    (cfg.wandb, "wandb", "no --wandb")):
+        if wanted and importlib.util.find_spec(package) is None:
+            raise UsageError(f"the {package} package is not installed: pip install {package}, "
+                             f"or run with {option}")
 
 
 class StopRequest:

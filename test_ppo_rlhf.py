@@ -1233,7 +1233,9 @@ def test_torchrun_cli_writes_one_set_of_outputs_and_resumes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step    2/2") == 1  # one voice
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
-    assert sorted(p.name for p in out.iterdir()) == sorted(
+    names = [p.name for p in out.iterdir()]
+    assert len([n for n in names if n.startswith("events.out.tfevents")]) == 1  # TensorBoard
+    assert sorted(n for n in names if not n.startswith("events.")) == sorted(
         [P.LOCK_FILE, "checkpoint.pt", "metrics.jsonl", "config.json", "generation_config.json",
          "model.safetensors", "tokenizer.json", "tokenizer_config.json"])
     assert len(torch.load(out / P.CHECKPOINT, weights_only=False)["rng"]) == 2
@@ -1883,3 +1885,247 @@ def test_two_gpu_nccl_run_writes_one_set_of_outputs_and_resumes(tmp_path):
     result = torchrun([*args, "--steps", "3", "--resume"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------------------
+# Chat models: conversations in, conversations scored; curves
+# ------------------------------------------------------------------------------------------------
+
+CHAT_SPECIALS = ["<s>", "</s>", "<unk>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                 "<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CONVERSATION = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi there"}]
+
+
+def build_chat_tokenizer():
+    """Characters plus chat specials. Like Llama's, it adds BOS itself (so a template that
+    writes BOS, tokenized with special tokens, would double it), and a turn ends with <|end|>,
+    which is not its eos_token </s>."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(CHAT_SPECIALS + list(P.TINY_ALPHABET))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>", pad_token="</s>",
+                                        additional_special_tokens=CHAT_SPECIALS[3:])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def chat_dirs(tmp_path_factory):
+    """A tiny chat policy whose generation_config ends responses at <|end|> only, and a tiny
+    1-label reward model with the same chat template, saved as users' models are."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+    root = tmp_path_factory.mktemp("chat")
+    tokenizer = build_chat_tokenizer()
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=end,
+                        pad_token_id=tokenizer.pad_token_id, **P.TINY_GPT2)
+    torch.manual_seed(20)
+    policy = GPT2LMHeadModel(config)
+    with torch.no_grad():  # logit(<|end|>) + 3 everywhere: rollouts show the end of turn
+        w = policy.lm_head.weight[end]
+        policy.transformer.ln_f.bias += 3.0 * w / w.dot(w)
+    policy.generation_config.eos_token_id = [end]
+    policy.save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
+    config.num_labels = 1
+    GPT2ForSequenceClassification(config).save_pretrained(root / "reward")
+    tokenizer.save_pretrained(root / "reward")
+    prompts = root / "chat.jsonl"
+    prompts.write_text("\n".join(json.dumps(record) for record in [
+        {"prompt": CONVERSATION},
+        {"messages": [{"role": "user", "content": "tell me"},
+                      {"role": "assistant", "content": "a reference answer"}]},
+        {"prompt": [{"role": "user", "content": "what is the moon"}]},
+        {"prompt": "plain text too"}]) + "\n")
+    return {"policy": str(root / "policy"), "reward": str(root / "reward"),
+            "prompts": str(prompts), "end": end}
+
+
+def test_conversational_prompts_render_with_the_chat_template_and_one_bos(chat_dirs):
+    """"prompt" or "messages" (a trailing assistant answer dropped) as message lists; their
+    tokens equal apply_chat_template(..., add_generation_prompt=True) exactly, with one BOS;
+    a plain-text prompt is tokenized as before."""
+    from transformers import AutoTokenizer
+    prompts = P.load_prompts(chat_dirs["prompts"])
+    assert prompts[0] == CONVERSATION and prompts[1] == [{"role": "user", "content": "tell me"}]
+    assert prompts[3] == "plain text too"
+    tokenizer = AutoTokenizer.from_pretrained(chat_dirs["policy"])
+    for prompt in prompts[:3]:
+        ids = P.prompt_token_ids(tokenizer, prompt)
+        expected = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        assert ids == expected["input_ids"]
+        assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+        assert tokenizer.decode(ids[-1:]) == "<|assistant|>"  # where the reply begins
+    assert P.prompt_token_ids(tokenizer, prompts[3]) == tokenizer("plain text too")["input_ids"]
+    batch = P.encode_prompts(tokenizer, [P.prompt_token_ids(tokenizer, p) for p in prompts], 10,
+                             torch.device("cpu"))
+    first = P.prompt_token_ids(tokenizer, prompts[0])
+    assert batch.input_ids.shape[1] == 10 and batch.input_ids[0].tolist() == first[-10:]
+
+
+def test_responses_end_at_every_end_of_turn_id(chat_dirs):
+    """The generation_config's end-of-turn id ends a response although the tokenizer's
+    eos_token is another one (which ends one too); the mask and the score's slot stop at the
+    first of them."""
+    cfg = P.Config(model=chat_dirs["policy"], reward_model=chat_dirs["reward"])
+    actor, ref_model, critic, tokenizer, score_fn = P.load_models(cfg, torch.device("cpu"))
+    end, eos = chat_dirs["end"], tokenizer.eos_token_id
+    assert end != eos and P.end_of_response_ids(actor.generation_config, tokenizer) == [end, eos]
+    prompts = P.load_prompts(chat_dirs["prompts"]) * 2
+    encoded = P.encode_prompts(tokenizer, [P.prompt_token_ids(tokenizer, p) for p in prompts],
+                               64, torch.device("cpu"))
+    torch.manual_seed(21)
+    exp = P.generate_experience(actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids,
+                                encoded.attention_mask, eos_token_ids=[end, eos],
+                                max_new_tokens=12, prompts=prompts)
+    responses = exp.input_ids[:, -exp.response_length:]
+    ended = 0
+    for b, row in enumerate(responses.tolist()):
+        n = int(exp.action_mask[b].sum())
+        stops = [t for t, token in enumerate(row) if token in (end, eos)]
+        assert n == (stops[0] + 1 if stops else len(row))
+        ended += bool(stops) and row[stops[0]] == end
+        score_slot = exp.rewards[b] - P.compute_rewards(
+            exp.log_probs[b:b + 1], exp.ref_log_probs[b:b + 1], torch.zeros(1),
+            exp.action_mask[b:b + 1])[0]
+        assert score_slot.nonzero().flatten().tolist() in ([n - 1], [])
+    assert ended > 0  # some responses ended with <|end|> itself
+    assert exp.prompts == prompts  # the file's prompts, messages and all
+
+
+def test_chat_reward_model_reads_the_templated_conversation(chat_dirs, tiny_dirs):
+    """A reward model with a chat template scores prompt messages + the assistant's reply
+    rendered by its template, with one BOS; a plain-text prompt becomes the user's message. A
+    plain classifier keeps reading prompt + response."""
+    scorer = P.RewardModelScorer(chat_dirs["reward"], None, torch.device("cpu"))
+    tokenizer = scorer.tokenizer
+    seen = []
+    scorer.model.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs),
+                                       with_kwargs=True)
+    scores = scorer([CONVERSATION, "hello"], ["fine", "you"])
+    conversations = [CONVERSATION + [{"role": "assistant", "content": "fine"}],
+                     [{"role": "user", "content": "hello"},
+                      {"role": "assistant", "content": "you"}]]
+    for row, conversation in enumerate(conversations):
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        assert scorer.texts([CONVERSATION, "hello"], ["fine", "you"])[row] == text
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+        expected = scorer.model(**ids).logits[0, 0]
+        torch.testing.assert_close(scores[row], expected, atol=1e-5, rtol=1e-5)
+        real = seen[0]["input_ids"][row][seen[0]["attention_mask"][row].bool()].tolist()
+        assert real == ids.input_ids[0].tolist() and real.count(tokenizer.bos_token_id) == 1
+    plain = P.RewardModelScorer(tiny_dirs["reward"], None, torch.device("cpu"))
+    assert plain.texts(["the cat", CONVERSATION], [" sat", "ok"]) == [
+        "the cat sat", "be kind\nhi there\nok"]
+
+
+def test_reward_fn_receives_the_prompts_as_the_file_held_them(chat_dirs, tmp_path,
+                                                              monkeypatch):
+    module = tmp_path / "seen.py"
+    module.write_text("SEEN = []\ndef f(prompts, responses):\n    SEEN.extend(prompts)\n"
+                      "    return [0.0] * len(responses)\n")
+    calls = spy_on(monkeypatch, "load_reward_fn")
+    cfg = tiny_config(tmp_path, model=chat_dirs["policy"], prompts=chat_dirs["prompts"],
+                      reward_fn=f"{module}:f", steps=1, batch_size=4, mini_batch_size=2)
+    assert P.train(cfg) == 0
+    seen = calls[0][1].__globals__["SEEN"]
+    assert sorted(map(json.dumps, seen)) == sorted(map(json.dumps,
+                                                       P.load_prompts(chat_dirs["prompts"])))
+
+
+def test_chat_run_trains_resumes_and_refuses_bad_conversations(chat_dirs, tiny_dirs, tmp_path):
+    """Through the command line: a chat policy, a chat reward model and conversational
+    prompts train and resume; malformed messages, or conversations for a tokenizer without
+    a chat template, are one-line errors (exit 2) that write nothing."""
+    out = tmp_path / "run"
+    args = [*SMALL_RUN, "--model", chat_dirs["policy"], "--reward-model", chat_dirs["reward"],
+            "--prompts", chat_dirs["prompts"], "--output-dir", str(out)]
+    result = run_cli([*args, "--steps", "2"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = run_cli([*args, "--steps", "3", "--resume"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [row["step"] for row in read_metrics(out)] == [1, 2, 3]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": [{"role": "user"}]}\n')
+    cases = [(["--model", chat_dirs["policy"], "--prompts", str(bad)], "list of"),
+             (["--model", tiny_dirs["policy"], "--prompts", chat_dirs["prompts"]],
+              "no chat template")]
+    for extra, needle in cases:
+        result = run_cli([*SMALL_RUN, *extra, "--output-dir", str(tmp_path / "bad"),
+                          "--steps", "1"], tmp_path)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], lines
+        assert not (tmp_path / "bad").exists()
+
+
+def test_tensorboard_event_files_hold_the_metrics(tmp_path, capsys):
+    """Every scalar of metrics.jsonl, read back from the event files in the output directory;
+    the run says how to open them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = tiny_config(tmp_path, steps=3)
+    assert P.train(cfg) == 0
+    assert f"tensorboard --logdir {cfg.output_dir}" in capsys.readouterr().out
+    events = EventAccumulator(cfg.output_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    rows = read_metrics(cfg.output_dir)
+    assert set(events.Tags()["scalars"]) == set(rows[0]) - {"step"}
+    for name in events.Tags()["scalars"]:
+        logged = [(e.step, e.value) for e in events.Scalars(name)]
+        assert [step for step, _ in logged] == [1, 2, 3]
+        assert [value for _, value in logged] == pytest.approx([row[name] for row in rows],
+                                                               rel=1e-6, abs=1e-6)
+    off = tiny_config(tmp_path, output_dir=str(tmp_path / "off"), steps=1, tensorboard=False)
+    assert P.train(off) == 0
+    assert not list(Path(off.output_dir).glob("events.out.tfevents*"))
+
+
+class FakeWandb:
+    """Stands in for the wandb package: records what a run logs."""
+
+    def __init__(self):
+        self.inits, self.logged, self.finished = [], [], 0
+        self.util = type("util", (), {"generate_id": staticmethod(lambda: "run-id-1")})
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, scalars, step):
+        self.logged.append((step, scalars))
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_wandb_logs_the_metrics_and_a_missing_package_is_one_line(tmp_path, monkeypatch,
+                                                                  capsys):
+    """--wandb logs each metrics row at its step (a stand-in package records it); without the
+    package, --wandb is a one-line error before anything is written."""
+    fake, find_spec = FakeWandb(), P.importlib.util.find_spec
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(P.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "wandb" else find_spec(name, *a))
+    cfg = tiny_config(tmp_path, steps=2, wandb=True, wandb_project="proj")
+    assert P.train(cfg) == 0
+    rows = read_metrics(cfg.output_dir)
+    assert fake.inits[0]["project"] == "proj" and fake.inits[0]["id"] == "run-id-1"
+    assert fake.logged == [(row["step"], {k: v for k, v in row.items() if k != "step"})
+                           for row in rows]
+    assert fake.finished == 1
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    monkeypatch.setattr(P.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    out = tmp_path / "no-wandb"
+    assert P.main(["--wandb", "--output-dir", str(out), "--steps", "1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "pip install wandb" in lines[0] and not out.exists()
