@@ -8,6 +8,7 @@ into KL-shaped per-token rewards, estimates advantages with GAE, and takes PPO-c
 How to run:
     python ppo_rlhf.py                      # offline demo: a tiny GPT-2 built in memory, ~25 s
     python ppo_rlhf.py --model gpt2 --reward-model <seq-classifier> --prompts prompts.txt
+    torchrun --nproc_per_node=8 ppo_rlhf.py --data-parallel fsdp --model ...   # sharded
     python ppo_rlhf.py --help               # every option with its default
     python -m pytest -q test_ppo_rlhf.py    # the property tests against the derivation
 
@@ -42,11 +43,12 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import socket
 import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, get_args, get_origin
@@ -454,7 +456,9 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
     Returns:
         `Experience` with per-token tensors [B, T], T the longest response in the batch.
     """
-    with torch.inference_mode(), autocast():
+    # no_grad, not inference_mode: FSDP's all-gather buffers made here are reused by the
+    # update, and an inference tensor cannot be written outside inference mode
+    with torch.no_grad(), autocast():
         recorder = None if recompute_log_probs else SampledLogProbs(temperature)
         sequences = sample_responses(actor, prompt_ids, prompt_mask, eos_token_ids=eos_token_ids,
                                      pad_token_id=tokenizer.pad_token_id,
@@ -488,8 +492,6 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
         ended = torch.isin(responses, eos).any(1)  # [B] the response emitted an EOS
         scores = torch.where(ended, scores, scores - missing_eos_penalty)
 
-    # outside inference mode: these tensors enter the loss as constants, which autograd saves
-    log_probs, ref_log_probs, values = log_probs.clone(), ref_log_probs.clone(), values.clone()
     rewards = compute_rewards(log_probs, ref_log_probs, scores, action_mask, kl_ctl=kl_ctl,
                               clip_reward_value=clip_reward_value, kl_estimator=kl_estimator)
     if whiten_rewards:
@@ -498,11 +500,11 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
                                                      lam=lam)
     if whiten_advantages:
         advantages = masked_whiten(advantages, action_mask, mean_fn=mean_fn)
-    return Experience(input_ids=sequences.clone(), attention_mask=attention_mask.clone(),
-                      action_mask=action_mask.clone(), log_probs=log_probs,
+    return Experience(input_ids=sequences, attention_mask=attention_mask,
+                      action_mask=action_mask, log_probs=log_probs,
                       ref_log_probs=ref_log_probs, values=values, rewards=rewards,
                       advantages=advantages, returns=returns, scores=scores,
-                      entropy=entropy.clone(), prompts=prompts, responses=texts)
+                      entropy=entropy, prompts=prompts, responses=texts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -571,8 +573,11 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
                         totals[name] = totals.get(name, 0.0) + value * weight
             norms = []
             for model, optimizer in ((actor, actor_optimizer), (critic, critic_optimizer)):
+                # FSDP: each rank holds a shard of the gradients; GradScaler's inf/NaN flag
+                # on DTensors is reduced over the ranks, so all skip or step together
                 scaler.unscale_(optimizer)
-                norms.append(nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+                norm = nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+                norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 scaler.step(optimizer)  # skipped if this model's gradients hold inf/NaN
                 optimizer.zero_grad(set_to_none=True)
             scaler.update(1.0)  # keep the scale at 1: it is a finiteness check, not fp16 scaling
@@ -705,6 +710,11 @@ class Config:
                       "the same seed gives the same metrics"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA if present, else CPU), "
                         "cpu, cuda, cuda:N"})
+    data_parallel: Literal["ddp", "fsdp"] = field(
+        default="ddp", metadata={"help": "under torchrun: ddp keeps a full copy of every model "
+                                 "on each rank; fsdp shards actor, critic, their optimizer "
+                                 "states and the frozen models over the ranks (FSDP2), for "
+                                 "models bigger than one GPU"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA where supported "
                        "(fp32 weights and losses); ignored on CPU"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N iterations "
@@ -803,7 +813,7 @@ def train(cfg: Config) -> int:
             if consecutive_skips >= cfg.max_skipped_updates:
                 save_checkpoint(run, step)  # skipped steps left weights and optimizers intact
                 log(f"stopping: {consecutive_skips} consecutive updates had a non-finite loss "
-                    f"or gradient; the last good state is in {out / CHECKPOINT}. Lower the "
+                    f"or gradient; the last good state is in {checkpoint_path(run)}. Lower the "
                     "learning rates or check the reward scale.", file=sys.stderr)
                 return 1
             if stop_requested or (cfg.save_every and step % cfg.save_every == 0):
@@ -811,7 +821,7 @@ def train(cfg: Config) -> int:
             if stop_requested:
                 signum = stop.signum or signal.SIGTERM  # a rank that got none follows the others
                 log(f"{signal.Signals(signum).name}: stopped after step {step}; checkpoint "
-                    f"saved in {out / CHECKPOINT}. Resume with the same options plus "
+                    f"saved in {checkpoint_path(run)}. Resume with the same options plus "
                     f"--resume --output-dir {out}", file=sys.stderr)
                 return 128 + signum
         finish_run(run)
@@ -826,16 +836,18 @@ def collect_experience(run: Run, indices: list[int], kl_coef: float,
     cfg = run.cfg
     encoded = encode_prompts(run.tokenizer, [run.prompt_ids[i] for i in indices],
                              cfg.max_prompt_length, run.device)
-    return generate_experience(
-        run.actor, run.critic, run.ref_model, run.score_fn, run.tokenizer, encoded.input_ids,
-        encoded.attention_mask, eos_token_ids=run.eos_token_ids,
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-        top_p=cfg.top_p, kl_ctl=kl_coef, clip_reward_value=cfg.clip_reward_value,
-        kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
-        whiten_advantages=cfg.whiten_advantages, whiten_rewards=cfg.whiten_rewards,
-        missing_eos_penalty=cfg.missing_eos_penalty, recompute_log_probs=cfg.recompute_log_probs,
-        micro_batch_size=cfg.rollout_micro_batch_size, autocast=run.autocast,
-        mean_fn=mean_fn or global_masked_mean, prompts=[run.prompts[i] for i in indices])
+    with gathered(run.actor):  # sharded: the policy gathered once for the whole rollout
+        return generate_experience(
+            run.actor, run.critic, run.ref_model, run.score_fn, run.tokenizer, encoded.input_ids,
+            encoded.attention_mask, eos_token_ids=run.eos_token_ids,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+            top_p=cfg.top_p, kl_ctl=kl_coef, clip_reward_value=cfg.clip_reward_value,
+            kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
+            whiten_advantages=cfg.whiten_advantages, whiten_rewards=cfg.whiten_rewards,
+            missing_eos_penalty=cfg.missing_eos_penalty,
+            recompute_log_probs=cfg.recompute_log_probs,
+            micro_batch_size=cfg.rollout_micro_batch_size, autocast=run.autocast,
+            mean_fn=mean_fn or global_masked_mean, prompts=[run.prompts[i] for i in indices])
 
 
 def rank_indices(run: Run, step: int) -> list[int]:
@@ -927,9 +939,9 @@ def load_run(cfg: Config, device: torch.device, rank: int, world_size: int, prom
                 else nullcontext)
     eos_token_ids = end_of_response_ids(actor.generation_config, tokenizer)
 
-    # DDP averages the gradients of the trained models over ranks
+    # DDP averages the gradients of the trained models over ranks (FSDP's are already sharded)
     train_actor, train_critic = actor, critic
-    if world_size > 1:
+    if world_size > 1 and not is_sharded(actor):
         ids = [device.index] if device.type == "cuda" else None
         train_actor = nn.parallel.DistributedDataParallel(actor, device_ids=ids)
         train_critic = nn.parallel.DistributedDataParallel(critic, device_ids=ids)
@@ -945,7 +957,7 @@ def load_run(cfg: Config, device: torch.device, rank: int, world_size: int, prom
     if cfg.resume:
         restore_checkpoint(run)
         run.metrics.start_step = run.start_step
-        log(f"resumed from {run.out / CHECKPOINT} at step {run.start_step}")
+        log(f"resumed from the checkpoint in {run.out} at step {run.start_step}")
     return run
 
 
@@ -953,13 +965,12 @@ def finish_run(run: Run) -> None:
     """The last checkpoint, the policy as a `from_pretrained` directory, and a few samples."""
     cfg = run.cfg
     save_checkpoint(run, cfg.steps)
-    if run.rank != 0:
-        return
-    run.actor.save_pretrained(run.out)
-    run.tokenizer.save_pretrained(run.out)
+    policy_state = full_state_dict(run.actor)  # sharded: gathered by all ranks to rank 0
+    if run.rank == 0:
+        save_policy(run.actor, run.tokenizer, run.out, policy_state)
     if cfg.samples > 0:  # the first iteration's prompts, answered by the trained policy
         first = prompt_indices(1, cfg.batch_size, len(run.prompts), cfg.seed)[:cfg.samples]
-        # rank 0 alone: statistics of its own rollout (a global mean would wait for the others)
+        # every rank (a sharded model's forward is collective), each with its own statistics
         final = collect_experience(run, first, run.kl_coef, mean_fn=masked_mean)
         print_samples("samples after training:", final, cfg.samples, run.log)
     run.log(f"saved the policy to {run.out} "
@@ -1113,6 +1124,11 @@ def load_models(cfg: Config, device: torch.device):
     ref_model.to(device, frozen_dtype)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(actor, critic)
+    if cfg.data_parallel == "fsdp" and world()[1] > 1:
+        bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        for model in (actor, critic, ref_model, scorer.model if cfg.reward_model else None):
+            if model is not None:
+                shard_model(model, bf16)
     return actor, ref_model, critic, tokenizer, score_fn
 
 
@@ -1154,7 +1170,9 @@ class ValueModel(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids, use_cache=False).last_hidden_state
-        return self.v_head(hidden).squeeze(-1).float()  # [B, L]
+        # h . w + b written out: a fresh [B, L] tensor, not a view of [B, L, 1] (FSDP2 warns
+        # that a view returned by a sharded module could lose its backward hook)
+        return (hidden @ self.v_head.weight[0] + self.v_head.bias).float()  # [B, L]
 
 
 def load_critic(name: str | None, actor: nn.Module) -> ValueModel:
@@ -1245,6 +1263,17 @@ def load_pretrained(loader, name: str, option: str, **kwargs):
         where = ("it is not a local directory, not in the Hugging Face cache, and the hub is "
                  "unreachable" if offline else first_line(e))
         raise UsageError(f"cannot load {option} {name!r} with {loader.__name__}: {where}") from e
+
+
+def save_policy(model: nn.Module, tokenizer, out: Path, state_dict: dict) -> None:
+    """`save_pretrained` of the policy and its tokenizer, from its whole `state_dict`. The
+    config names the model's own class: FSDP2 subclasses it (FSDPGPT2LMHeadModel), and
+    save_pretrained writes the class name it sees."""
+    model.save_pretrained(out, state_dict=state_dict)
+    if is_sharded(model):
+        model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
+        model.config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def end_of_response_ids(generation_config, tokenizer) -> list[int]:
@@ -1348,7 +1377,7 @@ class RewardModelScorer:
         return [(p if isinstance(p, str) else "".join(m["content"] + "\n" for m in p)) + r
                 for p, r in zip(prompts, responses)]
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: a sharded (FSDP) model reuses its buffers
     def __call__(self, prompts: list, responses: list[str]) -> torch.Tensor:
         batch = self.tokenizer(self.texts(prompts, responses), return_tensors="pt",
                                padding=True, truncation=True,
@@ -1505,8 +1534,9 @@ def prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> lis
 
 
 # ------------------------------------------------------------------------------------------------
-# 12. Data parallelism (torchrun). The only code that knows other ranks exist; with a single
-# process every function here is the identity or its local twin.
+# 12. Data parallelism (torchrun): DDP replicas, or FSDP2 shards (--data-parallel fsdp). The
+# only code that knows other ranks exist; with a single process every function here is the
+# identity or its local twin.
 # ------------------------------------------------------------------------------------------------
 
 def world() -> tuple[int, int]:
@@ -1533,6 +1563,12 @@ def global_masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return total / count.clamp(min=1)
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if world()[1] > 1:
+        torch.distributed.barrier()
+
+
 def gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
     objects = [obj] * world()[1]
@@ -1542,13 +1578,67 @@ def gather_objects(obj) -> list:
 
 
 def no_sync(actor, critic, last: bool):
-    """Skip DDP's gradient all-reduce on all but the last micro-batch of a minibatch."""
-    if last or not isinstance(actor, nn.parallel.DistributedDataParallel):
+    """Skip the gradient reduction on all but the last micro-batch of a minibatch: DDP's
+    all-reduce, or FSDP's reduce-scatter (gradients accumulate unsharded until the last)."""
+    if last:
         return nullcontext()
     stack = ExitStack()
-    stack.enter_context(actor.no_sync())
-    stack.enter_context(critic.no_sync())
+    if isinstance(actor, nn.parallel.DistributedDataParallel):
+        stack.enter_context(actor.no_sync())
+        stack.enter_context(critic.no_sync())
+    elif is_sharded(actor):
+        for model in (actor, critic):
+            model.set_requires_gradient_sync(False)
+            stack.callback(model.set_requires_gradient_sync, True)
     return stack
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` is sharded with FSDP2 (`fully_shard`)."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: nn.Module, bf16: bool) -> None:
+    """FSDP2 over all ranks: each transformer block is a unit (all-gathered for its forward
+    and backward, then freed), and the root holds the rest (embeddings, head, final norm).
+    Parameters, gradients and AdamW state are 1/N per rank. With bf16, blocks compute in
+    bf16 and gradients are reduced in fp32, from fp32 shards."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    kwargs = {"mp_policy": policy} if bf16 else {}
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    for block in max(lists, key=len, default=[]):  # GPT-2's .h, Llama's .layers
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+@contextmanager
+def gathered(model: nn.Module):
+    """A sharded policy all-gathered once, for a whole rollout: `generate` runs a forward per
+    new token, which would otherwise all-gather every block every time (and ranks whose
+    responses end sooner would stop taking part). The full policy must fit on one device
+    meanwhile; the shards come back afterwards. Unsharded models: nothing to do."""
+    units = [m for m in model.modules() if is_sharded(m)]
+    for unit in units:
+        unit.set_reshard_after_forward(False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True)
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The model's whole state dict on rank 0's CPU (sharded: gathered from every rank; all
+    ranks must call this)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                               cpu_offload=True))
 
 
 def init_distributed(device_name: str) -> torch.device:
@@ -1581,6 +1671,7 @@ def resolve_device(name: str) -> torch.device:
 # ------------------------------------------------------------------------------------------------
 
 CHECKPOINT = "checkpoint.pt"
+SHARDED_CHECKPOINT = "checkpoint"  # a directory: torch.distributed.checkpoint, files per rank
 METRICS = "metrics.jsonl"
 # options that may change between a run and its resumption; any other difference is refused
 RESUMABLE_OPTIONS = {"steps", "resume", "overwrite", "save_every", "output_dir", "device",
@@ -1594,7 +1685,8 @@ RESUMABLE_OPTIONS = {"steps", "resume", "overwrite", "save_every", "output_dir",
 LOCK_FILE = ".ppo_rlhf.lock"
 WANDB_ID_FILE = ".wandb_run_id"
 # files that mark a directory as holding an earlier run's results
-RUN_FILES = (CHECKPOINT, METRICS, "model.safetensors", "model.safetensors.index.json")
+RUN_FILES = (CHECKPOINT, SHARDED_CHECKPOINT, METRICS, "model.safetensors",
+             "model.safetensors.index.json")
 
 
 def new_run_dir(cfg: Config, root: Path = Path("runs")) -> Path:
@@ -1637,6 +1729,7 @@ class OutputLock:
         if self.file is not None:
             for name in (CHECKPOINT, METRICS):
                 (self.out / name).unlink(missing_ok=True)
+            shutil.rmtree(self.out / SHARDED_CHECKPOINT, ignore_errors=True)
 
     def release(self, remove_created: bool = False) -> None:
         """Unlock; with `remove_created`, also remove the directory if this run created it
@@ -1683,7 +1776,7 @@ def lock_output_dir(out: Path, resume: bool, overwrite: bool,
         raise UsageError(f"--output-dir {out} holds an earlier run ({', '.join(earlier)}); "
                          "continue it with --resume, replace it with --overwrite, or pass "
                          "another --output-dir")
-    if resume and not (out / CHECKPOINT).is_file():
+    if resume and not ((out / CHECKPOINT).is_file() or (out / SHARDED_CHECKPOINT).is_dir()):
         raise UsageError(f"--resume: no checkpoint at {out / CHECKPOINT}; start without "
                          "--resume")
     if out.exists() and not out.is_dir():
@@ -1741,7 +1834,12 @@ def resume_fingerprint(cfg: Config) -> dict:
 
 
 def load_checkpoint(out: Path, cfg: Config) -> dict:
-    path = out / CHECKPOINT
+    """What `save_checkpoint` wrote, its options checked against `cfg`: checkpoint.pt, or for
+    a sharded run the small meta.pt of checkpoint/ (its shards are read by
+    `restore_checkpoint`, under any number of ranks)."""
+    directory = next((d for d in (out / SHARDED_CHECKPOINT, out / (SHARDED_CHECKPOINT + ".old"))
+                      if (d / "meta.pt").is_file()), None)
+    path = directory / "meta.pt" if directory else out / CHECKPOINT
     if not path.is_file():
         raise UsageError(f"--resume: no checkpoint at {path}; start without --resume")
     try:  # weights_only: tensors and plain containers only; a pickled callable is refused
@@ -1752,35 +1850,98 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
                          f"{first_line(e)[:200]})") from e
     saved = state["fingerprint"]
     now = resume_fingerprint(cfg)
+    if directory:  # sharded checkpoints are resharded to any number of ranks
+        saved, now = ({k: v for k, v in d.items() if k != "world_size"} for d in (saved, now))
     differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if differ:
         changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
         raise UsageError(f"--resume: {path} was written with other options ({changes}); "
                          "resume with the same options or use another --output-dir")
-    return state
+    return {**state, "directory": directory}
 
 
 def save_checkpoint(run, step: int) -> None:
     """Everything `--resume` needs to continue exactly: both trained models and optimizers,
-    beta, the step and every rank's random state. Rank 0 writes it."""
-    rngs = gather_objects(rng_state())  # every rank's sampler state, for an exact resume
-    if run.rank == 0:
-        atomic_save({"step": step, "kl_coef": run.kl_coef, "actor": run.actor.state_dict(),
-                     "critic": run.critic.state_dict(),
+    beta, the step and every rank's random state. With --data-parallel fsdp every rank
+    writes its own shards (`save_sharded_checkpoint`), also a single process, so that any
+    number of ranks can resume; otherwise rank 0 writes checkpoint.pt."""
+    meta = {"step": step, "kl_coef": run.kl_coef, "fingerprint": resume_fingerprint(run.cfg),
+            "rng": gather_objects(rng_state())}  # every rank's sampler state
+    if run.cfg.data_parallel == "fsdp":
+        save_sharded_checkpoint(run, meta)
+    elif run.rank == 0:
+        atomic_save({**meta, "actor": run.actor.state_dict(), "critic": run.critic.state_dict(),
                      "actor_optimizer": run.actor_optimizer.state_dict(),
-                     "critic_optimizer": run.critic_optimizer.state_dict(), "rng": rngs,
-                     "fingerprint": resume_fingerprint(run.cfg)}, run.out / CHECKPOINT)
+                     "critic_optimizer": run.critic_optimizer.state_dict()},
+                    run.out / CHECKPOINT)
+        shutil.rmtree(run.out / SHARDED_CHECKPOINT, ignore_errors=True)  # superseded
+
+
+def checkpoint_path(run) -> Path:
+    """Where `save_checkpoint` writes: a directory of shards for fsdp, else one file."""
+    return run.out / (SHARDED_CHECKPOINT if run.cfg.data_parallel == "fsdp" else CHECKPOINT)
+
+
+def training_state(run) -> dict:
+    """Models and optimizers as `torch.distributed.checkpoint` state dicts: each rank's own
+    shards (DTensors) when sharded, whole tensors otherwise."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    state = {}
+    for name, model, optimizer in (("actor", run.actor, run.actor_optimizer),
+                                   ("critic", run.critic, run.critic_optimizer)):
+        state[name], state[name + "_optimizer"] = get_state_dict(model, optimizer)
+    return state
+
+
+def save_sharded_checkpoint(run, meta: dict) -> None:
+    """`torch.distributed.checkpoint`: every rank writes its own shards of the models and
+    optimizer states (no rank gathers them) into checkpoint.tmp/; once all are done, rank 0
+    adds meta.pt and renames it over checkpoint/ (the old one is moved aside first, and read
+    if a kill comes between the two renames)."""
+    import torch.distributed.checkpoint as dcp
+    tmp, final, old = (run.out / (SHARDED_CHECKPOINT + suffix) for suffix in (".tmp", "", ".old"))
+    if run.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    dcp.save(training_state(run), checkpoint_id=str(tmp))  # returns when every rank has written
+    if run.rank == 0:
+        torch.save(meta, tmp / "meta.pt")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        (run.out / CHECKPOINT).unlink(missing_ok=True)  # superseded
+    barrier()
 
 
 def restore_checkpoint(run) -> None:
-    """Puts a `save_checkpoint` state back into `run` (models, optimizers, step, beta, RNG)."""
+    """Puts a `save_checkpoint` state back into `run` (models, optimizers, step, beta, RNG).
+    A sharded checkpoint is read by any number of ranks, one included (resharding); each
+    rank's random state comes back only with the number of ranks that wrote it."""
     state = load_checkpoint(run.out, run.cfg)
-    run.actor.load_state_dict(state["actor"])
-    run.critic.load_state_dict(state["critic"])
-    run.actor_optimizer.load_state_dict(state["actor_optimizer"])
-    run.critic_optimizer.load_state_dict(state["critic_optimizer"])
+    if state["directory"]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        shards = training_state(run)  # the layout of this run: dcp reads into it
+        dcp.load(shards, checkpoint_id=str(state["directory"]))
+        for name, model, optimizer in (("actor", run.actor, run.actor_optimizer),
+                                       ("critic", run.critic, run.critic_optimizer)):
+            set_state_dict(model, optimizer, model_state_dict=shards[name],
+                           optim_state_dict=shards[name + "_optimizer"])
+    else:
+        run.actor.load_state_dict(state["actor"])
+        run.critic.load_state_dict(state["critic"])
+        run.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        run.critic_optimizer.load_state_dict(state["critic_optimizer"])
     run.start_step, run.kl_coef = state["step"], state["kl_coef"]
-    set_rng_state(state["rng"][run.rank])
+    if len(state["rng"]) == run.world_size:
+        set_rng_state(state["rng"][run.rank])
+    else:  # another number of ranks samples other responses anyway: fresh, distinct seeds
+        random.seed(run.cfg.seed + run.start_step)
+        torch.manual_seed(run.cfg.seed + run.start_step * run.world_size + run.rank)
+        run.log(f"note: the checkpoint was written by {len(state['rng'])} rank(s), this run "
+                f"has {run.world_size}: weights and optimizers resume exactly, sampling does not")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1873,11 +1873,13 @@ def test_cuda_bf16_run_checkpoints_and_resumes(tiny_dirs, tmp_path):
 
 
 @TWO_GPUS
-def test_two_gpu_nccl_run_writes_one_set_of_outputs_and_resumes(tmp_path):
-    """torchrun with 2 GPUs (NCCL): one set of outputs from rank 0, and a resume on 2 ranks."""
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_gpu_nccl_run_writes_one_set_of_outputs_and_resumes(tmp_path, engine):
+    """torchrun with 2 GPUs (NCCL), replicated or sharded (bf16 mixed precision): one set of
+    outputs from rank 0, and a resume on 2 ranks."""
     out = tmp_path / "run"
     args = [str(HERE / "ppo_rlhf.py"), "--output-dir", str(out), "--device", "cuda",
-            *SMALL_RUN]
+            "--data-parallel", engine, *SMALL_RUN]
     result = torchrun([*args, "--steps", "2"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step    2/2") == 1 and "x2" in result.stdout
@@ -2129,3 +2131,144 @@ def test_wandb_logs_the_metrics_and_a_missing_package_is_one_line(tmp_path, monk
     assert P.main(["--wandb", "--output-dir", str(out), "--steps", "1"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "pip install wandb" in lines[0] and not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded data parallel (FSDP2 under torchrun, gloo on CPU)
+# ------------------------------------------------------------------------------------------------
+
+FSDP_WORKER = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import ppo_rlhf as P
+torch.distributed.init_process_group("gloo")
+rank, world_size = P.world()
+data = torch.load({data!r}, weights_only=False)
+actor, critic = data["actor"], data["critic"]
+full = {{name: sum(p.numel() for p in m.parameters()) for name, m in (("actor", actor),
+                                                                     ("critic", critic))}}
+for model in (actor, critic):
+    P.shard_model(model, bf16=False)
+exp = data["exp"].select(torch.arange(rank * 4, rank * 4 + 4))  # this rank's half
+
+# a rollout under `gathered`: one all-gather per unit of the actor, however many tokens
+all_gathers, all_gather = [], torch.distributed.all_gather_single
+def counted_gather(*args, **kwargs):
+    all_gathers.append(1)
+    return all_gather(*args, **kwargs)
+torch.distributed.all_gather_single = counted_gather
+with P.gathered(actor):
+    for _ in range(2):  # ranks generate different numbers of tokens
+        P.sample_responses(actor, exp.input_ids[:, :4], torch.ones(4, 4, dtype=torch.long),
+                           eos_token_ids=[-1], pad_token_id=0, max_new_tokens=6 + 4 * rank,
+                           temperature=1.0)
+torch.distributed.all_gather_single = all_gather
+actor_units = sum(P.is_sharded(m) for m in actor.modules())
+assert len(all_gathers) == actor_units, (len(all_gathers), actor_units)
+assert all(isinstance(p, torch.distributed.tensor.DTensor) for p in actor.parameters())
+
+optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (actor, critic)]
+reduce_scatters = []
+original = torch.distributed.reduce_scatter_single  # FSDP2's gradient reduction
+def counted(*args, **kwargs):
+    reduce_scatters.append(1)
+    return original(*args, **kwargs)
+torch.distributed.reduce_scatter_single = counted
+stats, skipped = P.ppo_update(actor, critic, *optimizers, exp, ppo_epochs=2, mini_batch_size=4,
+                              micro_batch_size=2)
+torch.distributed.reduce_scatter_single = original
+local = {{}}
+for name, model, optimizer in (("actor", actor, optimizers[0]), ("critic", critic,
+                                                                optimizers[1])):
+    local[name] = sum(p.to_local().numel() for p in model.parameters()) / full[name]
+    local[name + "_optimizer"] = sum(s["momentum_buffer"].to_local().numel()
+                                     for s in optimizer.state.values()) / full[name]
+units = sum(P.is_sharded(m) for model in (actor, critic) for m in model.modules())
+states = {{name: P.full_state_dict(m) for name, m in (("actor", actor), ("critic", critic))}}
+
+# one inf in one element of rank 1's gradient shards, as backward would leave it: every
+# rank skips, shards untouched
+before = [p.to_local().clone() for p in actor.parameters()]
+unscale = torch.amp.GradScaler.unscale_
+def unscale_after_an_inf(scaler, optimizer):
+    if rank == 1 and optimizer is optimizers[0]:
+        next(actor.parameters()).grad.to_local().view(-1)[0] = float("inf")
+    return unscale(scaler, optimizer)
+torch.amp.GradScaler.unscale_ = unscale_after_an_inf
+_, nan_skipped = P.ppo_update(actor, critic, *optimizers, exp, ppo_epochs=1, mini_batch_size=4)
+torch.amp.GradScaler.unscale_ = unscale
+assert nan_skipped.tolist() == [True], nan_skipped
+assert all(torch.equal(a, p.to_local()) for a, p in zip(before, actor.parameters()))
+if rank == 0:
+    torch.save({{**states, "stats": stats, "local": local, "reduce_scatters": len(reduce_scatters),
+                "units": units}}, {out!r})
+torch.save(local, {out!r} + str(rank))
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_two_sharded_ranks_equal_one_process_and_hold_half_each(tiny_dirs, tmp_path):
+    """FSDP2 on 2 ranks, same experience: the weights and metrics of one process on the
+    concatenated batch; each rank holds about half of actor's and critic's parameters and
+    optimizer state (measured from the local shards); the gradient is reduce-scattered once
+    per optimizer step, not once per micro-batch; a rollout all-gathers the policy once, not
+    once per generated token; and an inf in one rank's gradient shards makes every rank skip."""
+    torch.manual_seed(22)
+    actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
+    with torch.no_grad():
+        critic.v_head.weight.normal_()
+    exp = rollout(actor, critic, ref_model, scorer, tokenizer)
+    data, out = tmp_path / "data.pt", str(tmp_path / "sharded.pt")
+    torch.save({"actor": actor, "critic": critic, "exp": exp}, data)
+    script = tmp_path / "worker.py"
+    script.write_text(FSDP_WORKER.format(here=str(HERE), data=str(data), out=out))
+    result = torchrun([str(script)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (actor, critic)]
+    stats, _ = P.ppo_update(actor, critic, *optimizers, exp, ppo_epochs=2, mini_batch_size=8,
+                            micro_batch_size=2)
+    sharded = torch.load(out, weights_only=False)
+    for name, model in [("actor", actor), ("critic", critic)]:
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(sharded[name][key], value, atol=1e-5, rtol=1e-4)
+    for key, value in stats.items():
+        torch.testing.assert_close(sharded["stats"][key], value, atol=1e-5, rtol=1e-4)
+    for rank in range(2):
+        local = torch.load(out + str(rank), weights_only=False)
+        assert all(0.45 < fraction <= 0.55 for fraction in local.values()), local
+    # 2 epochs x 1 minibatch = 2 optimizer steps of 2 micro-batches: each unit (block or
+    # root) reduce-scatters once per step
+    assert sharded["reduce_scatters"] == 2 * sharded["units"] > 0
+
+
+def test_sharded_cli_run_resumes_on_two_ranks_and_on_one(tmp_path):
+    """torchrun --data-parallel fsdp: rank 0 alone writes metrics and the policy, every rank
+    writes its shards of the checkpoint; 2 iterations + resume to 3 on 2 ranks equals 3
+    straight; the same checkpoint resumes in one process (resharded); the saved policy
+    loads with from_pretrained and equals the checkpoint's gathered actor."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoModelForCausalLM
+    args = [str(HERE / "ppo_rlhf.py"), "--data-parallel", "fsdp", *SMALL_RUN,
+            "--save-every", "1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for out, steps, extra in ((straight, "3", []), (split, "2", []), (split, "3", ["--resume"])):
+        result = torchrun([*args, "--output-dir", str(out), "--steps", steps, *extra], tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count(f"step    {steps}/{steps}") == 1  # one voice
+    assert without_timing(read_metrics(split)) == without_timing(read_metrics(straight))
+    shards = sorted(p.name for p in (split / P.SHARDED_CHECKPOINT).iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert not (split / P.CHECKPOINT).exists()
+
+    dcp_to_torch_save(str(straight / P.SHARDED_CHECKPOINT), str(tmp_path / "whole.pt"))
+    actor = torch.load(tmp_path / "whole.pt", weights_only=True)["actor"]
+    saved = AutoModelForCausalLM.from_pretrained(straight).state_dict()
+    assert saved.keys() == actor.keys()
+    for key, value in actor.items():
+        assert torch.equal(saved[key], value), key
+
+    single = run_cli([*args[1:], "--output-dir", str(split), "--steps", "4", "--resume"],
+                     tmp_path)
+    assert single.returncode == 0, single.stderr
+    assert "written by 2 rank(s)" in single.stdout
+    assert [row["step"] for row in read_metrics(split)] == [1, 2, 3, 4]
