@@ -443,7 +443,7 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
 
     Args:
         actor, critic, ref_model: the policy being trained, the `ValueModel`, the frozen copy.
-        score_fn: (prompts, responses) -> [B] scores, on decoded text (the reward model).
+        score_fn: (prompts, responses) -> [B] scores; responses as decoded text (the reward).
         prompt_ids, prompt_mask: [B, P] left-padded prompts.
         eos_token_ids: token ids that end a response.
         recompute_log_probs: the old log-probs from a full actor forward (as the update
@@ -1302,16 +1302,16 @@ def load_tokenizer(name: str, option: str):
 
 
 # ------------------------------------------------------------------------------------------------
-# 11. Rewards and prompts. A reward is a callable (prompts: list[str], responses:
-# list[str]) -> scores [B] on the CPU: a frozen sequence classifier, a Python function
-# or the built-in rule.
+# 11. Rewards and prompts. A reward is a callable (prompts, responses: list[str]) -> scores
+# [B] on the CPU, the prompts as the prompts file holds them (strings, or message lists for
+# conversations): a frozen sequence classifier, a Python function or the built-in rule.
 # ------------------------------------------------------------------------------------------------
 
 VOWELS = "aeiou"
 VOWEL_POINTS = 0.5  # per letter: 10 more vowels than consonants reach the default clip of 5
 
 
-def vowel_reward(prompts: list[str], responses: list[str]) -> list[float]:
+def vowel_reward(prompts: list, responses: list[str]) -> list[float]:
     """The built-in task: +0.5 per vowel and -0.5 per consonant in the response.
 
     Readable at a glance ("strk" scores -2, "aia eo" +2.5), it needs no download and works on
@@ -1385,7 +1385,7 @@ class RewardModelScorer:
         return self.model(**batch.to(self.device)).logits[:, self.label].float().cpu()
 
 
-def load_reward_fn(spec: str) -> Callable[[list[str], list[str]], list[float]]:
+def load_reward_fn(spec: str) -> Callable[[list, list[str]], list[float]]:
     """Import 'package.module:function' or 'path/to/file.py:function'."""
     module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
@@ -1410,9 +1410,9 @@ def load_reward_fn(spec: str) -> Callable[[list[str], list[str]], list[float]]:
     return fn
 
 
-def checked_scores(fn: Callable, name: str) -> Callable[[list[str], list[str]], torch.Tensor]:
+def checked_scores(fn: Callable, name: str) -> Callable[[list, list[str]], torch.Tensor]:
     """Wraps a scorer so a wrong count, a non-finite score or an exception is a UsageError."""
-    def score(prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def score(prompts: list, responses: list[str]) -> torch.Tensor:
         try:
             raw = fn(prompts, responses)
             scores = torch.as_tensor(raw, dtype=torch.float32).flatten().cpu()
