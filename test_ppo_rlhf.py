@@ -1138,7 +1138,8 @@ def test_help_documents_every_option_with_its_default(tmp_path):
 # Data parallel (torchrun, gloo on CPU)
 # ------------------------------------------------------------------------------------------------
 
-DDP_WORKER = """
+# the start of every torchrun worker script: join the group, load the models and experience
+WORKER_HEADER = """
 import sys, torch
 sys.path.insert(0, {here!r})
 import ppo_rlhf as P
@@ -1146,6 +1147,9 @@ torch.distributed.init_process_group("gloo")
 rank, world_size = P.world()
 data = torch.load({data!r}, weights_only=False)
 actor, critic = data["actor"], data["critic"]
+"""
+
+DDP_WORKER = WORKER_HEADER + """
 exp = data["exp"].select(torch.arange(rank * 4, rank * 4 + 4))  # this rank's half
 ddp_actor = torch.nn.parallel.DistributedDataParallel(actor)
 ddp_critic = torch.nn.parallel.DistributedDataParallel(critic)
@@ -2137,14 +2141,7 @@ def test_wandb_logs_the_metrics_and_a_missing_package_is_one_line(tmp_path, monk
 # Sharded data parallel (FSDP2 under torchrun, gloo on CPU)
 # ------------------------------------------------------------------------------------------------
 
-FSDP_WORKER = """
-import sys, torch
-sys.path.insert(0, {here!r})
-import ppo_rlhf as P
-torch.distributed.init_process_group("gloo")
-rank, world_size = P.world()
-data = torch.load({data!r}, weights_only=False)
-actor, critic = data["actor"], data["critic"]
+FSDP_WORKER = WORKER_HEADER + """
 full = {{name: sum(p.numel() for p in m.parameters()) for name, m in (("actor", actor),
                                                                      ("critic", critic))}}
 for model in (actor, critic):
