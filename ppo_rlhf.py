@@ -561,8 +561,8 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
                     actor_loss = actor_loss - ent_coef * masked_mean(entropy, mb.action_mask)
                 vf_loss = critic_loss_fn(values, mb.values, mb.returns, mb.action_mask,
                                          cliprange_value=cliprange_value)
-                # DDP averages gradients over ranks; x world_size turns that into the sum of
-                # the ranks' token shares. Only the last micro-batch triggers the all-reduce.
+                # DDP and FSDP average gradients over ranks; x world_size turns that into the
+                # sum of the ranks' token shares. Only the last micro-batch reduces them.
                 # Actor and critic graphs are disjoint: one backward call serves both.
                 with no_sync(actor, critic, last=i == len(micros) - 1):
                     scaler.scale((actor_loss + vf_loss) * weight * world_size).backward()
@@ -638,7 +638,8 @@ class Config:
                                   "'module:function' or 'file.py:function', called as "
                                   "f(prompts, responses) -> list of floats"})
     prompts: str | None = field(default=None, metadata={"help": "prompt file: text, one per line, "
-                                "or .jsonl with a 'prompt' field; default: a built-in set"})
+                                "or .jsonl with a 'prompt' (a string or a list of chat "
+                                "messages) or 'messages' field; default: a built-in set"})
     output_dir: str | None = field(default=None, metadata={
         "help": "where metrics.jsonl, checkpoint.pt and the trained policy go; default: a new "
                 "directory runs/<model>__<seed>__<date-time> for every run"})
@@ -744,7 +745,8 @@ class Run:
     actor: nn.Module  # the trained policy, unwrapped (generation, saving)
     critic: nn.Module  # the trained `ValueModel`, unwrapped
     ref_model: nn.Module  # the frozen initial policy
-    train_actor: nn.Module  # actor and critic as the update sees them: DDP under torchrun
+    train_actor: nn.Module  # actor and critic as the update sees them: DDP-wrapped under
+    # torchrun with --data-parallel ddp; the (sharded) models themselves otherwise
     train_critic: nn.Module
     actor_optimizer: torch.optim.Optimizer
     critic_optimizer: torch.optim.Optimizer
@@ -934,8 +936,7 @@ def load_run(cfg: Config, device: torch.device, rank: int, world_size: int, prom
                                         weight_decay=cfg.weight_decay, fused=True)
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=critic_lr,
                                          weight_decay=cfg.weight_decay, fused=True)
-    use_bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if uses_bf16(cfg, device)
                 else nullcontext)
     eos_token_ids = end_of_response_ids(actor.generation_config, tokenizer)
 
@@ -1106,6 +1107,11 @@ def build_tiny_model(seed: int):
     return GPT2LMHeadModel(config), tokenizer
 
 
+def uses_bf16(cfg: Config, device: torch.device) -> bool:
+    """bf16 compute (autocast, FSDP's mixed precision): asked for, on a CUDA GPU that has it."""
+    return cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def load_models(cfg: Config, device: torch.device):
     """The four models of 004 §3 and the policy's tokenizer, on `device`, dropout off."""
     actor, tokenizer = load_policy(cfg.model, cfg.seed)
@@ -1125,10 +1131,9 @@ def load_models(cfg: Config, device: torch.device):
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(actor, critic)
     if cfg.data_parallel == "fsdp" and world()[1] > 1:
-        bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
         for model in (actor, critic, ref_model, scorer.model if cfg.reward_model else None):
             if model is not None:
-                shard_model(model, bf16)
+                shard_model(model, uses_bf16(cfg, device))
     return actor, ref_model, critic, tokenizer, score_fn
 
 
@@ -1150,7 +1155,6 @@ def load_policy(name: str, seed: int):
         tokenizer = load_tokenizer(name, "--model")
         model = load_pretrained(AutoModelForCausalLM, name, "--model")
     tokenizer.padding_side = "left"  # prompts end where the response begins
-    tokenizer.truncation_side = "left"  # keep the end of a long prompt, the part that is continued
     disable_dropout(model)
     fuse_gelu(model)
     return model, tokenizer
@@ -1685,8 +1689,8 @@ RESUMABLE_OPTIONS = {"steps", "resume", "overwrite", "save_every", "output_dir",
 LOCK_FILE = ".ppo_rlhf.lock"
 WANDB_ID_FILE = ".wandb_run_id"
 # files that mark a directory as holding an earlier run's results
-RUN_FILES = (CHECKPOINT, SHARDED_CHECKPOINT, METRICS, "model.safetensors",
-             "model.safetensors.index.json")
+RUN_FILES = (CHECKPOINT, SHARDED_CHECKPOINT, SHARDED_CHECKPOINT + ".old", METRICS,
+             "model.safetensors", "model.safetensors.index.json")
 
 
 def new_run_dir(cfg: Config, root: Path = Path("runs")) -> Path:
@@ -1729,7 +1733,8 @@ class OutputLock:
         if self.file is not None:
             for name in (CHECKPOINT, METRICS):
                 (self.out / name).unlink(missing_ok=True)
-            shutil.rmtree(self.out / SHARDED_CHECKPOINT, ignore_errors=True)
+            for name in (SHARDED_CHECKPOINT, SHARDED_CHECKPOINT + ".old"):
+                shutil.rmtree(self.out / name, ignore_errors=True)
 
     def release(self, remove_created: bool = False) -> None:
         """Unlock; with `remove_created`, also remove the directory if this run created it
@@ -1776,9 +1781,8 @@ def lock_output_dir(out: Path, resume: bool, overwrite: bool,
         raise UsageError(f"--output-dir {out} holds an earlier run ({', '.join(earlier)}); "
                          "continue it with --resume, replace it with --overwrite, or pass "
                          "another --output-dir")
-    if resume and not ((out / CHECKPOINT).is_file() or (out / SHARDED_CHECKPOINT).is_dir()):
-        raise UsageError(f"--resume: no checkpoint at {out / CHECKPOINT}; start without "
-                         "--resume")
+    if resume and find_checkpoint(out) is None:
+        raise UsageError(f"--resume: no checkpoint in {out}; start without --resume")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out} cannot be written: it is a file, not a directory")
     created = created or not out.exists()
@@ -1833,15 +1837,22 @@ def resume_fingerprint(cfg: Config) -> dict:
     return {**options, "world_size": world()[1]}
 
 
+def find_checkpoint(out: Path) -> Path | None:
+    """The checkpoint in `out`: checkpoint/meta.pt (sharded), or checkpoint.old/meta.pt (left
+    by a kill between `save_sharded_checkpoint`'s two renames), or checkpoint.pt; None."""
+    candidates = [out / SHARDED_CHECKPOINT / "meta.pt",
+                  out / (SHARDED_CHECKPOINT + ".old") / "meta.pt", out / CHECKPOINT]
+    return next((path for path in candidates if path.is_file()), None)
+
+
 def load_checkpoint(out: Path, cfg: Config) -> dict:
     """What `save_checkpoint` wrote, its options checked against `cfg`: checkpoint.pt, or for
     a sharded run the small meta.pt of checkpoint/ (its shards are read by
     `restore_checkpoint`, under any number of ranks)."""
-    directory = next((d for d in (out / SHARDED_CHECKPOINT, out / (SHARDED_CHECKPOINT + ".old"))
-                      if (d / "meta.pt").is_file()), None)
-    path = directory / "meta.pt" if directory else out / CHECKPOINT
-    if not path.is_file():
-        raise UsageError(f"--resume: no checkpoint at {path}; start without --resume")
+    path = find_checkpoint(out)
+    if path is None:
+        raise UsageError(f"--resume: no checkpoint in {out}; start without --resume")
+    directory = path.parent if path.name == "meta.pt" else None
     try:  # weights_only: tensors and plain containers only; a pickled callable is refused
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
@@ -1870,11 +1881,12 @@ def save_checkpoint(run, step: int) -> None:
     if run.cfg.data_parallel == "fsdp":
         save_sharded_checkpoint(run, meta)
     elif run.rank == 0:
-        atomic_save({**meta, "actor": run.actor.state_dict(), "critic": run.critic.state_dict(),
-                     "actor_optimizer": run.actor_optimizer.state_dict(),
-                     "critic_optimizer": run.critic_optimizer.state_dict()},
-                    run.out / CHECKPOINT)
-        shutil.rmtree(run.out / SHARDED_CHECKPOINT, ignore_errors=True)  # superseded
+        state = dict(meta)
+        for name, model, optimizer in trained_models(run):
+            state[name], state[name + "_optimizer"] = model.state_dict(), optimizer.state_dict()
+        atomic_save(state, run.out / CHECKPOINT)
+        for name in (SHARDED_CHECKPOINT, SHARDED_CHECKPOINT + ".old"):  # superseded
+            shutil.rmtree(run.out / name, ignore_errors=True)
 
 
 def checkpoint_path(run) -> Path:
@@ -1882,13 +1894,18 @@ def checkpoint_path(run) -> Path:
     return run.out / (SHARDED_CHECKPOINT if run.cfg.data_parallel == "fsdp" else CHECKPOINT)
 
 
+def trained_models(run) -> tuple:
+    """(name, model, optimizer) of the two trained models, as checkpoints name them."""
+    return (("actor", run.actor, run.actor_optimizer),
+            ("critic", run.critic, run.critic_optimizer))
+
+
 def training_state(run) -> dict:
     """Models and optimizers as `torch.distributed.checkpoint` state dicts: each rank's own
     shards (DTensors) when sharded, whole tensors otherwise."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
     state = {}
-    for name, model, optimizer in (("actor", run.actor, run.actor_optimizer),
-                                   ("critic", run.critic, run.critic_optimizer)):
+    for name, model, optimizer in trained_models(run):
         state[name], state[name + "_optimizer"] = get_state_dict(model, optimizer)
     return state
 
@@ -1925,15 +1942,13 @@ def restore_checkpoint(run) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
         shards = training_state(run)  # the layout of this run: dcp reads into it
         dcp.load(shards, checkpoint_id=str(state["directory"]))
-        for name, model, optimizer in (("actor", run.actor, run.actor_optimizer),
-                                       ("critic", run.critic, run.critic_optimizer)):
+        for name, model, optimizer in trained_models(run):
             set_state_dict(model, optimizer, model_state_dict=shards[name],
                            optim_state_dict=shards[name + "_optimizer"])
     else:
-        run.actor.load_state_dict(state["actor"])
-        run.critic.load_state_dict(state["critic"])
-        run.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        run.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        for name, model, optimizer in trained_models(run):
+            model.load_state_dict(state[name])
+            optimizer.load_state_dict(state[name + "_optimizer"])
     run.start_step, run.kl_coef = state["step"], state["kl_coef"]
     if len(state["rng"]) == run.world_size:
         set_rng_state(state["rng"][run.rank])

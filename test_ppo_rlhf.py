@@ -593,11 +593,15 @@ def without_timing(rows):
     return [{k: v for k, v in row.items() if not k.startswith(TIMING_KEYS)} for row in rows]
 
 
-def make_models(tiny_dirs):
-    """actor, critic, reference, score_fn (the tiny reward model) and tokenizer, on the CPU."""
-    cfg = P.Config(model=tiny_dirs["policy"], reward_model=tiny_dirs["reward"])
-    actor, ref_model, critic, tokenizer, score_fn = P.load_models(cfg, torch.device("cpu"))
+def device_models(tiny_dirs, device):
+    """actor, critic, reference, score_fn (the tiny reward model) and tokenizer on `device`."""
+    cfg = P.Config(model=tiny_dirs["policy"], reward_model=tiny_dirs["reward"], device=device)
+    actor, ref_model, critic, tokenizer, score_fn = P.load_models(cfg, torch.device(device))
     return actor, critic, ref_model, score_fn, tokenizer
+
+
+def make_models(tiny_dirs):
+    return device_models(tiny_dirs, "cpu")
 
 
 RAGGED_PROMPTS = ["a", "the cat sat on the mat", "hello there", "we went", "x", "my dream is to",
@@ -846,15 +850,9 @@ def test_reward_fn_option(tmp_path, monkeypatch):
                       "    return [float(len(r)) for r in responses]\n")
     cfg = tiny_config(tmp_path, reward_fn=f"{module}:length", steps=1, clip_reward_value=100.0)
     assert P.load_reward_fn(cfg.reward_fn)(["p"], ["abc"]) == [3.0]
-    rollouts = []
-    original = P.generate_experience
-
-    def spy(*args, **kwargs):
-        rollouts.append(original(*args, **kwargs))
-        return rollouts[-1]
-    monkeypatch.setattr(P, "generate_experience", spy)
+    rollouts = spy_on(monkeypatch, "generate_experience")
     assert P.train(cfg) == 0
-    exp = rollouts[0]
+    exp = rollouts[0][1]
     assert exp.scores.tolist() == [float(len(r)) for r in exp.responses]
     assert read_metrics(cfg.output_dir)[0]["objective/scores"] == pytest.approx(
         sum(len(r) for r in exp.responses) / len(exp.responses))
@@ -1730,6 +1728,26 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     rows = read_metrics(killed)
     assert [row["step"] for row in rows] == list(range(1, int(steps) + 1))
     assert without_timing(rows) == without_timing(read_metrics(tmp_path / "straight"))
+    # the curves too: TensorBoard drops the points the killed run logged after its checkpoint
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(killed), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("objective/kl")]
+    assert logged == [(row["step"], pytest.approx(row["objective/kl"], rel=1e-6, abs=1e-6))
+                      for row in rows]
+
+
+def test_sharded_checkpoint_in_one_process_and_its_fallback_copy_resume(tmp_path):
+    """--data-parallel fsdp in a single process writes the sharded format (so that any number
+    of ranks can resume); a kill between save_sharded_checkpoint's two renames leaves only
+    checkpoint.old/, which --resume reads."""
+    cfg = tiny_config(tmp_path, steps=2, data_parallel="fsdp")
+    assert P.train(cfg) == 0
+    out = Path(cfg.output_dir)
+    assert (out / P.SHARDED_CHECKPOINT / "meta.pt").is_file() and not (out / P.CHECKPOINT).exists()
+    os.replace(out / P.SHARDED_CHECKPOINT, out / (P.SHARDED_CHECKPOINT + ".old"))
+    assert P.train(dataclass_replace(cfg, steps=3, resume=True)) == 0
+    assert [row["step"] for row in read_metrics(out)] == [1, 2, 3]
 
 
 class RunsCode:
@@ -1795,12 +1813,6 @@ BF16_RATIO_TOLERANCE = 2e-2
 
 def bf16_autocast():
     return torch.autocast("cuda", dtype=torch.bfloat16)
-
-
-def device_models(tiny_dirs, device):
-    cfg = P.Config(model=tiny_dirs["policy"], reward_model=tiny_dirs["reward"], device=device)
-    actor, ref_model, critic, tokenizer, score_fn = P.load_models(cfg, torch.device(device))
-    return actor, critic, ref_model, score_fn, tokenizer
 
 
 def device_rollout(models, device, autocast, **kwargs):
