@@ -762,6 +762,7 @@ class Run:
     kl_coef: float  # beta of the rewards, moved by the KL controller
     lock: "OutputLock"  # rank 0's lock on `out`, held until the run ends
     metrics: "MetricsWriter"  # metrics.jsonl, TensorBoard, W&B (rank 0 writes)
+    saved_step: int = -1  # the step of the checkpoint on disk (-1: none yet)
 
 
 def train(cfg: Config) -> int:
@@ -965,7 +966,8 @@ def load_run(cfg: Config, device: torch.device, rank: int, world_size: int, prom
 def finish_run(run: Run) -> None:
     """The last checkpoint, the policy as a `from_pretrained` directory, and a few samples."""
     cfg = run.cfg
-    save_checkpoint(run, cfg.steps)
+    if run.saved_step != cfg.steps:  # --save-every may have just written this very state
+        save_checkpoint(run, cfg.steps)
     policy_state = full_state_dict(run.actor)  # sharded: gathered by all ranks to rank 0
     if run.rank == 0:
         save_policy(run.actor, run.tokenizer, run.out, policy_state)
@@ -1660,6 +1662,21 @@ def init_distributed(device_name: str) -> torch.device:
     return device
 
 
+def leave_process_group(together: bool) -> None:
+    """Under torchrun, leave the process group; `together`: wait for every rank first.
+
+    Why wait: DDP and FSDP keep the group referenced past `destroy_process_group`, so gloo's
+    worker threads outlive it. A rank that leaves while rank 0 still writes the policy goes on
+    to interpreter shutdown, where such a thread releasing a finished collective's tensors
+    aborts the process ("terminate called without an active exception"). The barrier waits
+    for every earlier collective and for the other ranks. Not after an error: the other ranks
+    may be inside another collective, and torchrun stops them anyway."""
+    if world()[1] > 1:
+        if together:
+            barrier()
+        torch.distributed.destroy_process_group()
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1887,6 +1904,7 @@ def save_checkpoint(run, step: int) -> None:
         atomic_save(state, run.out / CHECKPOINT)
         for name in (SHARDED_CHECKPOINT, SHARDED_CHECKPOINT + ".old"):  # superseded
             shutil.rmtree(run.out / name, ignore_errors=True)
+    run.saved_step = step
 
 
 def checkpoint_path(run) -> Path:
@@ -1920,7 +1938,8 @@ def save_sharded_checkpoint(run, meta: dict) -> None:
     if run.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    dcp.save(training_state(run), checkpoint_id=str(tmp))  # returns when every rank has written
+    with single_process_dcp_quiet():  # returns when every rank has written
+        dcp.save(training_state(run), checkpoint_id=str(tmp))
     if run.rank == 0:
         torch.save(meta, tmp / "meta.pt")
         shutil.rmtree(old, ignore_errors=True)
@@ -1932,6 +1951,17 @@ def save_sharded_checkpoint(run, meta: dict) -> None:
     barrier()
 
 
+@contextmanager
+def single_process_dcp_quiet():
+    """Without a process group, `torch.distributed.checkpoint` warns on every call that it
+    assumes one process: that is what a single-process run means, so the warning is dropped."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled",
+                                category=UserWarning)
+        yield
+
+
 def restore_checkpoint(run) -> None:
     """Puts a `save_checkpoint` state back into `run` (models, optimizers, step, beta, RNG).
     A sharded checkpoint is read by any number of ranks, one included (resharding); each
@@ -1941,7 +1971,8 @@ def restore_checkpoint(run) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
         shards = training_state(run)  # the layout of this run: dcp reads into it
-        dcp.load(shards, checkpoint_id=str(state["directory"]))
+        with single_process_dcp_quiet():
+            dcp.load(shards, checkpoint_id=str(state["directory"]))
         for name, model, optimizer in trained_models(run):
             set_state_dict(model, optimizer, model_state_dict=shards[name],
                            optim_state_dict=shards[name + "_optimizer"])
@@ -1950,6 +1981,7 @@ def restore_checkpoint(run) -> None:
             model.load_state_dict(state[name])
             optimizer.load_state_dict(state[name + "_optimizer"])
     run.start_step, run.kl_coef = state["step"], state["kl_coef"]
+    run.saved_step = run.start_step
     if len(state["rng"]) == run.world_size:
         set_rng_state(state["rng"][run.rank])
     else:  # another number of ranks samples other responses anyway: fresh, distinct seeds
@@ -2088,13 +2120,15 @@ def main(argv: list[str] | None = None) -> int:
     hub_logging.set_verbosity_error()
     cfg = parse_args(argv)
     try:
-        return train(cfg)
-    except UsageError as e:
+        status = train(cfg)
+    except BaseException as e:
+        leave_process_group(together=False)  # the other ranks may be anywhere: no barrier
+        if not isinstance(e, UsageError):
+            raise
         print(f"ppo_rlhf: error: {e}", file=sys.stderr)
         return 2
-    finally:
-        if world()[1] > 1:
-            torch.distributed.destroy_process_group()
+    leave_process_group(together=True)  # every rank returned after the same iteration
+    return status
 
 
 if __name__ == "__main__":

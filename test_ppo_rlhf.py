@@ -961,6 +961,26 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=1e-6)
 
 
+def test_each_checkpoint_is_written_once(tmp_path, monkeypatch):
+    """The end of a run writes its checkpoint unless --save-every just wrote that very state;
+    resuming a finished run writes none, yet saves the policy again."""
+    saved = []
+    save = P.save_checkpoint
+    monkeypatch.setattr(P, "save_checkpoint", lambda run, step: (saved.append(step),
+                                                                 save(run, step)))
+    cfg = tiny_config(tmp_path, steps=2, save_every=1, batch_size=4, mini_batch_size=4)
+    assert P.train(cfg) == 0 and saved == [1, 2]
+    (Path(cfg.output_dir) / "model.safetensors").unlink()
+    saved.clear()
+    assert P.train(dataclass_replace(cfg, resume=True)) == 0 and saved == []
+    assert (Path(cfg.output_dir) / "model.safetensors").exists()
+    saved.clear()
+    assert P.train(dataclass_replace(cfg, resume=True, steps=3)) == 0 and saved == [3]
+    saved.clear()
+    cfg = dataclass_replace(cfg, output_dir=str(tmp_path / "end"), save_every=0)
+    assert P.train(cfg) == 0 and saved == [2]
+
+
 def dataclass_replace(cfg, **changes):
     return P.dataclasses.replace(cfg, **changes)
 
@@ -1175,7 +1195,7 @@ whitening = {{"raw_rewards": real(raw_rewards), "rewards": real(own.rewards),
               "advantages": real(own.advantages)}}
 torch.save({{"actor": data["actor"].state_dict(), "critic": data["critic"].state_dict(),
             "stats": stats, "rollout": rollout, "whitening": whitening}}, {out!r}.format(rank))
-torch.distributed.destroy_process_group()
+P.leave_process_group(together=True)  # as main() leaves
 """
 
 
@@ -1184,6 +1204,33 @@ def torchrun(args, cwd, timeout=300):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("outcome, status, together", [
+    (0, 0, True), (130, 130, True), (P.UsageError("bad input"), 2, False),
+    (RuntimeError("bug"), None, False)])
+def test_torchrun_ranks_leave_together_after_a_return_not_after_an_error(
+        monkeypatch, outcome, status, together):
+    """main() under torchrun: once train returns (every rank after the same iteration) a
+    barrier, then destroy_process_group; after an error, no barrier (another rank may be
+    inside another collective), but the group is still left."""
+    calls = []
+    monkeypatch.setattr(P, "world", lambda: (1, 2))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group",
+                        lambda: calls.append("destroy"))
+
+    def train(cfg):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+    monkeypatch.setattr(P, "train", train)
+    if status is None:
+        with pytest.raises(RuntimeError, match="bug"):
+            P.main([])
+    else:
+        assert P.main([]) == status
+    assert calls == (["barrier", "destroy"] if together else ["destroy"])
 
 
 def test_two_rank_update_equals_one_process_on_the_concatenated_batch(tiny_dirs, tmp_path):
@@ -1737,6 +1784,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path):
                       for row in rows]
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # nothing a user must read
 def test_sharded_checkpoint_in_one_process_and_its_fallback_copy_resume(tmp_path):
     """--data-parallel fsdp in a single process writes the sharded format (so that any number
     of ranks can resume); a kill between save_sharded_checkpoint's two renames leaves only
@@ -2212,7 +2260,7 @@ if rank == 0:
     torch.save({{**states, "stats": stats, "local": local, "reduce_scatters": len(reduce_scatters),
                 "units": units}}, {out!r})
 torch.save(local, {out!r} + str(rank))
-torch.distributed.destroy_process_group()
+P.leave_process_group(together=True)  # as main() leaves
 """
 
 
