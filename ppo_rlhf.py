@@ -774,7 +774,7 @@ def train(cfg: Config) -> int:
     log(f"training {cfg.model} on {run.device} x{run.world_size} for {cfg.steps} iterations "
         f"({len(run.prompts)} prompts, batch {cfg.batch_size}, {cfg.ppo_epochs} PPO epochs)")
     # the output directory stays ours until the end; the metrics' files are closed on any exit
-    with run.lock, run.metrics, StopRequest() as stop:
+    with run.lock, run.metrics, StopRequest(forwarded=run.world_size > 1) as stop:
         for step in range(run.start_step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             # steps 1-3: the actor answers; actor, reference, critic and reward model score it;
@@ -2045,12 +2045,17 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
 class StopRequest:
     """While active, SIGINT/SIGTERM only set `signum`: the loop finishes its iteration, saves
-    and exits. A second signal interrupts at once. The previous handlers come back on exit."""
+    and exits. A second signal interrupts at once, unless `forwarded`: under torchrun a rank
+    gets Ctrl-C from the terminal and again from torchrun, which forwards every signal it
+    receives; there, later signals are ignored, also while the rank leaves after the stop (a
+    late copy must not break its last barrier), and torchrun's --shutdown-timeout (then
+    SIGKILL) bounds the wait. Otherwise the previous handlers come back on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, forwarded: bool = False):
         self.signum = None
+        self.forwarded = forwarded
         self._previous = {}
 
     def __enter__(self) -> "StopRequest":
@@ -2058,13 +2063,17 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc) -> None:
+        leaving = self.forwarded and self.signum is not None
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if leaving else handler)
 
     def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # only reached when forwarded: the same stop, again
+            return
         self.signum = signum
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+        if not self.forwarded:
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
 
 
 GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h

@@ -1025,6 +1025,32 @@ def test_sigint_saves_and_resumes_and_a_second_run_is_locked_out(tmp_path):
     assert [r["step"] for r in read_metrics(out)] == list(range(1, stopped + 3))
 
 
+@pytest.mark.parametrize("forwarded", [False, True])
+def test_a_second_signal_interrupts_unless_torchrun_forwards_it(forwarded):
+    """One process: a second Ctrl-C interrupts at once, and the old handlers come back.
+    Under torchrun each rank gets Ctrl-C from the terminal and again from torchrun: later
+    copies are the same stop, ignored also after the loop, while the rank leaves."""
+    previous = {s: signal.getsignal(s) for s in P.StopRequest.SIGNALS}
+    try:
+        with P.StopRequest(forwarded=forwarded) as stop:
+            signal.raise_signal(signal.SIGTERM)
+            assert stop.signum == signal.SIGTERM
+            if forwarded:
+                signal.raise_signal(signal.SIGINT)
+                assert stop.signum == signal.SIGTERM  # the first signal sets the exit status
+            else:
+                with pytest.raises(KeyboardInterrupt):
+                    signal.raise_signal(signal.SIGINT)
+        if forwarded:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)  # a late copy from torchrun: nothing happens
+        else:
+            assert signal.getsignal(signal.SIGINT) is previous[signal.SIGINT]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     """A failure between writing the temporary file and renaming it leaves the previous
     checkpoint intact and loadable."""
@@ -2262,6 +2288,31 @@ if rank == 0:
 torch.save(local, {out!r} + str(rank))
 P.leave_process_group(together=True)  # as main() leaves
 """
+
+
+def test_ctrl_c_to_a_sharded_torchrun_run_saves_every_rank_and_resumes(tmp_path):
+    """Ctrl-C in a terminal reaches torchrun and both ranks, and torchrun forwards it once
+    more: every rank finishes the same iteration, the shards of that step are written, rank 0
+    says how to resume, and the checkpoint resumes (here in one process)."""
+    out = tmp_path / "run"
+    args = [str(HERE / "ppo_rlhf.py"), "--data-parallel", "fsdp", *SMALL_RUN,
+            "--output-dir", str(out)]
+    env = {**os.environ, **NO_HUB, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", *args, "--steps", "500"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group, as a terminal's
+    metrics = out / P.METRICS
+    wait_for_rows(metrics, 2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert f"--resume --output-dir {out}" in stderr, stderr[-3000:]
+    assert "KeyboardInterrupt" not in stderr  # no rank was interrupted by the second copy
+    stopped = len(metrics.read_text().splitlines())
+    assert torch.load(out / P.SHARDED_CHECKPOINT / "meta.pt")["step"] == stopped
+    result = run_cli([*args[1:], "--steps", str(stopped + 1), "--resume"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, stopped + 2))
 
 
 def test_two_sharded_ranks_equal_one_process_and_hold_half_each(tiny_dirs, tmp_path):
