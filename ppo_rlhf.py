@@ -774,7 +774,7 @@ def train(cfg: Config) -> int:
     log(f"training {cfg.model} on {run.device} x{run.world_size} for {cfg.steps} iterations "
         f"({len(run.prompts)} prompts, batch {cfg.batch_size}, {cfg.ppo_epochs} PPO epochs)")
     # the output directory stays ours until the end; the metrics' files are closed on any exit
-    with run.lock, run.metrics, StopRequest(forwarded=run.world_size > 1) as stop:
+    with run.lock, run.metrics, StopRequest() as stop:
         for step in range(run.start_step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             # steps 1-3: the actor answers; actor, reference, critic and reward model score it;
@@ -2045,17 +2045,17 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
 class StopRequest:
     """While active, SIGINT/SIGTERM only set `signum`: the loop finishes its iteration, saves
-    and exits. A second signal interrupts at once, unless `forwarded`: under torchrun a rank
-    gets Ctrl-C from the terminal and again from torchrun, which forwards every signal it
-    receives; there, later signals are ignored, also while the rank leaves after the stop (a
-    late copy must not break its last barrier), and torchrun's --shutdown-timeout (then
-    SIGKILL) bounds the wait. Otherwise the previous handlers come back on exit."""
+    and exits. In one process a second signal interrupts at once and the previous handlers
+    come back on exit. Under torchrun (several ranks) a rank gets Ctrl-C from the terminal and
+    again from torchrun, which forwards every signal it receives: there the signals after the
+    first are ignored, also while the rank leaves after the stop (a late copy must not break
+    its last barrier); torchrun's --shutdown-timeout (then SIGKILL) bounds the wait."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, forwarded: bool = False):
+    def __init__(self):
         self.signum = None
-        self.forwarded = forwarded
+        self.forwarded = world()[1] > 1  # signals may come twice: see above
         self._previous = {}
 
     def __enter__(self) -> "StopRequest":
