@@ -48,6 +48,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1955,7 +1956,6 @@ def save_sharded_checkpoint(run, meta: dict) -> None:
 def single_process_dcp_quiet():
     """Without a process group, `torch.distributed.checkpoint` warns on every call that it
     assumes one process: that is what a single-process run means, so the warning is dropped."""
-    import warnings
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled",
                                 category=UserWarning)
