@@ -1052,6 +1052,17 @@ def test_a_second_signal_interrupts_unless_torchrun_forwards_it(forwarded, monke
             signal.signal(signum, handler)
 
 
+def test_a_run_without_a_signal_gives_the_handlers_back_under_torchrun(monkeypatch):
+    """Signals are ignored after the loop only when a stop was requested: a run that simply
+    finished gives the previous handlers back, under torchrun as in one process."""
+    monkeypatch.setattr(P, "world", lambda: (0, 2))
+    previous = {s: signal.getsignal(s) for s in P.StopRequest.SIGNALS}
+    with P.StopRequest() as stop:
+        assert signal.getsignal(signal.SIGINT) is not previous[signal.SIGINT]
+    assert stop.signum is None
+    assert {s: signal.getsignal(s) for s in P.StopRequest.SIGNALS} == previous
+
+
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     """A failure between writing the temporary file and renaming it leaves the previous
     checkpoint intact and loadable."""
