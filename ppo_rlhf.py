@@ -40,6 +40,7 @@ import importlib
 import importlib.util
 import itertools
 import json
+import math
 import os
 import pickle
 import random
@@ -354,7 +355,10 @@ class Experience:
     rewards: torch.Tensor  # [B, T]
     advantages: torch.Tensor  # [B, T]
     returns: torch.Tensor  # [B, T]
-    scores: torch.Tensor  # [B] raw reward-model scores (after the missing-EOS penalty)
+    scores: torch.Tensor  # [B] raw scores of the reward model (or function), as it gave them
+    reward_score: torch.Tensor  # [B] what PPO sees at the last token: the score minus the
+    # missing-EOS penalty, clipped to +-clip_reward_value (compute_rewards' `reward_score`)
+    ended: torch.Tensor  # [B] bool: the response emitted an EOS (else it was cut at the limit)
     entropy: torch.Tensor  # [B, T] entropy of the rollout policy at each step
     prompts: list  # strings, or message lists for conversations
     responses: list[str]  # decoded through the first EOS, special tokens dropped
@@ -488,12 +492,12 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
     texts = tokenizer.batch_decode(responses.masked_fill(~action_mask, tokenizer.pad_token_id),
                                    skip_special_tokens=True)
     scores = torch.cat([score_fn(prompts[r], texts[r]) for r in rows]).to(log_probs.device)
-    if missing_eos_penalty is not None:
-        eos = torch.tensor(eos_token_ids, device=responses.device)
-        ended = torch.isin(responses, eos).any(1)  # [B] the response emitted an EOS
-        scores = torch.where(ended, scores, scores - missing_eos_penalty)
+    ended = torch.isin(responses, torch.tensor(eos_token_ids, device=responses.device)).any(1)
+    reward_score = scores
+    if missing_eos_penalty is not None:  # a response cut at the limit is scored lower
+        reward_score = torch.where(ended, scores, scores - missing_eos_penalty)
 
-    rewards = compute_rewards(log_probs, ref_log_probs, scores, action_mask, kl_ctl=kl_ctl,
+    rewards = compute_rewards(log_probs, ref_log_probs, reward_score, action_mask, kl_ctl=kl_ctl,
                               clip_reward_value=clip_reward_value, kl_estimator=kl_estimator)
     if whiten_rewards:
         rewards = masked_whiten(rewards, action_mask, shift_mean=False, mean_fn=mean_fn)
@@ -505,7 +509,8 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
                       action_mask=action_mask, log_probs=log_probs,
                       ref_log_probs=ref_log_probs, values=values, rewards=rewards,
                       advantages=advantages, returns=returns, scores=scores,
-                      entropy=entropy, prompts=prompts, responses=texts)
+                      reward_score=reward_score.clamp(-clip_reward_value, clip_reward_value),
+                      ended=ended, entropy=entropy, prompts=prompts, responses=texts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -518,17 +523,21 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
                autocast=nullcontext):
     """Updates actor and critic on one batch of experience; returns (stats, skipped).
 
-    stats: {name: 0-d tensor}, token-weighted means over the update like the losses themselves.
+    stats: {name: 0-d tensor}, token-weighted means over the update like the losses themselves,
+    plus each model's gradient norm before clipping (mean over the steps taken) and the first
+    minibatch's largest |ratio - 1| (0 in exact arithmetic: nothing has been updated yet).
     skipped: bool tensor, one entry per optimizer step, True where a loss or gradient was not
-    finite and that step was skipped (weights and optimizer state untouched).
+    finite and that step was skipped by both models (weights and optimizer state untouched).
 
     A minibatch that does not fit is split into micro-batches whose gradients accumulate; each
     micro-batch's loss is weighted by its share of the minibatch's real tokens, so the gradient
     equals that of the whole minibatch's token mean. Under torchrun the share is of the global
     minibatch (all ranks), so N ranks compute what one process would on their union.
 
-    Nothing here waits for the device: a non-finite step is skipped by PyTorch's GradScaler at
-    scale 1 (it checks the gradients on the device and the fused optimizer skips itself).
+    Each optimizer clips and steps the parameters it holds (with LoRA, actor and critic share
+    one base but each trains only its own adapter). Nothing here waits for the device: a
+    non-finite step is skipped by PyTorch's GradScaler at scale 1 (it checks the gradients on
+    the device and the fused optimizer skips itself).
     """
     device = exp.action_mask.device
     batch = exp.action_mask.shape[0]
@@ -536,8 +545,10 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
     length = exp.response_length
     _, world_size = world()
     scaler = torch.amp.GradScaler(device.type, init_scale=1.0)
+    optimizers = (actor_optimizer, critic_optimizer)
     totals: dict[str, torch.Tensor] = {}
-    skipped = []
+    skipped, grad_norms = [], []
+    first_ratio_error = torch.zeros((), device=device)  # max |rho - 1| before any step
     for _ in range(ppo_epochs):
         # indices live on the CPU (picking text rows never waits for the device), pinned on
         # CUDA so that copying them over is asynchronous too
@@ -572,20 +583,47 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
                     stats.update({"loss/policy": pg_loss, "loss/value": vf_loss})
                     for name, value in stats.items():
                         totals[name] = totals.get(name, 0.0) + value * weight
-            norms = []
-            for model, optimizer in ((actor, actor_optimizer), (critic, critic_optimizer)):
+                    if not skipped:  # the first minibatch: pi is still pi_old
+                        error = torch.where(mb.action_mask, log_probs - mb.log_probs, 0.0)
+                        first_ratio_error = torch.maximum(first_ratio_error,
+                                                          error.exp().sub(1).abs().max())
+            norms = [gradient_norm(optimizer) for optimizer in optimizers]  # before clipping
+            finite = torch.isfinite(norms[0]) & torch.isfinite(norms[1])
+            for optimizer, norm in zip(optimizers, norms):
+                # a non-finite norm in either model makes both clip coefficients NaN: GradScaler
+                # then finds NaN in both and skips both steps (the critic does not step on a
+                # batch whose actor loss failed, and the reverse)
+                nn.utils.clip_grads_with_norm_(trained_parameters(optimizer), max_grad_norm,
+                                               torch.where(finite, norm, torch.nan))
                 # FSDP: each rank holds a shard of the gradients; GradScaler's inf/NaN flag
                 # on DTensors is reduced over the ranks, so all skip or step together
                 scaler.unscale_(optimizer)
-                norm = nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-                norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 scaler.step(optimizer)  # skipped if this model's gradients hold inf/NaN
                 optimizer.zero_grad(set_to_none=True)
             scaler.update(1.0)  # keep the scale at 1: it is a finiteness check, not fp16 scaling
-            skipped.append(~(torch.isfinite(norms[0]) & torch.isfinite(norms[1])))
+            skipped.append(~finite)
+            grad_norms.append(torch.stack(norms))
     steps = len(skipped)
-    return ({name: all_reduce_sum(total) / steps for name, total in totals.items()},
-            torch.stack(skipped))
+    skipped = torch.stack(skipped)
+    stats = {name: all_reduce_sum(total) / steps for name, total in totals.items()}
+    norms = torch.where(skipped[:, None], 0.0, torch.stack(grad_norms)).sum(0)  # [2]
+    norms = norms / (~skipped).sum().clamp(min=1)  # mean over the steps taken
+    stats.update({"policy/grad_norm": norms[0], "val/grad_norm": norms[1],
+                  "policy/first_ratio_error": all_reduce_max(first_ratio_error)})
+    return stats, skipped
+
+
+def trained_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters an optimizer updates: with LoRA, the adapters, not the shared base."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The L2 norm of the gradients of the optimizer's parameters, over all ranks (a sharded
+    model's norm is gathered into one plain tensor); inf/NaN if any gradient is."""
+    grads = [p.grad for p in trained_parameters(optimizer) if p.grad is not None]
+    norm = nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def update_stats(log_probs, values, mb: Experience, cliprange, cliprange_value):
@@ -622,6 +660,10 @@ BUILTIN_MODEL = "builtin:tiny-gpt2"
 BUILTIN_ACTOR_LR = 1e-3  # a randomly initialized tiny model learns fast and needs a large step
 PRETRAINED_ACTOR_LR = 1e-5  # a common choice for fine-tuning a pretrained LM with PPO
 CRITIC_LR_FACTOR = 5.0  # the critic learns a fresh head: a larger step than the actor's
+# LoRA trains a low-rank update from zero and needs a larger step for the same progress: about
+# 10x full fine-tuning's, in supervised and RL fine-tuning alike (Schulman et al., "LoRA
+# Without Regret", Thinking Machines 2025)
+LORA_LR_FACTOR = 10.0
 
 
 @dataclass
@@ -630,7 +672,8 @@ class Config:
     model: str = field(default=BUILTIN_MODEL, metadata={"help": "policy: a causal-LM hub name "
                        "or directory, or builtin:tiny-gpt2 (an in-memory tiny GPT-2, no download)"})
     critic_model: str | None = field(default=None, metadata={"help": "critic initialization "
-                                     "(hub name or directory); default: the policy's weights"})
+                                     "(hub name or directory; it must share the policy's "
+                                     "vocabulary); default: the policy's weights"})
     reward_model: str | None = field(default=None, metadata={"help": "frozen reward model: an "
                                      "AutoModelForSequenceClassification hub name or directory"})
     reward_label: str | None = field(default=None, metadata={"help": "for a multi-class reward "
@@ -641,9 +684,18 @@ class Config:
     prompts: str | None = field(default=None, metadata={"help": "prompt file: text, one per line, "
                                 "or .jsonl with a 'prompt' (a string or a list of chat "
                                 "messages) or 'messages' field; default: a built-in set"})
+    eval_prompts: str | None = field(default=None, metadata={"help": "held-out prompts (same "
+                                     "formats as --prompts), never trained on: the policy "
+                                     "answers them every --eval-every iterations"})
+    eval_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of "
+                                 "--prompts (a seeded choice) for evaluation, besides any "
+                                 "--eval-prompts"})
+    eval_every: int = field(default=10, metadata={"help": "evaluate on the held-out prompts "
+                            "every N iterations, before the first and after the last (only with "
+                            "--eval-prompts or --eval-fraction)"})
     output_dir: str | None = field(default=None, metadata={
-        "help": "where metrics.jsonl, checkpoint.pt and the trained policy go; default: a new "
-                "directory runs/<model>__<seed>__<date-time> for every run"})
+        "help": "where metrics.jsonl, the checkpoint, the curves and the trained policy go; "
+                "default: a new directory runs/<model>__<seed>__<date-time> for every run"})
     # schedule
     steps: int = field(default=80, metadata={"help": "PPO iterations (rollout + update)"})
     batch_size: int = field(default=32, metadata={"help": "prompts per rollout (all ranks "
@@ -659,12 +711,16 @@ class Config:
     ppo_epochs: int = field(default=4, metadata={"help": "passes over each batch of experience"})
     # generation
     max_new_tokens: int = field(default=16, metadata={"help": "response length limit"})
-    max_prompt_length: int = field(default=64, metadata={"help": "longer prompts are truncated "
-                                   "from the left, with one warning"})
+    max_prompt_length: int = field(default=64, metadata={"help": "prompts longer than this "
+                                   "(in policy tokens) are left out, with one warning: a prompt "
+                                   "cut short loses its chat header or BOS"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature; log-probs "
                                "are taken from logits / temperature everywhere"})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling; 0 = off (the full policy)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; 1.0 = off"})
+    top_k: int = field(default=0, metadata={"help": "top-k sampling; 0 = off. The log-probs "
+                       "stay the full policy's: with top-k the ratio and KL are off-policy"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; 1.0 = off. The "
+                         "log-probs stay the full policy's: below 1 the ratio and KL are "
+                         "off-policy"})
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtracted from "
                                               "the score of responses that never emit EOS"})
     recompute_log_probs: bool = field(default=False, metadata={"help": "take the rollout's "
@@ -674,22 +730,43 @@ class Config:
     # optimization
     actor_lr: float | None = field(default=None, metadata={"help": "actor AdamW learning rate; "
                                    f"default {BUILTIN_ACTOR_LR} for the built-in model, "
-                                   f"{PRETRAINED_ACTOR_LR} for a pretrained one"})
+                                   f"{PRETRAINED_ACTOR_LR} for a pretrained one, "
+                                   f"{LORA_LR_FACTOR:g} x that with --lora-r"})
     critic_lr: float | None = field(default=None, metadata={"help": "critic AdamW learning rate; "
                                     f"default {CRITIC_LR_FACTOR:g} x actor_lr"})
+    lr_schedule: Literal["constant", "linear", "cosine"] = field(
+        default="constant", metadata={"help": "learning rates of actor and critic over --steps "
+                                      "iterations, after the warm-up: constant, or decayed "
+                                      "linearly or along a cosine towards 0"})
+    warmup_steps: int = field(default=0, metadata={"help": "iterations of linear learning-rate "
+                              "warm-up (lr x k / N at iteration k)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
     ent_coef: float = field(default=0.0, metadata={"help": "entropy bonus in the actor loss"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for "
                                          "memory in the actor and critic"})
-    frozen_bf16: bool = field(default=False, metadata={"help": "store the reference and reward "
-                              "models in bf16: half their memory; their log-probs and scores "
-                              "move by bf16 rounding (the KL starts near, not at, 0)"})
+    frozen_bf16: bool | None = field(default=None, metadata={
+        "help": "store the frozen models (reference, reward model; with LoRA the shared base) "
+                "in bf16: half their memory, and their log-probs and scores move by bf16 "
+                "rounding. Default: on when bf16 compute is (their matmuls run in bf16 anyway)"})
+    # LoRA (peft): one frozen base for actor, reference and critic
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; > 0 trains two adapters on one "
+                        "frozen base: the actor's, and the critic's under its value head; the "
+                        "reference is the base with the adapters off. 0: full fine-tuning"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha: updates are "
+                                     "scaled by alpha / r; default 2 x --lora-r"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path. Keep "
+                                "it 0: PPO's ratio compares two evaluations of the same policy, "
+                                "and dropout makes pi/pi_old != 1 before any update"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "modules that get adapters: comma-separated names (q_proj,v_proj,...) or "
+                "all-linear, every linear layer of the transformer blocks"})
     # the math (004's defaults)
     kl_ctl: float = field(default=0.1, metadata={"help": "KL coefficient beta in "
                           "r_t = -beta*(log pi - log pi_ref) (+ score at the last token)"})
     kl_estimator: Literal["k1", "k3"] = field(default="k1", metadata={"help": "per-token KL "
-                                              "estimator in the reward: k1 = log-ratio, k3"})
+                                              "estimator in the rewards, the metrics and the "
+                                              "controller: k1 = log-ratio, k3 = (r-1) - log r"})
     kl_controller: Literal["fixed", "adaptive", "proportional"] = field(
         default="fixed", metadata={"help": "fixed beta; adaptive (004 PPO-Penalty: x2 above "
                                    "1.5*target, /2 below target/1.5); proportional (Ziegler)"})
@@ -717,14 +794,16 @@ class Config:
                                  "on each rank; fsdp shards actor, critic, their optimizer "
                                  "states and the frozen models over the ranks (FSDP2), for "
                                  "models bigger than one GPU"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA where supported "
-                       "(fp32 weights and losses); ignored on CPU"})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 compute: autocast around the forwards, fp32 master weights, losses and "
+                "log-probs. Default: on on a CUDA GPU with bf16, off on a CPU; --bf16 on a CPU "
+                "works too, fast only with bf16 units (AMX or AVX512-BF16, Arm BF16)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N iterations "
                             "(0: only at the end)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --output-dir "
                          "from its checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh in an --output-dir "
-                            "that holds an earlier run: its checkpoint and metrics are deleted"})
+                            "that holds an earlier run: everything it wrote there is deleted"})
     max_skipped_updates: int = field(default=5, metadata={"help": "stop after this many "
                                      "consecutive updates skipped for non-finite loss/grad"})
     samples: int = field(default=3, metadata={"help": "sample responses printed before and "
@@ -745,24 +824,29 @@ class Run:
     world_size: int
     actor: nn.Module  # the trained policy, unwrapped (generation, saving)
     critic: nn.Module  # the trained `ValueModel`, unwrapped
-    ref_model: nn.Module  # the frozen initial policy
+    ref_model: nn.Module  # the frozen initial policy (with LoRA: the base, adapters off)
     train_actor: nn.Module  # actor and critic as the update sees them: DDP-wrapped under
     # torchrun with --data-parallel ddp; the (sharded) models themselves otherwise
     train_critic: nn.Module
     actor_optimizer: torch.optim.Optimizer
     critic_optimizer: torch.optim.Optimizer
+    schedulers: list  # the learning-rate schedule of each optimizer, stepped once an iteration
     tokenizer: object
     score_fn: Callable  # (prompts, responses) -> [B] scores: the reward model
-    prompts: list  # as the prompts file holds them: strings or message lists
-    prompt_ids: list[list[int]]  # each prompt's tokens (chat template applied), untruncated
+    prompts: list  # training prompts as the prompts file holds them: strings or message lists
+    prompt_ids: list[list[int]]  # each prompt's tokens (chat template applied)
+    eval_prompts: list  # held-out prompts (empty: no evaluation), and their tokens
+    eval_prompt_ids: list[list[int]]
     eos_token_ids: list[int]  # every token that ends a response
-    autocast: Callable  # () -> context manager: bf16 autocast on CUDA, else nothing
+    bf16: bool  # bf16 compute (autocast; FSDP's mixed precision)
+    autocast: Callable  # () -> context manager: bf16 autocast, or nothing
     out: Path
     log: Callable  # print on rank 0, silent elsewhere
     start_step: int  # iterations already done (a resumed run's checkpoint step)
     kl_coef: float  # beta of the rewards, moved by the KL controller
+    checks: "InvariantChecks"  # PPO's invariants, checked on every iteration's metrics
     lock: "OutputLock"  # rank 0's lock on `out`, held until the run ends
-    metrics: "MetricsWriter"  # metrics.jsonl, TensorBoard, W&B (rank 0 writes)
+    metrics: "MetricsWriter"  # metrics.jsonl, samples.jsonl, TensorBoard, W&B (rank 0 writes)
     saved_step: int = -1  # the step of the checkpoint on disk (-1: none yet)
 
 
@@ -776,11 +860,15 @@ def train(cfg: Config) -> int:
         f"({len(run.prompts)} prompts, batch {cfg.batch_size}, {cfg.ppo_epochs} PPO epochs)")
     # the output directory stays ours until the end; the metrics' files are closed on any exit
     with run.lock, run.metrics, StopRequest() as stop:
+        if run.eval_prompts and run.start_step == 0:  # the held-out reward before training
+            run.metrics.write({"step": 0, **evaluate(run, 0)})
         for step in range(run.start_step + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             # steps 1-3: the actor answers; actor, reference, critic and reward model score it;
             # KL-shaped rewards and GAE advantages are computed (generate_experience)
-            exp = collect_experience(run, rank_indices(run, step), run.kl_coef)
+            indices = rank_indices(run, step)
+            exp = collect_experience(run, [run.prompts[i] for i in indices],
+                                     [run.prompt_ids[i] for i in indices], run.kl_coef)
             if step == 1:
                 print_samples("samples before training:", exp, cfg.samples, log)
             t1 = time.perf_counter()
@@ -793,22 +881,30 @@ def train(cfg: Config) -> int:
                 cliprange_value=cfg.cliprange_value, ent_coef=cfg.ent_coef,
                 max_grad_norm=cfg.max_grad_norm, temperature=cfg.temperature,
                 autocast=run.autocast)
-            row = {**rollout_stats(exp, run.kl_coef, global_masked_mean), **stats,
-                   "updates/skipped": skipped.sum().float(),
+            rates = {"lr/actor": run.actor_optimizer.param_groups[0]["lr"],
+                     "lr/critic": run.critic_optimizer.param_groups[0]["lr"]}
+            for scheduler in run.schedulers:
+                scheduler.step()  # the learning rates of the next iteration
+            row = {**rollout_stats(exp, run.kl_coef, cfg.kl_estimator, global_masked_mean),
+                   **stats, "updates/skipped": skipped.sum().float(),
                    "stop": all_reduce_sum(torch.tensor(float(stop.signum is not None),
                                                        device=run.device))}
             row = dict(zip(row, torch.stack(list(row.values())).tolist()))  # the one host sync
             t2 = time.perf_counter()
             stop_requested = row.pop("stop") > 0  # every rank stops at the same iteration
-            row.update({"step": step, "objective/kl_coef": run.kl_coef,
+            row.update({"step": step, "objective/kl_coef": run.kl_coef, **rates,
                         "time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
                         "throughput/tokens_per_s": row["response/tokens"] / (t2 - t0)})
+            row.update(run.checks(row, first=step == 1))
+            if run.eval_prompts and (step % cfg.eval_every == 0 or step == cfg.steps):
+                row.update(evaluate(run, step))
             run.metrics.write(row)
             log(f"step {step:4d}/{cfg.steps} | score {row['objective/scores']:7.3f} | "
                 f"kl {row['objective/kl']:7.3f} | beta {run.kl_coef:.3f} | "
                 f"pg {row['loss/policy']:7.4f} | vf {row['loss/value']:7.4f} | "
                 f"clip {row['policy/clipfrac']:.3f} | len {row['response/length']:5.1f} | "
-                f"{t2 - t0:5.2f}s", flush=True)
+                f"{t2 - t0:5.2f}s" + (f" | eval {row['eval/scores']:7.3f}"
+                                      if "eval/scores" in row else ""), flush=True)
             # the controller sees this rollout's KL and sets beta for the next one
             run.kl_coef = next_kl_coef(cfg, run.kl_coef, row["objective/kl"])
 
@@ -832,14 +928,13 @@ def train(cfg: Config) -> int:
     return 0
 
 
-def collect_experience(run: Run, indices: list[int], kl_coef: float,
+def collect_experience(run: Run, prompts: list, prompt_ids: list[list[int]], kl_coef: float,
                        mean_fn=None) -> Experience:
-    """`generate_experience` on the prompts at `indices` with the run's models and
+    """`generate_experience` on `prompts` (and their tokens) with the run's models and
     hyperparameters; whitening statistics over all ranks' rollouts unless another `mean_fn`
     is given."""
     cfg = run.cfg
-    encoded = encode_prompts(run.tokenizer, [run.prompt_ids[i] for i in indices],
-                             cfg.max_prompt_length, run.device)
+    encoded = encode_prompts(run.tokenizer, prompt_ids, run.device)
     with gathered(run.actor):  # sharded: the policy gathered once for the whole rollout
         return generate_experience(
             run.actor, run.critic, run.ref_model, run.score_fn, run.tokenizer, encoded.input_ids,
@@ -851,7 +946,7 @@ def collect_experience(run: Run, indices: list[int], kl_coef: float,
             missing_eos_penalty=cfg.missing_eos_penalty,
             recompute_log_probs=cfg.recompute_log_probs,
             micro_batch_size=cfg.rollout_micro_batch_size, autocast=run.autocast,
-            mean_fn=mean_fn or global_masked_mean, prompts=[run.prompts[i] for i in indices])
+            mean_fn=mean_fn or global_masked_mean, prompts=prompts)
 
 
 def rank_indices(run: Run, step: int) -> list[int]:
@@ -861,27 +956,43 @@ def rank_indices(run: Run, step: int) -> list[int]:
     return indices[run.rank * per_rank:(run.rank + 1) * per_rank]
 
 
-def rollout_stats(exp: Experience, kl_coef: float, mean_fn=masked_mean) -> dict:
-    """Per-rollout metrics as 0-d tensors (the caller syncs them all at once). Means are taken
-    with `mean_fn`: over the global batch under torchrun.
+def sequence_stats(exp: Experience, kl_coef: float, kl_estimator: str = "k1") -> dict:
+    """Per-sequence quantities [B] behind the rollout and evaluation metrics:
 
-        objective/kl            mean over sequences of sum_t (log pi - log pi_ref)   (k1)
-        objective/rlhf_reward   mean of score - kl_coef * kl, the objective PPO maximizes
-        val/explained_variance  1 - Var[returns - values] / Var[returns], over real tokens
+        kl             sum_t kl_t over the real tokens, kl_t the estimator the rewards use
+                       (k1 = log pi - log pi_ref, or k3): the KL the rewards penalize
+        rlhf_reward    reward_score - kl_coef * kl = sum_t r_t before any whitening: the
+                       return PPO maximizes (the score clipped and EOS-penalized, as PPO sees it)
+        scores         the reward's raw score; length: real tokens; no_eos: 1 if cut at the
+                       limit without an EOS
     """
+    per_token = kl_k3 if kl_estimator == "k3" else kl_k1
+    kl = torch.where(exp.action_mask, per_token(exp.log_probs, exp.ref_log_probs), 0.0).sum(1)
+    return {"scores": exp.scores, "kl": kl, "non_score_reward": -kl_coef * kl,
+            "rlhf_reward": exp.reward_score - kl_coef * kl,
+            "length": exp.action_mask.sum(1).float(), "no_eos": (~exp.ended).float()}
+
+
+def rollout_stats(exp: Experience, kl_coef: float, kl_estimator: str = "k1",
+                  mean_fn=masked_mean) -> dict:
+    """Per-rollout metrics as 0-d tensors (the caller syncs them all at once): the means over
+    sequences of `sequence_stats` (objective/scores, objective/kl, objective/non_score_reward,
+    objective/rlhf_reward, response/length, response/no_eos), and over real tokens
+
+        policy/entropy          mean entropy of the rollout policy per token
+        val/explained_variance  1 - Var[returns - values] / Var[returns]
+    Means are taken with `mean_fn`: over the global batch under torchrun."""
     mask = exp.action_mask
     rows = torch.ones_like(exp.scores, dtype=torch.bool)
-    kl = torch.where(mask, exp.log_probs - exp.ref_log_probs, 0.0).sum(1)  # [B] sum_t k1
+    per_sequence = sequence_stats(exp, kl_coef, kl_estimator)
+    stats = {f"{'response' if name in ('length', 'no_eos') else 'objective'}/{name}":
+             mean_fn(value, rows) for name, value in per_sequence.items()}
     residual_var = masked_var(exp.returns - exp.values, mask, mean_fn)
     return {
-        "objective/scores": mean_fn(exp.scores, rows),
-        "objective/kl": mean_fn(kl, rows),
-        "objective/non_score_reward": mean_fn(-kl_coef * kl, rows),
-        "objective/rlhf_reward": mean_fn(exp.scores - kl_coef * kl, rows),
+        **stats,
         "policy/entropy": mean_fn(exp.entropy, mask),
         "val/explained_variance": 1 - residual_var / masked_var(exp.returns, mask,
                                                                 mean_fn).clamp(min=1e-8),
-        "response/length": mean_fn(mask.sum(1).float(), rows),
         "response/tokens": all_reduce_sum(mask.sum().float()),
     }
 
@@ -897,6 +1008,155 @@ def next_kl_coef(cfg: Config, kl_coef: float, kl: float) -> float:
     return kl_coef
 
 
+def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """The learning rate of iteration `step` (1-based), as a fraction of the configured one.
+
+    Warm-up: step / warmup_steps for the first warmup_steps iterations. Then, with
+    p = (step - warmup_steps - 1) / (total_steps - warmup_steps) the fraction of the decay
+    already done (0 at the first iteration after the warm-up, (n-1)/n at the last):
+        constant 1;  linear 1 - p;  cosine (1 + cos(pi p)) / 2
+    so the decay would reach 0 one iteration after the last, and no iteration is wasted at 0.
+    """
+    if step <= warmup_steps:
+        return step / warmup_steps
+    progress = (step - warmup_steps - 1) / max(total_steps - warmup_steps, 1)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+EVAL_SEED_OFFSET = 10 ** 6  # evaluation samples from its own stream: seed + this + step
+
+
+def evaluate(run: Run, step: int) -> dict:
+    """The policy answers every held-out prompt, sampled as in training (same temperature:
+    the RLHF objective is an expectation under the sampling policy, which greedy decoding is
+    not), and the rollout's scoring gives eval/scores, eval/kl, eval/rlhf_reward, eval/length
+    (`sequence_stats`, averaged over the held-out prompts). Its own random stream: training
+    draws exactly what it would without evaluation. Rank 0 appends the prompts, responses and
+    scores to samples.jsonl. The prompts go in global batches of --batch-size, each rank its
+    share; a rank whose share of the last batch is short repeats a prompt and drops the
+    result, so that every rank runs the same forwards (FSDP's are collective)."""
+    cfg, t0 = run.cfg, time.perf_counter()
+    per_rank = cfg.batch_size // run.world_size
+    names = ("scores", "kl", "rlhf_reward", "length")
+    sums, mine = torch.zeros(len(names) + 1, device=run.device), []  # the last: a count
+    devices = [run.device] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed + EVAL_SEED_OFFSET + step * run.world_size + run.rank)
+        for start in range(0, len(run.eval_prompts), cfg.batch_size):
+            share = range(start + run.rank * per_rank,
+                          min(start + (run.rank + 1) * per_rank, len(run.eval_prompts)))
+            indices = list(share) + [0] * (per_rank - len(share))  # padded to the same size
+            exp = collect_experience(run, [run.eval_prompts[i] for i in indices],
+                                     [run.eval_prompt_ids[i] for i in indices], run.kl_coef,
+                                     mean_fn=masked_mean)
+            per_sequence = sequence_stats(exp, run.kl_coef, cfg.kl_estimator)
+            real = torch.arange(per_rank, device=run.device) < len(share)  # [B] not padding
+            for k, name in enumerate(names):
+                sums[k] += torch.where(real, per_sequence[name], 0.0).sum()
+            sums[-1] += real.sum()
+            mine += [{"prompt": exp.prompts[b], "response": exp.responses[b],
+                      "score": float(exp.scores[b]), "kl": float(per_sequence["kl"][b]),
+                      "index": i} for b, i in enumerate(share)]
+    totals = all_reduce_sum(sums).tolist()
+    samples = sorted((s for rank in gather_objects(mine) for s in rank),
+                     key=lambda s: s["index"])
+    run.metrics.write_samples(step, [{k: v for k, v in s.items() if k != "index"}
+                                     for s in samples])
+    row = {f"eval/{name}": total / totals[-1] for name, total in zip(names, totals)}
+    return {**row, "time/eval_s": time.perf_counter() - t0}
+
+
+# Tolerances of the live checks, from measurements on the test models (test_ppo_rlhf.py:
+# test_first_minibatch_ratio_under_bf16_autocast): the first minibatch's largest |ratio - 1|
+# is < 1e-5 in fp32 and up to ~0.05 under bf16 autocast with the log-probs recorded while
+# sampling (KV-cached and full attention round differently). A bug (dropout on, another
+# temperature in the update) moves it by far more.
+FIRST_RATIO_TOLERANCE = {"fp32": 1e-3, "bf16": 0.15}
+# the first rollout's KL per token with the reference a copy of the policy: ~1e-7 in fp32,
+# ~1e-3 with the reference in bf16 (bf16 rounding of its weights)
+START_KL_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
+NO_EOS_LIMIT = 0.5  # most responses cut at --max-new-tokens
+# a fresh value head predicts 0 (explained variance 0) and needs time: on the demo the mean
+# over 10 iterations stays within +-0.005 of 0 up to iteration 25, then rises to 0.3-0.5
+CRITIC_WARMUP, CRITIC_WINDOW = 30, 10
+
+
+class InvariantChecks:
+    """PPO's invariants, checked live on each iteration's metrics row (already on the host:
+    no extra device sync). A failing check warns once, naming the likely causes, and counts in
+    the metrics: check/<name> is the number of iterations it has failed so far.
+
+        first_ratio         pi/pi_old = 1 on the first minibatch, before any optimizer step
+        kl_at_start         the first rollout's KL is 0: the reference is the initial policy
+        no_eos              most responses end with an EOS, not cut at --max-new-tokens (watched
+                            when a reward model scores and no --missing-eos-penalty is set: a
+                            rule-based reward decides itself what a cut response is worth)
+        explained_variance  after CRITIC_WARMUP iterations the critic explains some of the
+                            returns' variance: its mean over the last CRITIC_WINDOW is >= 0
+    Entropy and clip fraction are logged but not checked: what is too low or too high
+    depends on the task and the model (the demo's clip fraction starts near 0.4)."""
+
+    ADVICE = {
+        "first_ratio": "pi/pi_old should be 1 on the first minibatch, before any update. "
+                       "Likely: dropout left on, position ids that differ between sampling "
+                       "and the update (left padding), another temperature or dtype in the "
+                       "update than in the rollout",
+        "kl_at_start": "the KL to the reference should be 0 before the first update. Likely: a "
+                       "reference that is not the initial policy (another checkpoint or "
+                       "dtype), or reference log-probs at another temperature",
+        "no_eos": "most responses were cut at --max-new-tokens without an EOS, so the reward "
+                  "model scores cut sentences: raise --max-new-tokens, or penalize them with "
+                  "--missing-eos-penalty",
+        "explained_variance": "the critic predicts the returns worse than their mean. Likely: "
+                              "a critic learning rate too high or too low, or a value clip "
+                              "(--cliprange-value) too tight for the scale of the rewards",
+    }
+
+    def __init__(self, precision: str, watch_eos: bool, log: Callable):
+        self.precision, self.watch_eos, self.log = precision, watch_eos, log
+        self.counts = dict.fromkeys(self.ADVICE, 0)
+        self.explained_variance = []  # the last CRITIC_WINDOW iterations'
+        self.warned = set()
+
+    def state_dict(self) -> dict:
+        return {"counts": dict(self.counts), "explained_variance": list(self.explained_variance)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts.update(state["counts"])
+        self.explained_variance = list(state["explained_variance"])
+
+    def failures(self, row: dict, first: bool) -> dict:
+        """{check: the measured value} for each check this row fails."""
+        self.explained_variance = (self.explained_variance
+                                   + [row["val/explained_variance"]])[-CRITIC_WINDOW:]
+        per_token_kl = abs(row["objective/kl"]) / max(row["response/length"], 1.0)
+        critic = sum(self.explained_variance) / len(self.explained_variance)
+        measured = {
+            "first_ratio": (row["policy/first_ratio_error"],
+                            not row["policy/first_ratio_error"]
+                            <= FIRST_RATIO_TOLERANCE[self.precision]),
+            "kl_at_start": (per_token_kl,
+                            first and not per_token_kl <= START_KL_TOLERANCE[self.precision]),
+            "no_eos": (row["response/no_eos"],
+                       self.watch_eos and row["response/no_eos"] > NO_EOS_LIMIT),
+            "explained_variance": (critic, row["step"] >= CRITIC_WARMUP and not critic >= 0),
+        }
+        return {name: value for name, (value, failed) in measured.items() if failed}
+
+    def __call__(self, row: dict, first: bool) -> dict:
+        for name, value in self.failures(row, first).items():
+            self.counts[name] += 1
+            if name not in self.warned:
+                self.warned.add(name)
+                self.log(f"warning: check {name} failed at step {row['step']} (measured "
+                         f"{value:.4g}): {self.ADVICE[name]}", file=sys.stderr)
+        return {f"check/{name}": float(count) for name, count in self.counts.items()}
+
+
 def setup_run(cfg: Config) -> Run:
     """Device and process group, options checked, prompts and models loaded, optimizers
     made, a checkpoint restored with --resume: everything before the first iteration."""
@@ -905,10 +1165,16 @@ def setup_run(cfg: Config) -> Run:
     rank, world_size = world()
     validate(cfg, world_size)
     log = print if rank == 0 else (lambda *args, **kwargs: None)  # one voice under torchrun
-    prompts = load_prompts(cfg.prompts)
+    if cfg.top_k or cfg.top_p < 1:
+        log("warning: --top-k/--top-p sample from a truncated distribution, while PPO's "
+            "log-probs are the full policy's: the ratio and the KL are off-policy estimates",
+            file=sys.stderr)
+    prompts, eval_prompts = load_prompt_sets(cfg)
     lock = claim_output_dir(cfg, rank)  # checked and locked before any model loads
     try:
-        run = load_run(cfg, device, rank, world_size, prompts, lock, log)
+        if cfg.resume:  # its options checked before the models load (memory-mapped: cheap)
+            load_checkpoint(lock.out, cfg)
+        run = load_run(cfg, device, rank, world_size, prompts, eval_prompts, lock, log)
     except BaseException:
         lock.release(remove_created=True)  # a failed start leaves no directory behind
         raise
@@ -921,41 +1187,47 @@ def setup_run(cfg: Config) -> Run:
 
 
 def load_run(cfg: Config, device: torch.device, rank: int, world_size: int, prompts: list,
-             lock: "OutputLock", log: Callable) -> Run:
+             eval_prompts: list, lock: "OutputLock", log: Callable) -> Run:
     """Models, optimizers and (with --resume) the checkpoint's state, in a `Run`."""
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    actor, ref_model, critic, tokenizer, score_fn = load_models(cfg, device)
-    prompt_ids = [prompt_token_ids(tokenizer, prompt) for prompt in prompts]  # tokenized once
-    check_prompt_lengths(prompt_ids, actor, cfg, log)
+    bf16 = uses_bf16(cfg, device, log)
+    actor, ref_model, critic, tokenizer, score_fn = load_models(cfg, device, bf16)
+    prompts, prompt_ids = usable_prompts(prompts, tokenizer, score_fn, cfg, "--prompts", log)
+    eval_prompts, eval_prompt_ids = usable_prompts(eval_prompts, tokenizer, score_fn, cfg,
+                                                   "the held-out prompts", log)
+    check_prompt_lengths(prompt_ids + eval_prompt_ids, actor, cfg)
 
-    actor_lr = cfg.actor_lr or (BUILTIN_ACTOR_LR if cfg.model == BUILTIN_MODEL
-                                else PRETRAINED_ACTOR_LR)
-    critic_lr = cfg.critic_lr or CRITIC_LR_FACTOR * actor_lr
-    # separate optimizers: actor and critic are separate models with separate losses. Fused
+    # separate optimizers over what each model trains (with LoRA, its adapter only). Fused
     # AdamW lets GradScaler skip a non-finite step without waiting for the device.
-    actor_optimizer = torch.optim.AdamW(actor.parameters(), lr=actor_lr,
+    actor_lr, critic_lr = learning_rates(cfg)
+    actor_optimizer = torch.optim.AdamW(trainable_parameters(actor), lr=actor_lr,
                                         weight_decay=cfg.weight_decay, fused=True)
-    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=critic_lr,
+    critic_optimizer = torch.optim.AdamW(trainable_parameters(critic), lr=critic_lr,
                                          weight_decay=cfg.weight_decay, fused=True)
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if uses_bf16(cfg, device)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: lr_factor(
+        done + 1, schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
+        total_steps=cfg.steps)) for optimizer in (actor_optimizer, critic_optimizer)]
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16
                 else nullcontext)
     eos_token_ids = end_of_response_ids(actor.generation_config, tokenizer)
 
     # DDP averages the gradients of the trained models over ranks (FSDP's are already sharded)
     train_actor, train_critic = actor, critic
     if world_size > 1 and not is_sharded(actor):
-        ids = [device.index] if device.type == "cuda" else None
-        train_actor = nn.parallel.DistributedDataParallel(actor, device_ids=ids)
-        train_critic = nn.parallel.DistributedDataParallel(critic, device_ids=ids)
+        train_actor, train_critic = (replicate(model, device) for model in (actor, critic))
     run = Run(cfg=cfg, device=device, rank=rank, world_size=world_size, actor=actor,
               critic=critic, ref_model=ref_model, train_actor=train_actor,
               train_critic=train_critic, actor_optimizer=actor_optimizer,
-              critic_optimizer=critic_optimizer, tokenizer=tokenizer, score_fn=score_fn,
-              prompts=prompts, prompt_ids=prompt_ids, eos_token_ids=eos_token_ids,
-              autocast=autocast,
-              out=lock.out, log=log, start_step=0, kl_coef=cfg.kl_ctl, lock=lock,
-              metrics=MetricsWriter(cfg, lock.out, enabled=rank == 0))
+              critic_optimizer=critic_optimizer, schedulers=schedulers, tokenizer=tokenizer,
+              score_fn=score_fn, prompts=prompts, prompt_ids=prompt_ids,
+              eval_prompts=eval_prompts, eval_prompt_ids=eval_prompt_ids,
+              eos_token_ids=eos_token_ids, bf16=bf16, autocast=autocast, out=lock.out, log=log,
+              start_step=0, kl_coef=cfg.kl_ctl,
+              checks=InvariantChecks("bf16" if bf16 or frozen_bf16(cfg, bf16) else "fp32",
+                                     bool(cfg.reward_model) and cfg.missing_eos_penalty is None,
+                                     log),
+              lock=lock, metrics=MetricsWriter(cfg, lock.out, enabled=rank == 0))
     torch.manual_seed(cfg.seed + rank)  # ranks sample different responses
     if cfg.resume:
         restore_checkpoint(run)
@@ -964,21 +1236,28 @@ def load_run(cfg: Config, device: torch.device, rank: int, world_size: int, prom
     return run
 
 
+def learning_rates(cfg: Config) -> tuple[float, float]:
+    """(actor, critic) learning rates: as given, or the defaults for the model and method."""
+    actor_lr = cfg.actor_lr or ((BUILTIN_ACTOR_LR if cfg.model == BUILTIN_MODEL
+                                 else PRETRAINED_ACTOR_LR)
+                                * (LORA_LR_FACTOR if cfg.lora_r else 1.0))
+    return actor_lr, cfg.critic_lr or CRITIC_LR_FACTOR * actor_lr
+
+
 def finish_run(run: Run) -> None:
-    """The last checkpoint, the policy as a `from_pretrained` directory, and a few samples."""
+    """The last checkpoint, a few samples, and the policy as a `from_pretrained` directory."""
     cfg = run.cfg
     if run.saved_step != cfg.steps:  # --save-every may have just written this very state
         save_checkpoint(run, cfg.steps)
-    policy_state = full_state_dict(run.actor)  # sharded: gathered by all ranks to rank 0
-    if run.rank == 0:
-        save_policy(run.actor, run.tokenizer, run.out, policy_state)
     if cfg.samples > 0:  # the first iteration's prompts, answered by the trained policy
         first = prompt_indices(1, cfg.batch_size, len(run.prompts), cfg.seed)[:cfg.samples]
         # every rank (a sharded model's forward is collective), each with its own statistics
-        final = collect_experience(run, first, run.kl_coef, mean_fn=masked_mean)
+        final = collect_experience(run, [run.prompts[i] for i in first],
+                                   [run.prompt_ids[i] for i in first], run.kl_coef,
+                                   mean_fn=masked_mean)
         print_samples("samples after training:", final, cfg.samples, run.log)
-    run.log(f"saved the policy to {run.out} "
-            f"(AutoModelForCausalLM.from_pretrained({str(run.out)!r}))")
+    where = save_final_policy(run)  # last: with LoRA, merging the adapter changes the base
+    run.log(f"saved the policy to {where} (AutoModelForCausalLM.from_pretrained({str(where)!r}))")
 
 
 def print_samples(title: str, exp: Experience, n: int, log) -> None:
@@ -990,12 +1269,13 @@ def print_samples(title: str, exp: Experience, n: int, log) -> None:
 
 class MetricsWriter:
     """Each iteration's row to metrics.jsonl, and the same scalars to TensorBoard event files
-    and to W&B when enabled. Only rank 0's writer is `enabled`. Files open with the first row:
-    a run that fails before its first iteration writes nothing.
+    and to W&B when enabled; each evaluation's samples to samples.jsonl (and as TensorBoard
+    text). Only rank 0's writer is `enabled`. Files open with the first row: a run that fails
+    before its first iteration writes nothing.
 
-    After a resume, the first row drops the rows of steps after `start_step` that the
-    interrupted run wrote after its last checkpoint (metrics.jsonl keeps one row per
-    iteration; TensorBoard is told to purge them from its earlier event files)."""
+    After a resume, the first write drops the rows of steps after `start_step` that the
+    interrupted run wrote after its last checkpoint (metrics.jsonl and samples.jsonl keep one
+    set per step; TensorBoard is told to purge them from its earlier event files)."""
 
     def __init__(self, cfg: Config, out: Path, enabled: bool, start_step: int = 0):
         self.cfg, self.out, self.enabled, self.start_step = cfg, out, enabled, start_step
@@ -1014,16 +1294,7 @@ class MetricsWriter:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        path = self.out / METRICS
-        line = json.dumps(dict(sorted(row.items()))) + "\n"
-        if not self.started:
-            self.open()
-            rows = path.read_text().splitlines() if path.exists() else []
-            kept = "".join(r + "\n" for r in rows if json.loads(r)["step"] <= self.start_step)
-            path.write_text(kept + line)
-        else:
-            with path.open("a") as f:
-                f.write(line)
+        self.append(METRICS, [row])
         scalars = {k: v for k, v in row.items() if k != "step"}
         if self.tensorboard is not None:
             for name, value in scalars.items():
@@ -1031,6 +1302,31 @@ class MetricsWriter:
             self.tensorboard.flush()  # curves follow the run, not its end
         if self.wandb_run is not None:
             self.wandb_run.log(scalars, step=row["step"])
+
+    def write_samples(self, step: int, samples: list[dict]) -> None:
+        """One evaluation's prompts, responses and scores: a JSON line each."""
+        if not self.enabled:
+            return
+        self.append(SAMPLES, [{"step": step, **sample} for sample in samples])
+        if self.tensorboard is not None:
+            table = "| score | prompt | response |\n|---|---|---|\n" + "".join(
+                f"| {s['score']:+.3f} | {json.dumps(s['prompt'])} | {json.dumps(s['response'])}"
+                " |\n" for s in samples)
+            self.tensorboard.add_text("eval/samples", table, step)
+
+    def append(self, name: str, rows: list[dict]) -> None:
+        """Rows to one of the run's JSONL files; the first time, after dropping any rows the
+        interrupted run wrote after its checkpoint."""
+        if not self.started:
+            self.open()
+            for kept_name in (METRICS, SAMPLES):
+                path = self.out / kept_name
+                if path.exists():
+                    kept = [r for r in path.read_text().splitlines()
+                            if json.loads(r)["step"] <= self.start_step]
+                    path.write_text("".join(r + "\n" for r in kept))
+        with (self.out / name).open("a") as f:
+            f.write("".join(json.dumps(dict(sorted(row.items()))) + "\n" for row in rows))
 
     def open(self) -> None:
         self.started = True
@@ -1110,40 +1406,79 @@ def build_tiny_model(seed: int):
     return GPT2LMHeadModel(config), tokenizer
 
 
-def uses_bf16(cfg: Config, device: torch.device) -> bool:
-    """bf16 compute (autocast, FSDP's mixed precision): asked for, on a CUDA GPU that has it."""
-    return cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+def uses_bf16(cfg: Config, device: torch.device, log: Callable = print) -> bool:
+    """bf16 compute (autocast, FSDP's mixed precision) on the run's device: by default on a
+    CUDA GPU that has bf16, off on a CPU; --bf16 asks for it on either. A GPU without bf16 is
+    refused; a CPU without bf16 units is warned about (PyTorch emulates bf16 there)."""
+    if cfg.bf16 is None:
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if cfg.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("--bf16: this GPU does not support bf16; run with --no-bf16")
+    if cfg.bf16 and device.type == "cpu" and not cpu_has_bf16_units():
+        log("warning: --bf16 on a CPU without bf16 units (AMX, AVX512-BF16, Arm BF16): "
+            "PyTorch emulates bf16 there, usually slower than fp32", file=sys.stderr)
+    return cfg.bf16
 
 
-def load_models(cfg: Config, device: torch.device):
-    """The four models of 004 §3 and the policy's tokenizer, on `device`, dropout off."""
-    actor, tokenizer = load_policy(cfg.model, cfg.seed)
-    frozen_dtype = torch.bfloat16 if cfg.frozen_bf16 else torch.float32
+def cpu_has_bf16_units() -> bool:
+    capabilities = torch.cpu.get_capabilities()
+    return any(capabilities.get(unit) for unit in ("amx_bf16", "avx512_bf16", "bf16",
+                                                   "sve_bf16"))
+
+
+def frozen_bf16(cfg: Config, bf16: bool) -> bool:
+    """Whether the frozen weights are stored in bf16: as asked, by default with bf16 compute
+    (autocast runs their matmuls in bf16 anyway: fp32 storage would only cost memory)."""
+    return bf16 if cfg.frozen_bf16 is None else cfg.frozen_bf16
+
+
+def load_models(cfg: Config, device: torch.device, bf16: bool = False, log: Callable = print):
+    """The four models of 004 §3 and the policy's tokenizer, on `device`, dropout off.
+
+    Trained weights are fp32 whatever dtype the checkpoint was saved in (master weights: a
+    1e-5 AdamW step mostly rounds away in bf16); frozen ones in bf16 with `frozen_bf16`, else
+    fp32. With --lora-r one frozen base serves three roles (`add_lora`): the actor is the base
+    plus an adapter, the reference the base with adapters off, the critic the base plus a
+    second adapter and the value head (or, with --critic-model, another base and adapter)."""
+    frozen_dtype = torch.bfloat16 if frozen_bf16(cfg, bf16) else torch.float32
     if cfg.reward_model:
-        scorer = RewardModelScorer(cfg.reward_model, cfg.reward_label, device, frozen_dtype)
+        scorer = RewardModelScorer(cfg.reward_model, cfg.reward_label, device, frozen_dtype,
+                                   log)
         score_fn = checked_scores(scorer, f"--reward-model {cfg.reward_model}")
     elif cfg.reward_fn:
         score_fn = checked_scores(load_reward_fn(cfg.reward_fn), f"--reward-fn {cfg.reward_fn}")
     else:
         score_fn = checked_scores(vowel_reward, "the built-in vowel reward")
-    ref_model = copy.deepcopy(actor).requires_grad_(False).eval()
-    critic = load_critic(cfg.critic_model, actor)
+    if cfg.lora_r:
+        base, tokenizer = load_policy(cfg.model, cfg.seed, frozen_dtype)
+        critic_base = (load_critic_backbone(cfg.critic_model, tokenizer, frozen_dtype)
+                       if cfg.critic_model else None)
+        actor, ref_model, critic = add_lora(base, critic_base, lora_config(cfg))
+    else:
+        actor, tokenizer = load_policy(cfg.model, cfg.seed, torch.float32)
+        ref_model = copy.deepcopy(actor).requires_grad_(False).eval().to(frozen_dtype)
+        backbone, head = (load_critic_backbone(cfg.critic_model, tokenizer, torch.float32)
+                          if cfg.critic_model else (copy.deepcopy(actor.base_model), None))
+        critic = ValueModel(backbone, backbone.config.hidden_size, head)
     actor.to(device).train()  # train mode with dropout off: gradient checkpointing needs it
     critic.to(device).train()
-    ref_model.to(device, frozen_dtype)
+    if not cfg.lora_r:
+        ref_model.to(device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(actor, critic)
     if cfg.data_parallel == "fsdp" and world()[1] > 1:
         for model in (actor, critic, ref_model, scorer.model if cfg.reward_model else None):
             if model is not None:
-                shard_model(model, uses_bf16(cfg, device))
+                shard_model(model, bf16)
     return actor, ref_model, critic, tokenizer, score_fn
 
 
-def load_policy(name: str, seed: int):
-    """(actor, tokenizer) from the built-in tiny model or a causal-LM hub name / directory."""
+def load_policy(name: str, seed: int, dtype: torch.dtype = torch.float32):
+    """(actor, tokenizer) from the built-in tiny model or a causal-LM hub name / directory,
+    its weights in `dtype` whatever dtype they were saved in."""
     if name == BUILTIN_MODEL:
         model, tokenizer = build_tiny_model(seed)
+        model.to(dtype)
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
         try:  # the config comes first: if it loads, the model's files are within reach
@@ -1156,7 +1491,7 @@ def load_policy(name: str, seed: int):
                              f"({config.architectures}), not a causal LM; pass it as "
                              "--reward-model or --critic-model")
         tokenizer = load_tokenizer(name, "--model")
-        model = load_pretrained(AutoModelForCausalLM, name, "--model")
+        model = load_pretrained(AutoModelForCausalLM, name, "--model", dtype=dtype)
     tokenizer.padding_side = "left"  # prompts end where the response begins
     disable_dropout(model)
     fuse_gelu(model)
@@ -1164,45 +1499,175 @@ def load_policy(name: str, seed: int):
 
 
 class ValueModel(nn.Module):
-    """The critic: a transformer backbone and a linear value head, V(s) at every position."""
+    """The critic: a transformer backbone and a linear value head, V(s) at every position.
 
-    def __init__(self, backbone: nn.Module, hidden_size: int):
+    The head computes in fp32 from fp32 weights, also under bf16 autocast: values are
+    regression targets of the size of the rewards, and bf16 keeps only 8 bits of them."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int, head: nn.Linear | None = None,
+                 adapter: Callable | None = None):
         super().__init__()
         self.backbone = backbone
         self.v_head = nn.Linear(hidden_size, 1)
         # V = 0 at the start: the first advantages are the rewards themselves, not noise
         nn.init.zeros_(self.v_head.weight)
         nn.init.zeros_(self.v_head.bias)
+        if head is not None:  # a 1-label reward model's score head (DeepSpeed-Chat's critic)
+            self.v_head.weight.data.copy_(head.weight.data)
+        # LoRA on a base shared with the actor: () -> a context in which the critic's adapter
+        # is the active one (`use_adapter`); None: the backbone is the critic's alone
+        self.adapter = adapter
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False).last_hidden_state
+        with self.adapter() if self.adapter else nullcontext():
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, use_cache=False).last_hidden_state
         # h . w + b written out: a fresh [B, L] tensor, not a view of [B, L, 1] (FSDP2 warns
-        # that a view returned by a sharded module could lose its backward hook)
-        return (hidden @ self.v_head.weight[0] + self.v_head.bias).float()  # [B, L]
+        # that a view returned by a sharded module could lose its backward hook). The .float()
+        # of the weights undoes FSDP's bf16 mixed-precision copies.
+        with torch.autocast(hidden.device.type, enabled=False):
+            return hidden.float() @ self.v_head.weight[0].float() + self.v_head.bias.float()
 
 
-def load_critic(name: str | None, actor: nn.Module) -> ValueModel:
-    """Critic from `name` (a causal LM or a 1-label reward model, as DeepSpeed-Chat does), or by
-    default from the policy's own backbone. A 1-label reward model also lends its score head."""
-    if name is None:
-        backbone = copy.deepcopy(actor.base_model)
-        critic = ValueModel(backbone, backbone.config.hidden_size)
+def load_critic_backbone(name: str, tokenizer, dtype: torch.dtype):
+    """(backbone, head) for --critic-model: a causal LM's or a 1-label reward model's backbone
+    (DeepSpeed-Chat initializes the critic from the reward model), which then lends its score
+    head, in `dtype`. The critic reads the policy's token ids, so its vocabulary must be the
+    policy's (checked against its tokenizer, or its embedding size if it has none)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+    config = load_pretrained(AutoConfig, name, "--critic-model")
+    check_same_vocabulary(name, config, tokenizer)
+    head = None
+    if is_sequence_classifier(config) and config.num_labels == 1:
+        source = load_pretrained(AutoModelForSequenceClassification, name, "--critic-model",
+                                 dtype=dtype)
+        backbone, score = source.base_model, getattr(source, "score", None)
+        if isinstance(score, nn.Linear) and score.weight.shape == (1, config.hidden_size):
+            head = score.float()
     else:
-        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
-        config = load_pretrained(AutoConfig, name, "--critic-model")
-        if is_sequence_classifier(config) and config.num_labels == 1:
-            source = load_pretrained(AutoModelForSequenceClassification, name, "--critic-model")
-            backbone = source.base_model
+        backbone = load_pretrained(AutoModel, name, "--critic-model", dtype=dtype)
+    disable_dropout(backbone)
+    fuse_gelu(backbone)
+    return backbone, head
+
+
+def check_same_vocabulary(name: str, config, tokenizer) -> None:
+    """Refuse a --critic-model whose token ids mean other tokens than the policy's."""
+    try:
+        own = load_tokenizer(name, "--critic-model").get_vocab()
+    except UsageError:  # no tokenizer beside the weights: the embedding must hold every id
+        own = None
+    policy = tokenizer.get_vocab()
+    if own is None:
+        if config.vocab_size < len(policy):
+            raise UsageError(f"--critic-model {name!r} embeds {config.vocab_size} token ids, the "
+                             f"policy's tokenizer has {len(policy)}: the critic reads the "
+                             "policy's token ids; take a critic of the policy's model family")
+        return
+    different = [token for token, i in policy.items() if own.get(token) != i]
+    if different:
+        raise UsageError(f"--critic-model {name!r} has another vocabulary than the policy "
+                         f"({len(different)} of the policy's {len(policy)} tokens have another "
+                         f"id there, e.g. {different[0]!r}): the critic reads the policy's "
+                         "token ids; take a critic of the policy's model family")
+
+
+LORA_ACTOR, LORA_CRITIC = "default", "critic"  # adapter names (PEFT's default for the actor)
+
+
+def lora_config(cfg: Config):
+    """PEFT's LoraConfig from the --lora-* options."""
+    from peft import LoraConfig
+    targets = cfg.lora_target_modules
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
+                      lora_dropout=cfg.lora_dropout, bias="none",
+                      target_modules=targets if targets == "all-linear"
+                      else [t.strip() for t in targets.split(",") if t.strip()])
+
+
+def add_lora(base: nn.Module, critic_base: tuple | None, config):
+    """(actor, reference, critic) on one frozen base, with PEFT: the actor is `base` plus
+    adapter LORA_ACTOR; the reference is the same object with the adapters off (`AdaptersOff`:
+    no copy, no memory); the critic is the base's backbone plus adapter LORA_CRITIC and a value
+    head, or with `critic_base` (a --critic-model backbone and head) that backbone plus
+    its own adapter. Adapters are fp32 whatever the base's dtype (PEFT's default); every
+    adapter weight is trainable, and `trainable_parameters` gives each model its own."""
+    from peft import get_peft_model
+    from transformers.pytorch_utils import Conv1D
+    # GPT-2's Conv1D stores its weight transposed (PEFT would fix this itself, with a warning)
+    config.fan_in_fan_out = any(isinstance(m, Conv1D) for m in base.modules())
+    config.task_type = "CAUSAL_LM"
+    with warnings.catch_warnings():  # PEFT calls a transformers property deprecated in v5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                category=FutureWarning)
+        actor = get_peft_model(base, config, adapter_name=LORA_ACTOR)
+        if critic_base is None:
+            actor.add_adapter(LORA_CRITIC, config)
+            backbone = actor.get_base_model().base_model  # the transformer without its LM head
+            critic = ValueModel(backbone, backbone.config.hidden_size,
+                                adapter=functools.partial(use_adapter, actor, LORA_CRITIC))
         else:
-            source, backbone = None, load_pretrained(AutoModel, name, "--critic-model")
-        critic = ValueModel(backbone, backbone.config.hidden_size)
-        head = getattr(source, "score", None)
-        if isinstance(head, nn.Linear) and head.weight.shape == critic.v_head.weight.shape:
-            critic.v_head.weight.data.copy_(head.weight.data)
-    disable_dropout(critic)
-    fuse_gelu(critic)
-    return critic
+            backbone, head = critic_base
+            config = copy.deepcopy(config)
+            config.task_type = None
+            config.fan_in_fan_out = any(isinstance(m, Conv1D) for m in backbone.modules())
+            critic = ValueModel(get_peft_model(backbone, config, adapter_name=LORA_CRITIC),
+                                backbone.config.hidden_size, head)
+    actor.lora_adapter = LORA_ACTOR
+    critic.lora_adapter = LORA_CRITIC
+    for model in (actor, critic):
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_("lora_" in name or name.startswith("v_head."))
+    return actor, AdaptersOff(actor), critic
+
+
+def trainable_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """What an optimizer trains in `model`: all of it, or with LoRA (`model.lora_adapter`
+    names its adapter) that adapter and the value head, not the frozen base nor the other
+    role's adapter on the same base."""
+    adapter = getattr(model, "lora_adapter", None)
+    return [p for name, p in model.named_parameters()
+            if adapter is None or ("lora_" in name and f".{adapter}." in name)
+            or name.startswith("v_head.")]
+
+
+@contextmanager
+def use_adapter(model: nn.Module, name: str | None):
+    """`model` (a PeftModel) runs with LoRA adapter `name` active, or with none (None: the base
+    alone, the reference policy); afterwards as before.
+
+    PEFT's switches also set requires_grad: set_adapter(name) freezes every other adapter,
+    and disabling the adapters freezes them all. Autograd skips a leaf whose requires_grad is
+    off when backward reaches it: after the critic's forward switched away from the actor's
+    adapter, the one backward of actor and critic losses would silently leave the actor's
+    adapter untrained. So every adapter weight that was trainable is made trainable again."""
+    trainable = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+    previous = model.active_adapter
+    with model.disable_adapter() if name is None else nullcontext():
+        if name is not None:
+            model.set_adapter(name)
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+        try:
+            yield
+        finally:
+            if name is not None:
+                model.set_adapter(previous)
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+
+
+class AdaptersOff:
+    """The reference policy with LoRA: the actor's own frozen base, run with its adapters off.
+    Not a copy (it costs no memory) and not an nn.Module (moving or freezing it must not touch
+    the actor): it is called like the model."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with use_adapter(self.model, None):
+            return self.model(*args, **kwargs)
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -1230,10 +1695,22 @@ def fuse_gelu(model: nn.Module) -> None:
 
 def enable_gradient_checkpointing(actor, critic: ValueModel) -> None:
     """Recompute activations in backward in both trained models (non-reentrant: works with DDP
-    and with inputs that need no gradient)."""
-    checkpointing = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
-    actor.activation_checkpointing_enable(**checkpointing)
-    critic.backbone.activation_checkpointing_enable(**checkpointing)
+    and with inputs that need no gradient). With LoRA on a base shared by actor and critic,
+    each block is recomputed with the adapter it ran with in its forward (PyTorch's
+    `context_fn`), not with whichever adapter is active when backward reaches it."""
+    checkpointing = {"use_reentrant": False}
+    if getattr(actor, "lora_adapter", None):
+        checkpointing["context_fn"] = lambda: (nullcontext(),
+                                               use_adapter(actor, actor.active_adapter))
+        actor.get_base_model().activation_checkpointing_enable(
+            activation_checkpointing_kwargs=checkpointing)
+    else:
+        actor.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+    if critic.adapter is None:  # a backbone of its own (else it is the actor's, done above)
+        backbone = critic.backbone
+        backbone = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+        backbone.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def first_line(error: BaseException) -> str:
@@ -1281,6 +1758,25 @@ def save_policy(model: nn.Module, tokenizer, out: Path, state_dict: dict) -> Non
         model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
         model.config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def save_final_policy(run) -> Path:
+    """The trained policy as an ordinary `save_pretrained` directory, <out>/policy, which
+    AutoModelForCausalLM.from_pretrained loads. With LoRA the actor's adapter alone goes to
+    <out>/adapter first (PeftModel.from_pretrained(base, <out>/adapter) puts it back on the
+    base); then it is merged into the base for <out>/policy, in place: nothing runs after.
+    Each directory is written under a temporary name, then renamed into place."""
+    model = run.actor
+    if getattr(model, "lora_adapter", None):
+        if run.rank == 0:
+            write_directory(run.out / ADAPTER, lambda tmp: model.save_pretrained(
+                tmp, selected_adapters=[LORA_ACTOR]))
+        model = model.merge_and_unload(adapter_names=[LORA_ACTOR])
+    state = full_state_dict(model)  # sharded: gathered by all ranks to rank 0
+    if run.rank == 0:
+        write_directory(run.out / POLICY, lambda tmp: save_policy(model, run.tokenizer, tmp,
+                                                                 state))
+    return run.out / POLICY
 
 
 def end_of_response_ids(generation_config, tokenizer) -> list[int]:
@@ -1341,10 +1837,16 @@ class RewardModelScorer:
     trained to: the prompt's messages (a plain-text prompt as one user message) plus
     {"role": "assistant", "content": response}, rendered by its template, whose special
     tokens are not added twice. A plain classifier reads prompt + response as one string (a
-    conversation's message contents, one per line, then the response)."""
+    conversation's message contents, one per line, then the response).
+
+    Its context (`self.context` tokens, the smaller of its tokenizer's and its model's limit)
+    must hold prompt + response: prompts that cannot leave room for --max-new-tokens are left
+    out at the start (`fits`). Should a text still be longer (its tokenizer splits a response
+    into more tokens than the policy's), it is cut from the left, in the prompt, with one
+    warning; a response it could not read whole is an error, never a score."""
 
     def __init__(self, name: str, label: str | None, device: torch.device,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, log: Callable = print):
         from transformers import AutoConfig, AutoModelForSequenceClassification
         config = load_pretrained(AutoConfig, name, "--reward-model")
         if not is_sequence_classifier(config):
@@ -1352,13 +1854,16 @@ class RewardModelScorer:
                              f"architectures are {config.architectures}); it must load with "
                              "AutoModelForSequenceClassification")
         self.tokenizer = load_tokenizer(name, "--reward-model")
-        self.model = load_pretrained(AutoModelForSequenceClassification, name, "--reward-model")
+        self.tokenizer.truncation_side = "left"  # a cut, if ever, takes the prompt's start
+        self.model = load_pretrained(AutoModelForSequenceClassification, name, "--reward-model",
+                                     dtype=dtype)
         # the classifier finds each row's last real token through config.pad_token_id
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         fuse_gelu(self.model)
-        self.model.to(device, dtype).eval().requires_grad_(False)
-        self.device = device
+        self.model.to(device).eval().requires_grad_(False)
+        self.device, self.log, self.warned = device, log, False
         self.label = self._label_index(label, self.model.config)
+        self.context = min(self.tokenizer.model_max_length, context_length(config) or 10 ** 9)
 
     @staticmethod
     def _label_index(label: str | None, config) -> int:
@@ -1384,10 +1889,40 @@ class RewardModelScorer:
         return [(p if isinstance(p, str) else "".join(m["content"] + "\n" for m in p)) + r
                 for p, r in zip(prompts, responses)]
 
+    def prefixes(self, prompts: list) -> list[str]:
+        """What the reward model reads before each response."""
+        if self.tokenizer.chat_template:
+            return [self.tokenizer.apply_chat_template(
+                p if isinstance(p, list) else [{"role": "user", "content": p}],
+                tokenize=False, add_generation_prompt=True) for p in prompts]
+        return self.texts(prompts, [""] * len(prompts))
+
+    def lengths(self, texts: list[str]) -> list[int]:
+        ids = self.tokenizer(texts, add_special_tokens=not self.tokenizer.chat_template)
+        return [len(row) for row in ids["input_ids"]]
+
+    def fits(self, prompt, max_new_tokens: int) -> bool:
+        """Whether `prompt` leaves room for a response of `max_new_tokens` tokens."""
+        return self.lengths(self.texts([prompt], [""]))[0] + max_new_tokens <= self.context
+
     @torch.no_grad()  # not inference_mode: a sharded (FSDP) model reuses its buffers
     def __call__(self, prompts: list, responses: list[str]) -> torch.Tensor:
-        batch = self.tokenizer(self.texts(prompts, responses), return_tensors="pt",
-                               padding=True, truncation=True,
+        texts = self.texts(prompts, responses)
+        lengths = self.lengths(texts)
+        over = [b for b, n in enumerate(lengths) if n > self.context]
+        if over:  # the cut must stay inside what precedes the response
+            room = self.lengths(self.prefixes([prompts[b] for b in over]))
+            if any(lengths[b] - self.context > n for b, n in zip(over, room)):
+                raise UsageError(f"the reward model cannot read a whole response: prompt + "
+                                 f"response exceed its context of {self.context} tokens by more "
+                                 "than the prompt; lower --max-new-tokens")
+            if not self.warned:
+                self.warned = True
+                self.log(f"warning: the reward model's context of {self.context} tokens cannot "
+                         "hold some prompt + response: their prompts are cut from the left "
+                         "(the responses are read whole)", file=sys.stderr)
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=bool(over),
+                               max_length=self.context if over else None,
                                add_special_tokens=not self.tokenizer.chat_template)
         return self.model(**batch.to(self.device)).logits[:, self.label].float().cpu()
 
@@ -1431,10 +1966,27 @@ def checked_scores(fn: Callable, name: str) -> Callable[[list, list[str]], torch
         if not torch.isfinite(scores).all():
             raise UsageError(f"{name} returned a non-finite score: {scores.tolist()}")
         return scores
+    score.fits = getattr(fn, "fits", None)  # a reward model's context check, if it has one
     return score
 
 
-def load_prompts(path: str | None) -> list:
+def load_prompt_sets(cfg: Config) -> tuple[list, list]:
+    """(training prompts, held-out prompts): --prompts, less a seeded --eval-fraction of it,
+    which joins --eval-prompts."""
+    prompts = load_prompts(cfg.prompts)
+    held_out = load_prompts(cfg.eval_prompts, "--eval-prompts") if cfg.eval_prompts else []
+    if cfg.eval_fraction > 0:
+        n = max(1, round(cfg.eval_fraction * len(prompts)))
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed))
+        chosen = set(order[:n].tolist())
+        held_out += [p for i, p in enumerate(prompts) if i in chosen]
+        prompts = [p for i, p in enumerate(prompts) if i not in chosen]
+        if not prompts:
+            raise UsageError(f"--eval-fraction {cfg.eval_fraction} leaves no prompt to train on")
+    return prompts, held_out
+
+
+def load_prompts(path: str | None, option: str = "--prompts") -> list:
     """Prompts from a text file (one per line) or JSONL; default: a built-in set.
 
     A JSONL line holds "prompt": a string, or a conversation in TRL's format, a list of
@@ -1445,7 +1997,7 @@ def load_prompts(path: str | None) -> list:
         return list(BUILTIN_PROMPTS)
     file = Path(path)
     if not file.is_file():
-        raise UsageError(f"--prompts {path!r}: no such file")
+        raise UsageError(f"{option} {path!r}: no such file")
     prompts = []
     lines = file.read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(lines, 1):
@@ -1454,7 +2006,7 @@ def load_prompts(path: str | None) -> list:
         if file.suffix != ".jsonl":
             prompts.append(line)
             continue
-        where = f"--prompts {path}:{number}"
+        where = f"{option} {path}:{number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
@@ -1469,7 +2021,7 @@ def load_prompts(path: str | None) -> list:
                 prompt = prompt[:-1]
         prompts.append(prompt)
     if not prompts:
-        raise UsageError(f"--prompts {path!r} holds no prompt")
+        raise UsageError(f"{option} {path!r} holds no prompt")
     return prompts
 
 
@@ -1498,31 +2050,58 @@ def prompt_token_ids(tokenizer, prompt) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def check_prompt_lengths(prompt_ids: list[list[int]], actor, cfg: Config, log) -> None:
-    """Long prompts are truncated from the left (one warning); prompt + response must fit."""
-    lengths = [len(ids) for ids in prompt_ids]
-    if min(lengths) == 0:
-        raise UsageError("--prompts holds a prompt with no token; remove empty prompts")
-    if max(lengths) > cfg.max_prompt_length:
-        n_long = sum(n > cfg.max_prompt_length for n in lengths)
-        log(f"warning: {n_long} prompt(s) longer than --max-prompt-length "
-            f"{cfg.max_prompt_length} tokens are truncated from the left", file=sys.stderr)
-    config = actor.config
-    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings",
-                                                              None)
-    longest = min(max(lengths), cfg.max_prompt_length)
+def usable_prompts(prompts: list, tokenizer, score_fn, cfg: Config, what: str,
+                   log: Callable) -> tuple[list, list[list[int]]]:
+    """The prompts both the policy and the reward can read whole, and their policy tokens.
+
+    Left out, with one warning: prompts longer than --max-prompt-length policy tokens, and
+    prompts that leave a reward model too little of its context for a response of
+    --max-new-tokens. None is cut instead: a prompt cut from the left loses its chat header
+    and BOS, and the reward model would score the answer to another prompt than the policy
+    saw (or cut the response it scores)."""
+    ids = [prompt_token_ids(tokenizer, prompt) for prompt in prompts]  # tokenized once
+    if any(len(row) == 0 for row in ids):
+        raise UsageError(f"{what} holds a prompt with no token; remove empty prompts")
+    too_long = [len(row) > cfg.max_prompt_length for row in ids]
+    fits = getattr(score_fn, "fits", None)
+    no_room = [not long and fits is not None and not fits(prompt, cfg.max_new_tokens)
+               for prompt, long in zip(prompts, too_long)]
+    keep = [i for i in range(len(prompts)) if not (too_long[i] or no_room[i])]
+    if len(keep) < len(prompts):
+        reasons = [f"{sum(too_long)} longer than --max-prompt-length {cfg.max_prompt_length}",
+                   f"{sum(no_room)} too long for the reward model to read with a response of "
+                   f"--max-new-tokens {cfg.max_new_tokens}"]
+        message = (f"{len(prompts) - len(keep)} of the {len(prompts)} prompts of {what} ("
+                   + "; ".join(r for r, n in zip(reasons, (sum(too_long), sum(no_room))) if n)
+                   + ")")
+        if not keep:
+            raise UsageError(f"{message}: none is left; raise --max-prompt-length or lower "
+                             "--max-new-tokens")
+        log(f"warning: {message} are left out: a prompt cut short would lose its chat header "
+            "or BOS, or the reward model would read another prompt than the policy",
+            file=sys.stderr)
+    return [prompts[i] for i in keep], [ids[i] for i in keep]
+
+
+def context_length(config) -> int | None:
+    """The positions a model can read (GPT-2's n_positions, most others'
+    max_position_embeddings), if its config says."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings",
+                                                           None)
+
+
+def check_prompt_lengths(prompt_ids: list[list[int]], actor, cfg: Config) -> None:
+    """The longest prompt + a response of --max-new-tokens must fit the policy's context."""
+    context, longest = context_length(actor.config), max(len(ids) for ids in prompt_ids)
     if context is not None and longest + cfg.max_new_tokens > context:
         raise UsageError(f"prompts of up to {longest} tokens + --max-new-tokens "
                          f"{cfg.max_new_tokens} exceed the model's context of {context}; "
                          "lower --max-new-tokens or --max-prompt-length")
 
 
-def encode_prompts(tokenizer, prompt_ids: list[list[int]], max_length: int,
-                   device: torch.device):
-    """Left-padded [B, P] input_ids and attention_mask from `prompt_token_ids` lists, long
-    prompts cut from the left (a chat prompt keeps its end: the assistant's turn)."""
-    batch = tokenizer.pad({"input_ids": [ids[-max_length:] for ids in prompt_ids]},
-                          padding=True, return_tensors="pt")
+def encode_prompts(tokenizer, prompt_ids: list[list[int]], device: torch.device):
+    """Left-padded [B, P] input_ids and attention_mask from `prompt_token_ids` lists."""
+    batch = tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt")
     return batch.to(device)
 
 
@@ -1555,10 +2134,19 @@ def world() -> tuple[int, int]:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of `tensor` over ranks (a new tensor; asynchronous on the device)."""
+    return reduced(tensor, "SUM")
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The largest value of `tensor` over ranks (a new tensor; asynchronous on the device)."""
+    return reduced(tensor, "MAX")
+
+
+def reduced(tensor: torch.Tensor, op: str) -> torch.Tensor:
     if world()[1] == 1:
         return tensor
     total = tensor.detach().clone()
-    torch.distributed.all_reduce(total)
+    torch.distributed.all_reduce(total, op=getattr(torch.distributed.ReduceOp, op))
     return total
 
 
@@ -1582,6 +2170,19 @@ def gather_objects(obj) -> list:
     if len(objects) > 1:
         torch.distributed.all_gather_object(objects, obj)
     return objects
+
+
+def replicate(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` in DistributedDataParallel, which averages the gradients of what it trains
+    (`trainable_parameters`) and ignores the rest: with LoRA, actor and critic share a frozen
+    base and each holds the other's adapter, which its DDP must neither broadcast nor wait
+    for."""
+    trained = {id(p) for p in trainable_parameters(model)}
+    ignored = [name for name, p in model.named_parameters() if id(p) not in trained]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model,
+                                                                                   ignored)
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def no_sync(actor, critic, last: bool):
@@ -1695,9 +2296,12 @@ def resolve_device(name: str) -> torch.device:
 CHECKPOINT = "checkpoint.pt"
 SHARDED_CHECKPOINT = "checkpoint"  # a directory: torch.distributed.checkpoint, files per rank
 METRICS = "metrics.jsonl"
+SAMPLES = "samples.jsonl"  # each evaluation's prompts, responses and scores
+POLICY = "policy"  # the trained policy, a save_pretrained directory
+ADAPTER = "adapter"  # with LoRA: the actor's adapter alone, a PEFT directory
 # options that may change between a run and its resumption; any other difference is refused
 RESUMABLE_OPTIONS = {"steps", "resume", "overwrite", "save_every", "output_dir", "device",
-                     "samples", "tensorboard", "wandb", "wandb_project",
+                     "samples", "tensorboard", "wandb", "wandb_project", "eval_every",
                      "max_skipped_updates",
                      # memory knobs, to resume a run that ran out of memory: they move results
                      # by float rounding only
@@ -1706,9 +2310,12 @@ RESUMABLE_OPTIONS = {"steps", "resume", "overwrite", "save_every", "output_dir",
 
 LOCK_FILE = ".ppo_rlhf.lock"
 WANDB_ID_FILE = ".wandb_run_id"
-# files that mark a directory as holding an earlier run's results
-RUN_FILES = (CHECKPOINT, SHARDED_CHECKPOINT, SHARDED_CHECKPOINT + ".old", METRICS,
-             "model.safetensors", "model.safetensors.index.json")
+# what a run writes: its presence marks a directory as holding an earlier run's results, and
+# --overwrite deletes all of it (with the TensorBoard event files and W&B's local files)
+RUN_FILES = (CHECKPOINT, SHARDED_CHECKPOINT, SHARDED_CHECKPOINT + ".old", METRICS, SAMPLES,
+             POLICY, ADAPTER)
+SCRATCH = (CHECKPOINT + ".tmp", SHARDED_CHECKPOINT + ".tmp", POLICY + ".tmp", ADAPTER + ".tmp",
+           WANDB_ID_FILE, "wandb")
 
 
 def new_run_dir(cfg: Config, root: Path = Path("runs")) -> Path:
@@ -1745,14 +2352,17 @@ class OutputLock:
         self.release(remove_created=exc_type is not None)  # a run that failed before writing
 
     def discard_earlier_run(self) -> None:
-        """--overwrite: delete the earlier run's checkpoint and metrics (its saved model is
-        replaced at the end). Called once the new run has loaded, so that a start that fails
+        """--overwrite: delete everything the earlier run wrote (checkpoints, metrics, samples,
+        curves, the W&B run id, the saved policy and adapter), so that the new run starts
+        afresh in every output. Called once the new run has loaded, so that a start that fails
         destroys nothing."""
         if self.file is not None:
-            for name in (CHECKPOINT, METRICS):
-                (self.out / name).unlink(missing_ok=True)
-            for name in (SHARDED_CHECKPOINT, SHARDED_CHECKPOINT + ".old"):
-                shutil.rmtree(self.out / name, ignore_errors=True)
+            for path in [*(self.out / name for name in RUN_FILES + SCRATCH),
+                         *self.out.glob("events.out.tfevents.*")]:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
 
     def release(self, remove_created: bool = False) -> None:
         """Unlock; with `remove_created`, also remove the directory if this run created it
@@ -1827,6 +2437,16 @@ def lock_output_dir(out: Path, resume: bool, overwrite: bool,
     return lock
 
 
+def write_directory(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` into a fresh path.tmp, then renamed over `path`: a kill mid-write leaves
+    the earlier directory whole, or (between the two steps) none and the complete .tmp."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
 def atomic_save(obj, path: Path) -> None:
     """torch.save to a temporary name, then rename: a kill mid-write leaves the old file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -1872,7 +2492,7 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
         raise UsageError(f"--resume: no checkpoint in {out}; start without --resume")
     directory = path.parent if path.name == "meta.pt" else None
     try:  # weights_only: tensors and plain containers only; a pickled callable is refused
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise UsageError(f"--resume: {path} is not a checkpoint this program wrote, or is "
                          f"damaged; refusing to load it ({type(e).__name__}: "
@@ -1886,26 +2506,52 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
         changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
         raise UsageError(f"--resume: {path} was written with other options ({changes}); "
                          "resume with the same options or use another --output-dir")
+    if cfg.steps < state["step"]:
+        raise UsageError(f"--resume: the checkpoint is at step {state['step']}, beyond --steps "
+                         f"{cfg.steps}: nothing would run, and its later state would be saved "
+                         f"as step {cfg.steps}; give --steps {state['step']} or more")
+    if cfg.lr_schedule != "constant" and cfg.steps != state["steps"]:
+        raise UsageError(f"--resume: --lr-schedule {cfg.lr_schedule} decays over --steps, "
+                         f"which was {state['steps']} and is now {cfg.steps}; resume with "
+                         f"--steps {state['steps']}")
     return {**state, "directory": directory}
 
 
 def save_checkpoint(run, step: int) -> None:
-    """Everything `--resume` needs to continue exactly: both trained models and optimizers,
-    beta, the step and every rank's random state. With --data-parallel fsdp every rank
-    writes its own shards (`save_sharded_checkpoint`), also a single process, so that any
-    number of ranks can resume; otherwise rank 0 writes checkpoint.pt."""
-    meta = {"step": step, "kl_coef": run.kl_coef, "fingerprint": resume_fingerprint(run.cfg),
+    """Everything `--resume` needs to continue exactly: what the two models train (all their
+    weights, or with LoRA the adapters and value head) and their optimizers and learning-rate
+    schedules, beta, the checks' counts, the step and every rank's random state. With
+    --data-parallel fsdp every rank writes its own shards (`save_sharded_checkpoint`), also a
+    single process, so that any number of ranks can resume; otherwise rank 0 writes
+    checkpoint.pt."""
+    meta = {"step": step, "steps": run.cfg.steps, "kl_coef": run.kl_coef,
+            "fingerprint": resume_fingerprint(run.cfg),
+            "schedulers": [scheduler.state_dict() for scheduler in run.schedulers],
+            "checks": run.checks.state_dict(),
             "rng": gather_objects(rng_state())}  # every rank's sampler state
     if run.cfg.data_parallel == "fsdp":
         save_sharded_checkpoint(run, meta)
     elif run.rank == 0:
         state = dict(meta)
         for name, model, optimizer in trained_models(run):
-            state[name], state[name + "_optimizer"] = model.state_dict(), optimizer.state_dict()
+            state[name], state[name + "_optimizer"] = trained_state(model), optimizer.state_dict()
         atomic_save(state, run.out / CHECKPOINT)
         for name in (SHARDED_CHECKPOINT, SHARDED_CHECKPOINT + ".old"):  # superseded
             shutil.rmtree(run.out / name, ignore_errors=True)
     run.saved_step = step
+
+
+def trained_state(model: nn.Module) -> dict:
+    """{name: tensor} of the parameters `model` trains: with LoRA, megabytes, not the base."""
+    trained = {id(p) for p in trainable_parameters(model)}
+    return {name: p.detach() for name, p in model.named_parameters() if id(p) in trained}
+
+
+def load_trained_state(model: nn.Module, state: dict) -> None:
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            parameters[name].copy_(value)
 
 
 def checkpoint_path(run) -> Path:
@@ -1978,8 +2624,11 @@ def restore_checkpoint(run) -> None:
                            optim_state_dict=shards[name + "_optimizer"])
     else:
         for name, model, optimizer in trained_models(run):
-            model.load_state_dict(state[name])
+            load_trained_state(model, state[name])
             optimizer.load_state_dict(state[name + "_optimizer"])
+    for scheduler, scheduler_state in zip(run.schedulers, state["schedulers"]):
+        scheduler.load_state_dict(scheduler_state)
+    run.checks.load_state_dict(state["checks"])
     run.start_step, run.kl_coef = state["step"], state["kl_coef"]
     run.saved_step = run.start_step
     if len(state["rng"]) == run.world_size:
@@ -2032,12 +2681,23 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         (not cfg.resume or cfg.output_dir is not None,
          "--resume needs --output-dir, the directory of the run to continue"),
         (not (cfg.resume and cfg.overwrite), "give --resume or --overwrite, not both"),
+        (0 <= cfg.eval_fraction < 1 and cfg.eval_every >= 1,
+         "--eval-fraction must be in [0, 1) and --eval-every >= 1"),
+        (cfg.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+        (cfg.lora_r >= 0 and (cfg.lora_alpha is None or cfg.lora_alpha > 0)
+         and 0 <= cfg.lora_dropout < 1,
+         "--lora-r must be >= 0, --lora-alpha > 0 and --lora-dropout in [0, 1)"),
+        (not (cfg.lora_r and cfg.data_parallel == "fsdp"),
+         "--lora-r with --data-parallel fsdp is not supported: LoRA's one frozen base serves "
+         "actor, reference and critic in turn, which FSDP would gather for each; use ddp "
+         "(each rank holds the base, 2 bytes per parameter in bf16)"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
     for wanted, package, option in ((cfg.tensorboard, "tensorboard", "--no-tensorboard"),
-                                    (cfg.wandb, "wandb", "no --wandb")):
+                                    (cfg.wandb, "wandb", "no --wandb"),
+                                    (cfg.lora_r > 0, "peft", "--lora-r 0")):
         if wanted and importlib.util.find_spec(package) is None:
             raise UsageError(f"the {package} package is not installed: pip install {package}, "
                              f"or run with {option}")
