@@ -1070,15 +1070,15 @@ def evaluate(run: Run, step: int) -> dict:
     return {**row, "time/eval_s": time.perf_counter() - t0}
 
 
-# Tolerances of the live checks, from measurements on the test models (test_ppo_rlhf.py:
-# test_first_minibatch_ratio_under_bf16_autocast): the first minibatch's largest |ratio - 1|
-# is < 1e-5 in fp32 and up to ~0.05 under bf16 autocast with the log-probs recorded while
-# sampling (KV-cached and full attention round differently). A bug (dropout on, another
-# temperature in the update) moves it by far more.
-FIRST_RATIO_TOLERANCE = {"fp32": 1e-3, "bf16": 0.15}
-# the first rollout's KL per token with the reference a copy of the policy: ~1e-7 in fp32,
-# ~1e-3 with the reference in bf16 (bf16 rounding of its weights)
-START_KL_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
+# Tolerances of the live checks, from measurements (CPU bf16 autocast, 2026-11-23): the first
+# minibatch's largest |ratio - 1| is ~1e-6 in fp32; under bf16 with the log-probs recorded
+# while sampling (KV-cached and full attention round differently) 4e-3 on the tests' tiny
+# GPT-2 and 1.4e-2 on a GPT-2-size one, 0 with --recompute-log-probs. Dropout left on or
+# another temperature in the update move it by far more (0.3 and up).
+FIRST_RATIO_TOLERANCE = {"fp32": 1e-3, "bf16": 0.1}
+# the first rollout's |KL| per token, the reference a copy of the policy: ~1e-7 in fp32; in
+# bf16 (autocast, or the reference stored in bf16) up to 7e-4 on a GPT-2-size model
+START_KL_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2}
 NO_EOS_LIMIT = 0.5  # most responses cut at --max-new-tokens
 # a fresh value head predicts 0 (explained variance 0) and needs time: on the demo the mean
 # over 10 iterations stays within +-0.005 of 0 up to iteration 25, then rises to 0.3-0.5
