@@ -1993,16 +1993,120 @@ def test_learning_rates_follow_the_schedule_and_resume_exactly(tmp_path):
         factor = P.lr_factor(row["step"], schedule="cosine", warmup_steps=2, total_steps=5)
         assert row["lr/actor"] == pytest.approx(2e-3 * factor, rel=1e-12)
         assert row["lr/critic"] == pytest.approx(5e-3 * factor, rel=1e-12)
-    split = dataclass_replace(straight, output_dir=str(tmp_path / "split"), save_every=3)
-    P.train(dataclass_replace(split, steps=5))
-    (Path(split.output_dir) / P.CHECKPOINT).unlink()  # the interrupted run: step 3's state
-    state = torch.load(Path(straight.output_dir) / P.CHECKPOINT, weights_only=True)
-    assert [s["last_epoch"] for s in state["schedulers"]] == [5, 5]
-    split_dir = Path(split.output_dir)
-    P.shutil.rmtree(split_dir)
-    assert P.train(dataclass_replace(split, steps=5, save_every=3)) == 0
-    with pytest.raises(P.UsageError, match="decays over --steps"):
+    # the same run stopped by SIGTERM during iteration 3 (it saves there) and resumed
+    split = dataclass_replace(straight, output_dir=str(tmp_path / "split"))
+    update, calls = P.ppo_update, []
+
+    def stopped_during_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return update(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(P, "ppo_update", stopped_during_the_third)
+        assert P.train(split) == 128 + signal.SIGTERM
+    assert torch.load(Path(split.output_dir) / P.CHECKPOINT, weights_only=True)["step"] == 3
+    state = torch.load(Path(split.output_dir) / P.CHECKPOINT, weights_only=True)
+    assert [s["last_epoch"] for s in state["schedulers"]] == [3, 3]
+    assert P.train(dataclass_replace(split, resume=True)) == 0
+    assert without_timing(read_metrics(split.output_dir)) == without_timing(rows)
+    with pytest.raises(P.UsageError, match="--steps"):
         P.train(dataclass_replace(split, steps=6, resume=True))
+
+
+def check_counts(row):
+    return {name[len("check/"):]: count for name, count in row.items()
+            if name.startswith("check/")}
+
+
+def check_warnings(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("warning: check ")]
+
+
+def test_live_checks_stay_silent_on_a_healthy_run(tmp_path, capsys):
+    """The demo past the critic's warm-up: every invariant holds, nothing is warned about,
+    and the counts are logged (0) on every iteration."""
+    cfg = P.Config(output_dir=str(tmp_path / "run"), steps=P.CRITIC_WARMUP + 2, samples=0)
+    assert P.train(cfg) == 0
+    rows = read_metrics(cfg.output_dir)
+    assert all(check_counts(row) == dict.fromkeys(P.InvariantChecks.ADVICE, 0.0)
+               for row in rows)
+    assert check_warnings(capsys.readouterr().err) == []
+
+
+def dropout_left_on(monkeypatch, tiny_dirs):
+    monkeypatch.setattr(P, "disable_dropout", lambda model: None)
+    return {}
+
+
+def hotter_update(monkeypatch, tiny_dirs):
+    update = P.ppo_update
+    monkeypatch.setattr(P, "ppo_update", lambda *args, **kwargs: update(
+        *args, **{**kwargs, "temperature": 2 * kwargs["temperature"]}))
+    return {}
+
+
+def another_reference(monkeypatch, tiny_dirs):
+    load = P.load_models
+
+    def perturbed(*args, **kwargs):
+        actor, ref_model, *rest = load(*args, **kwargs)
+        with torch.no_grad():
+            for p in ref_model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        return actor, ref_model, *rest
+    monkeypatch.setattr(P, "load_models", perturbed)
+    return {}
+
+
+def cut_responses(monkeypatch, tiny_dirs):
+    return dict(reward_model=tiny_dirs["reward"], max_new_tokens=2)
+
+
+def critic_trained_backwards(monkeypatch, tiny_dirs):
+    loss = P.critic_loss_fn
+    monkeypatch.setattr(P, "critic_loss_fn", lambda *args, **kwargs: -loss(*args, **kwargs))
+    return dict(steps=P.CRITIC_WARMUP + 2, batch_size=32, mini_batch_size=8, ppo_epochs=4,
+                max_new_tokens=P.Config.max_new_tokens)
+
+
+@pytest.mark.parametrize("fault, check, failing_steps", [
+    (dropout_left_on, "first_ratio", [1, 2]),
+    (hotter_update, "first_ratio", [1, 2]),
+    (another_reference, "kl_at_start", [1]),
+    (cut_responses, "no_eos", [1, 2]),
+    (critic_trained_backwards, "explained_variance", [30, 31, 32]),
+])
+def test_each_live_check_fires_on_the_bug_it_watches_for(tiny_dirs, tmp_path, monkeypatch,
+                                                         capsys, fault, check, failing_steps):
+    """One plausible bug each: its check counts every failing iteration, warns once, names
+    the likely causes, and the other checks stay at 0."""
+    cfg = tiny_config(tmp_path, **{"steps": 2, **fault(monkeypatch, tiny_dirs)})
+    assert P.train(cfg) == 0
+    rows = read_metrics(cfg.output_dir)
+    for row in rows:
+        failed_so_far = sum(step <= row["step"] for step in failing_steps)
+        assert check_counts(row) == {**dict.fromkeys(P.InvariantChecks.ADVICE, 0.0),
+                                     check: float(failed_so_far)}, row["step"]
+    warnings = check_warnings(capsys.readouterr().err)
+    assert len(warnings) == 1 and f"check {check} failed at step {failing_steps[0]}" in warnings[0]
+    assert P.InvariantChecks.ADVICE[check] in warnings[0]
+
+
+def test_live_check_counts_resume_with_the_run(tiny_dirs, tmp_path, monkeypatch):
+    """The counts and the critic's window are part of the checkpoint: a resumed run goes on
+    counting where the interrupted one stopped."""
+    dropout_left_on(monkeypatch, tiny_dirs)
+    cfg = tiny_config(tmp_path, steps=2, save_every=1)
+    assert P.train(cfg) == 0
+    assert P.train(dataclass_replace(cfg, steps=3, resume=True)) == 0
+    rows = read_metrics(cfg.output_dir)
+    assert [row["check/first_ratio"] for row in rows] == [1.0, 2.0, 3.0]
+    state = torch.load(Path(cfg.output_dir) / P.CHECKPOINT, weights_only=True)["checks"]
+    assert state["counts"]["first_ratio"] == 3
+    assert state["explained_variance"] == pytest.approx(
+        [row["val/explained_variance"] for row in rows], abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2562,7 +2666,11 @@ def test_chat_run_trains_resumes_and_refuses_bad_conversations(chat_dirs, tiny_d
     assert result.returncode == 0, result.stderr
     result = run_cli([*args, "--steps", "3", "--resume"], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert [row["step"] for row in read_metrics(out)] == [1, 2, 3]
+    rows = read_metrics(out)
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    # templates, left padding and stop ids leave PPO's invariants intact (no_eos may fire:
+    # --max-new-tokens 4 cuts most responses)
+    assert rows[-1]["check/first_ratio"] == rows[-1]["check/kl_at_start"] == 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": [{"role": "user"}]}\n')
     cases = [(["--model", chat_dirs["policy"], "--prompts", str(bad)], "list of"),
