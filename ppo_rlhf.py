@@ -1261,8 +1261,34 @@ def finish_run(run: Run) -> None:
                                    [run.prompt_ids[i] for i in first], run.kl_coef,
                                    mean_fn=masked_mean)
         print_samples("samples after training:", final, cfg.samples, run.log)
+    held = memory_bytes(run)
+    run.log("memory held for the models (this rank, before activations): " + ", ".join(
+        f"{name} {size / 2**20:.1f} MiB" for name, size in held.items()))
     where = save_final_policy(run)  # last: with LoRA, merging the adapter changes the base
     run.log(f"saved the policy to {where} (AutoModelForCausalLM.from_pretrained({str(where)!r}))")
+
+
+def memory_bytes(run: Run) -> dict[str, int]:
+    """Bytes this rank holds for the four models and their training state, activations aside:
+    parameters (each storage once: with LoRA the base that actor, reference and critic share
+    counts once), gradients (one per trained parameter: all alive at the end of a backward)
+    and the optimizers' state (AdamW: two moments per trained parameter)."""
+    def local(tensor):  # a sharded parameter's own shard
+        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+    storages = {}
+    for module in (run.actor, run.critic, getattr(run.ref_model, "model", run.ref_model),
+                   run.score_fn.model):
+        for tensor in module.parameters() if module is not None else ():
+            storage = local(tensor).untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    optimizers = (run.actor_optimizer, run.critic_optimizer)
+    trained = [local(p) for optimizer in optimizers for p in trained_parameters(optimizer)]
+    return {"parameters": sum(storages.values()),
+            "gradients": sum(p.numel() * p.element_size() for p in trained),
+            "optimizer": sum(local(t).numel() * local(t).element_size()
+                             for optimizer in optimizers for state in optimizer.state.values()
+                             for t in state.values() if torch.is_tensor(t))}
 
 
 def print_samples(title: str, exp: Experience, n: int, log) -> None:
@@ -1599,6 +1625,9 @@ def add_lora(base: nn.Module, critic_base: tuple | None, config):
     adapter weight is trainable, and `trainable_parameters` gives each model its own."""
     from peft import get_peft_model
     from transformers.pytorch_utils import Conv1D
+    # before PEFT resolves "all-linear" into the actor's module names, which another backbone
+    # does not have
+    critic_config = copy.deepcopy(config)
     # GPT-2's Conv1D stores its weight transposed (PEFT would fix this itself, with a warning)
     config.fan_in_fan_out = any(isinstance(m, Conv1D) for m in base.modules())
     config.task_type = "CAUSAL_LM"
@@ -1613,10 +1642,9 @@ def add_lora(base: nn.Module, critic_base: tuple | None, config):
                                 adapter=functools.partial(use_adapter, actor, LORA_CRITIC))
         else:
             backbone, head = critic_base
-            config = copy.deepcopy(config)
-            config.task_type = None
-            config.fan_in_fan_out = any(isinstance(m, Conv1D) for m in backbone.modules())
-            critic = ValueModel(get_peft_model(backbone, config, adapter_name=LORA_CRITIC),
+            critic_config.fan_in_fan_out = any(isinstance(m, Conv1D) for m in backbone.modules())
+            critic = ValueModel(get_peft_model(backbone, critic_config,
+                                               adapter_name=LORA_CRITIC),
                                 backbone.config.hidden_size, head)
     actor.lora_adapter = LORA_ACTOR
     critic.lora_adapter = LORA_CRITIC
@@ -1645,21 +1673,23 @@ def use_adapter(model: nn.Module, name: str | None):
     and disabling the adapters freezes them all. Autograd skips a leaf whose requires_grad is
     off when backward reaches it: after the critic's forward switched away from the actor's
     adapter, the one backward of actor and critic losses would silently leave the actor's
-    adapter untrained. So every adapter weight that was trainable is made trainable again."""
+    adapter untrained. So every adapter weight that was trainable is made trainable again, on
+    the way out too when an exception leaves the block: gradient checkpointing's recompute,
+    run inside this context during backward, stops early by raising."""
     trainable = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
     previous = model.active_adapter
-    with model.disable_adapter() if name is None else nullcontext():
+    try:
+        with model.disable_adapter() if name is None else nullcontext():
+            if name is not None:
+                model.set_adapter(name)
+            for parameter in trainable:
+                parameter.requires_grad_(True)
+            yield
+    finally:
         if name is not None:
-            model.set_adapter(name)
+            model.set_adapter(previous)
         for parameter in trainable:
             parameter.requires_grad_(True)
-        try:
-            yield
-        finally:
-            if name is not None:
-                model.set_adapter(previous)
-    for parameter in trainable:
-        parameter.requires_grad_(True)
 
 
 class AdaptersOff:
@@ -1972,6 +2002,7 @@ def checked_scores(fn: Callable, name: str) -> Callable[[list, list[str]], torch
             raise UsageError(f"{name} returned a non-finite score: {scores.tolist()}")
         return scores
     score.fits = getattr(fn, "fits", None)  # a reward model's context check, if it has one
+    score.model = getattr(fn, "model", None)  # the reward model itself, if there is one
     return score
 
 

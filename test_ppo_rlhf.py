@@ -2499,6 +2499,205 @@ def test_two_gpu_nccl_run_writes_one_set_of_outputs_and_resumes(tmp_path, engine
 
 
 # ------------------------------------------------------------------------------------------------
+# LoRA: one frozen base serves the actor (+ adapter), the reference (adapters off) and the critic
+# (+ a second adapter and the value head)
+# ------------------------------------------------------------------------------------------------
+
+pytest.importorskip("peft", reason="peft is in requirements.txt; LoRA needs it")
+
+
+def lora_models(tiny_dirs, seed=0, **options):
+    """actor, reference, critic and tokenizer with --lora-r 4, as a run loads them."""
+    cfg = P.Config(model=tiny_dirs["policy"], lora_r=4, seed=seed, **options)
+    torch.manual_seed(seed)
+    actor, ref_model, critic, tokenizer, _ = P.load_models(cfg, torch.device("cpu"))
+    return actor, ref_model, critic, tokenizer
+
+
+def lora_config(tiny_dirs, tmp_path, name="run", **overrides):
+    return tiny_config(tmp_path, model=tiny_dirs["policy"], lora_r=4,
+                       output_dir=str(tmp_path / name), **overrides)
+
+
+def plain_logits(model, tokenizer, prompts=RAGGED_PROMPTS):
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        return model(input_ids=encoded.input_ids, attention_mask=encoded.attention_mask).logits
+
+
+def adapter_key(name):
+    """A LoRA weight's place in the transformer ("h.0.attn.c_attn.lora_A.critic.weight"),
+    whatever wraps the transformer (PeftModel, LMHead, ValueModel)."""
+    return name[name.index(".h.") + 1:]
+
+
+def fill_adapters(*models):
+    """Every LoRA weight set from its place's own seed: the same values in every model that
+    holds that place, and B != 0, so that adapters change what the model computes."""
+    import zlib
+    with torch.no_grad():
+        for model in models:
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    g = torch.Generator().manual_seed(zlib.crc32(adapter_key(name).encode()))
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def test_lora_reference_is_the_base_to_the_bit(tiny_dirs):
+    """The reference is the base model with the adapters off: its logits equal those of the
+    policy loaded alone, bit for bit, before and after the adapters change; the actor starts
+    equal to it too (B = 0), then moves with its adapter."""
+    actor, ref_model, critic, tokenizer = lora_models(tiny_dirs)
+    base, _ = P.load_policy(tiny_dirs["policy"], seed=0)
+    expected = plain_logits(base, tokenizer)
+    assert torch.equal(plain_logits(ref_model, tokenizer), expected)
+    assert torch.equal(plain_logits(actor, tokenizer), expected)
+    fill_adapters(actor, critic)
+    assert torch.equal(plain_logits(ref_model, tokenizer), expected)
+    assert not torch.allclose(plain_logits(actor, tokenizer), expected, atol=1e-3)
+    assert actor.active_adapter == P.LORA_ACTOR  # the reference's forward left it as it was
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_lora_first_kl_is_zero(tiny_dirs, recompute):
+    """The first rollout's log-probs against the reference: equal to the bit when the policy's
+    are recomputed by a forward like the reference's, within float rounding when recorded while
+    sampling (a KV-cached forward rounds differently)."""
+    actor, ref_model, critic, tokenizer = lora_models(tiny_dirs)
+    torch.manual_seed(1)
+    exp = rollout(actor, critic, ref_model, P.checked_scores(P.vowel_reward, "vowels"),
+                  tokenizer, recompute_log_probs=recompute)
+    mask = exp.action_mask
+    if recompute:
+        assert torch.equal(exp.log_probs[mask], exp.ref_log_probs[mask])
+    else:
+        torch.testing.assert_close(exp.log_probs[mask], exp.ref_log_probs[mask], atol=1e-5,
+                                   rtol=0)
+
+
+def capture_run(monkeypatch):
+    """The Run of the next P.train, and a copy of its trained and frozen weights taken just
+    before the final policy is saved (with LoRA, saving merges the adapter into the base)."""
+    captured = {}
+    save = P.save_final_policy
+
+    def spy(run):
+        captured["run"] = run
+        captured["actor"] = {k: v.clone() for k, v in run.actor.state_dict().items()}
+        captured["critic"] = {k: v.clone() for k, v in run.critic.state_dict().items()}
+        captured["memory"] = P.memory_bytes(run)
+        captured["logits"] = plain_logits(run.actor, run.tokenizer)
+        return save(run)
+    monkeypatch.setattr(P, "save_final_policy", spy)
+    return captured
+
+
+def test_lora_update_changes_only_the_adapters_and_the_value_head(tiny_dirs, tmp_path,
+                                                                   monkeypatch):
+    """After training, every base weight is bit-identical to the loaded model's; every adapter
+    weight that starts at 0 (B) has moved, in both adapters; the value head has moved."""
+    captured = capture_run(monkeypatch)
+    cfg = lora_config(tiny_dirs, tmp_path, steps=2)
+    assert P.train(cfg) == 0
+    actor, ref_model, critic, _ = lora_models(tiny_dirs, seed=cfg.seed)
+    before = {"actor": actor.state_dict(), "critic": critic.state_dict()}
+    for role in ("actor", "critic"):
+        after = captured[role]
+        assert after.keys() == before[role].keys()
+        for name, value in before[role].items():
+            trained = "lora_B" in name or name.startswith("v_head.")
+            if trained:
+                assert not torch.equal(after[name], value), name
+            elif "lora_A" not in name:  # the frozen base
+                assert torch.equal(after[name], value), name
+    lora_b = [k for k in captured["actor"] if "lora_B" in k]
+    assert {k.split(".")[-2] for k in lora_b} == {P.LORA_ACTOR, P.LORA_CRITIC}
+
+
+@pytest.mark.parametrize("frozen_bf16", [False, True])
+def test_lora_holds_one_base_and_memory_bytes_count_it_once(tiny_dirs, tmp_path, monkeypatch,
+                                                            frozen_bf16):
+    """memory_bytes against the sizes written out: full fine-tuning holds actor, reference and
+    critic (36 B per policy parameter in fp32, with gradients and AdamW's two moments); LoRA
+    one base (4 B, or 2 with --frozen-bf16) plus fp32 adapters, value head, their gradients and
+    moments. The base's storages are shared by actor, critic and reference, not copied."""
+    base, _ = P.load_policy(tiny_dirs["policy"], seed=0)
+    n = sum(p.numel() for p in base.parameters())  # GPT-2 ties lm_head to wte: counted once
+    hidden = base.config.hidden_size
+    rows = {}
+    for lora_r in (0, 4):
+        captured = capture_run(monkeypatch)
+        cfg = tiny_config(tmp_path, model=tiny_dirs["policy"], lora_r=lora_r, steps=1,
+                          frozen_bf16=frozen_bf16, output_dir=str(tmp_path / f"r{lora_r}"))
+        assert P.train(cfg) == 0
+        rows[lora_r] = captured["memory"]
+        run = captured["run"]
+        states = len(run.actor_optimizer.state) + len(run.critic_optimizer.state)
+        step_counters = 4 * states  # fused AdamW's per-parameter step (one fp32 each)
+        frozen = 2 if frozen_bf16 else 4
+        if lora_r == 0:  # the critic: the transformer (all of n: lm_head is tied) + v_head
+            critic = 4 * (n + hidden + 1)
+            assert rows[0] == {"parameters": 4 * n + frozen * n + critic,
+                               "gradients": 4 * n + critic,
+                               "optimizer": 2 * (4 * n + critic) + step_counters}
+            # the README's capacity table: 16 + 16 + 4 (or 2) bytes per policy parameter
+            per_parameter = (sum(rows[0].values()) - step_counters) / n
+            assert per_parameter == pytest.approx(32 + frozen, rel=0.01)
+        else:
+            adapters = sum(p.numel() for name, p in captured["actor"].items()
+                           if "lora_" in name)  # both roles' (saving merged the actor since)
+            trained = 4 * (adapters + hidden + 1)
+            assert rows[4] == {"parameters": frozen * n + trained, "gradients": trained,
+                               "optimizer": 2 * trained + step_counters}
+            for name, p in captured["actor"].items():
+                assert p.dtype == (torch.float32 if "lora_" in name else
+                                   (torch.bfloat16 if frozen_bf16 else torch.float32)), name
+    assert sum(rows[4].values()) < 0.25 * sum(rows[0].values())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_two_adapters_on_one_base_step_like_two_separate_lora_models(tiny_dirs, checkpointing):
+    """One PPO update of actor and critic sharing a base (PEFT switching adapters inside one
+    forward-backward) moves each adapter exactly as two separate LoRA models from the same
+    weights do: no adapter is left frozen by a switch, no backward recomputes a block with the
+    other role's adapter."""
+    from peft import LoraConfig
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    shared_base, tokenizer = P.load_policy(tiny_dirs["policy"], seed=0)
+    shared = P.add_lora(shared_base, None, P.copy.deepcopy(config))
+    actor_base, _ = P.load_policy(tiny_dirs["policy"], seed=0)
+    critic_base, _ = P.load_policy(tiny_dirs["policy"], seed=0)
+    separate = P.add_lora(actor_base, (critic_base.transformer, None), P.copy.deepcopy(config))
+    results, initial = [], None
+    for actor, ref_model, critic in (shared, separate):
+        fill_adapters(actor, critic)
+        if checkpointing:
+            P.enable_gradient_checkpointing(actor, critic)
+        torch.manual_seed(5)
+        exp = rollout(actor, critic, ref_model, P.checked_scores(P.vowel_reward, "vowels"),
+                      tokenizer, temperature=0.8)
+        optimizers = [torch.optim.AdamW(P.trainable_parameters(m), lr=1e-2) for m in
+                      (actor, critic)]
+        trained = {}
+        for model in (actor, critic):
+            ids = {id(p) for p in P.trainable_parameters(model)}
+            trained.update({adapter_key(n) if "lora_" in n else n: p
+                            for n, p in model.named_parameters() if id(p) in ids})
+        initial = initial or {k: p.detach().clone() for k, p in trained.items()}
+        torch.manual_seed(6)
+        P.ppo_update(actor, critic, *optimizers, exp, ppo_epochs=2, mini_batch_size=4,
+                     micro_batch_size=2, temperature=0.8)
+        results.append({k: p.detach().clone() for k, p in trained.items()})
+    shared_weights, separate_weights = results
+    assert shared_weights.keys() == separate_weights.keys() == initial.keys()
+    assert {k.split(".")[-2] for k in shared_weights if "lora_" in k} == {P.LORA_ACTOR,
+                                                                           P.LORA_CRITIC}
+    for key, value in shared_weights.items():
+        torch.testing.assert_close(value, separate_weights[key], atol=1e-5, rtol=1e-4)
+        assert not torch.equal(value, initial[key]), key  # every trained weight has moved
+
+
+# ------------------------------------------------------------------------------------------------
 # Chat models: conversations in, conversations scored; curves
 # ------------------------------------------------------------------------------------------------
 
