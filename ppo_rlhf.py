@@ -2585,6 +2585,10 @@ def trained_state(model: nn.Module) -> dict:
 
 def load_trained_state(model: nn.Module, state: dict) -> None:
     parameters = dict(model.named_parameters())
+    expected = trained_state(model).keys()
+    if state.keys() != expected:
+        raise UsageError(f"the checkpoint's trained weights ({len(state)}) are not those this "
+                         f"model trains ({len(expected)}): it was written by another model")
     with torch.no_grad():
         for name, value in state.items():
             parameters[name].copy_(value)

@@ -1421,13 +1421,14 @@ def test_two_rank_update_equals_one_process_on_the_concatenated_batch(tiny_dirs,
           sum(whiten_oracle(both["raw_advantages"], lengths), []), atol=1e-4)
 
 
-def test_torchrun_cli_writes_one_set_of_outputs_and_resumes(tmp_path):
-    """Rank 0 alone writes metrics (one row per iteration), the checkpoint and the model; a
-    resume with the same number of ranks continues."""
+@pytest.mark.parametrize("lora", [[], ["--lora-r", "4"]], ids=["full", "lora"])
+def test_torchrun_cli_writes_one_set_of_outputs_and_resumes(tmp_path, lora):
+    """Rank 0 alone writes metrics (one row per iteration), the checkpoint and the model (and
+    with LoRA the adapter); a resume with the same number of ranks continues."""
     out = tmp_path / "run"
     args = [str(HERE / "ppo_rlhf.py"), "--output-dir", str(out), "--batch-size", "8",
             "--mini-batch-size", "4", "--max-new-tokens", "6", "--ppo-epochs", "1",
-            "--samples", "0"]
+            "--samples", "0", *lora]
     result = torchrun([*args, "--steps", "2"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step    2/2") == 1  # one voice
@@ -1435,7 +1436,7 @@ def test_torchrun_cli_writes_one_set_of_outputs_and_resumes(tmp_path):
     names = [p.name for p in out.iterdir()]
     assert len([n for n in names if n.startswith("events.out.tfevents")]) == 1  # TensorBoard
     assert sorted(n for n in names if not n.startswith("events.")) == sorted(
-        [P.LOCK_FILE, "checkpoint.pt", "metrics.jsonl", P.POLICY])
+        [P.LOCK_FILE, "checkpoint.pt", "metrics.jsonl", P.POLICY, *([P.ADAPTER] if lora else [])])
     assert sorted(p.name for p in (out / P.POLICY).iterdir()) == sorted(
         ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
          "tokenizer_config.json"])
@@ -2696,6 +2697,123 @@ def test_two_adapters_on_one_base_step_like_two_separate_lora_models(tiny_dirs, 
         torch.testing.assert_close(value, separate_weights[key], atol=1e-5, rtol=1e-4)
         assert not torch.equal(value, initial[key]), key  # every trained weight has moved
 
+
+def test_lora_run_resumes_exactly_and_saves_a_merged_policy_and_its_adapter(
+        tiny_dirs, tmp_path, monkeypatch):
+    """N iterations straight == k, then --resume to N; the checkpoint holds only the adapters
+    and the value head (far smaller than a full run's); <out>/policy is the merged actor, an
+    ordinary model with the trained actor's logits, and <out>/adapter loads onto the base with
+    PeftModel.from_pretrained to the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    captured = capture_run(monkeypatch)
+    straight = lora_config(tiny_dirs, tmp_path, "straight", steps=3, actor_lr=1e-2)
+    assert P.train(straight) == 0
+    split = dataclass_replace(straight, output_dir=str(tmp_path / "split"), steps=2)
+    assert P.train(split) == 0
+    assert P.train(dataclass_replace(split, steps=3, resume=True)) == 0
+    trained = captured["logits"]  # the resumed run's actor, just before saving
+    assert without_timing(read_metrics(split.output_dir)) == \
+        without_timing(read_metrics(straight.output_dir))
+    ours, theirs = final_weights(split.output_dir), final_weights(straight.output_dir)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    state = torch.load(Path(split.output_dir) / P.CHECKPOINT, weights_only=True)
+    for role, adapter in (("actor", P.LORA_ACTOR), ("critic", P.LORA_CRITIC)):
+        assert state[role] and all(f"lora_A.{adapter}." in k or f"lora_B.{adapter}." in k
+                                   or k.startswith("v_head.") for k in state[role]), role
+    full = tiny_config(tmp_path, model=tiny_dirs["policy"], steps=1,
+                       output_dir=str(tmp_path / "full"))
+    assert P.train(full) == 0
+    sizes = [(Path(run.output_dir) / P.CHECKPOINT).stat().st_size for run in (split, full)]
+    assert sizes[0] < 0.2 * sizes[1]
+
+    tokenizer = P.load_tokenizer(tiny_dirs["policy"], "--model")
+    tokenizer.padding_side = "left"
+    merged = AutoModelForCausalLM.from_pretrained(Path(split.output_dir) / P.POLICY)
+    assert not any("lora" in name for name in merged.state_dict())
+    torch.testing.assert_close(plain_logits(merged.eval(), tokenizer), trained, atol=1e-5,
+                               rtol=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dirs["policy"])
+    reloaded = PeftModel.from_pretrained(base, Path(split.output_dir) / P.ADAPTER).eval()
+    torch.testing.assert_close(plain_logits(reloaded, tokenizer), trained, atol=1e-5, rtol=1e-5)
+    untrained = AutoModelForCausalLM.from_pretrained(tiny_dirs["policy"]).eval()
+    assert not torch.allclose(plain_logits(untrained, tokenizer), trained, atol=1e-3)
+
+
+def test_lora_with_a_critic_model_trains_its_own_adapter(tiny_dirs, tmp_path, monkeypatch):
+    """--critic-model with --lora-r: the critic is that backbone plus its own adapter and the
+    reward model's head; the policy's base and the critic's stay frozen, both adapters train."""
+    captured = capture_run(monkeypatch)
+    cfg = lora_config(tiny_dirs, tmp_path, critic_model=tiny_dirs["reward"], steps=2)
+    assert P.train(cfg) == 0
+    assert captured["run"].critic.backbone is not captured["run"].actor.get_base_model()
+    from transformers import AutoModelForSequenceClassification
+    loaded = AutoModelForSequenceClassification.from_pretrained(tiny_dirs["reward"])
+    backbone = {k.removeprefix("transformer."): v for k, v in loaded.state_dict().items()}
+    after = captured["critic"]
+    for name, value in after.items():
+        if "lora_" in name:
+            assert f".{P.LORA_CRITIC}." in name
+        elif not name.startswith("v_head."):  # the critic's frozen base
+            key = name.removeprefix("backbone.base_model.model.").replace(".base_layer", "")
+            assert torch.equal(value, backbone[key]), name
+    assert not torch.equal(after["v_head.weight"], loaded.score.weight)  # started there, moved
+    assert any("lora_B" in k and not torch.equal(v, torch.zeros_like(v))
+               for k, v in after.items())
+
+
+LORA_DDP_WORKER = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import ppo_rlhf as P
+torch.distributed.init_process_group("gloo")
+rank, world_size = P.world()
+data = torch.load({data!r}, weights_only=False)
+torch.manual_seed(0)
+actor, _, critic, _, _ = P.load_models(P.Config(model={policy!r}, lora_r=4), torch.device("cpu"))
+actor.load_state_dict(data["actor"])
+critic.load_state_dict(data["critic"])
+exp = data["exp"].select(torch.arange(rank * 4, rank * 4 + 4))  # this rank's half
+ddp_actor, ddp_critic = (P.replicate(m, torch.device("cpu")) for m in (actor, critic))
+P.ppo_update(ddp_actor, ddp_critic, torch.optim.SGD(P.trainable_parameters(actor), lr=0.1),
+             torch.optim.SGD(P.trainable_parameters(critic), lr=0.1), exp, ppo_epochs=2,
+             mini_batch_size=4, micro_batch_size=2)
+torch.save({{"actor": actor.state_dict(), "critic": critic.state_dict()}}, {out!r}.format(rank))
+P.leave_process_group(together=True)
+"""
+
+
+def test_two_rank_lora_update_equals_one_process(tiny_dirs, tmp_path):
+    """LoRA under DDP (`replicate`): each model's DDP averages its own adapter (and value head)
+    and ignores the shared base and the other role's adapter; 2 ranks x 4 sequences then equal
+    1 process x 8, and both ranks hold the same adapters."""
+    actor, ref_model, critic, tokenizer = lora_models(tiny_dirs)
+    fill_adapters(actor, critic)
+    torch.manual_seed(10)
+    exp = rollout(actor, critic, ref_model, P.checked_scores(P.vowel_reward, "vowels"),
+                  tokenizer)
+    data = tmp_path / "data.pt"
+    torch.save({"actor": actor.state_dict(), "critic": critic.state_dict(), "exp": exp}, data)
+    before = {k: v.clone() for k, v in critic.state_dict().items()}
+    script = tmp_path / "worker.py"
+    out = str(tmp_path / "rank{}.pt")
+    script.write_text(LORA_DDP_WORKER.format(here=str(HERE), data=str(data), out=out,
+                                             policy=tiny_dirs["policy"]))
+    result = torchrun([str(script)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    P.ppo_update(actor, critic, torch.optim.SGD(P.trainable_parameters(actor), lr=0.1),
+                 torch.optim.SGD(P.trainable_parameters(critic), lr=0.1), exp, ppo_epochs=2,
+                 mini_batch_size=8, micro_batch_size=2)
+    ranks = [torch.load(out.format(r), weights_only=False) for r in range(2)]
+    trained = 0
+    for name, model in [("actor", actor), ("critic", critic)]:
+        for key, value in model.state_dict().items():
+            assert torch.equal(ranks[0][name][key], ranks[1][name][key]), key
+            torch.testing.assert_close(ranks[0][name][key], value, atol=1e-5, rtol=1e-4)
+            trained += name == "critic" and not torch.equal(value, before[key])
+    lora_and_head = sum("lora_" in k or k.startswith("v_head.") for k in before)
+    assert trained == lora_and_head  # every adapter weight of both roles and the head moved
 
 # ------------------------------------------------------------------------------------------------
 # Chat models: conversations in, conversations scored; curves
