@@ -2422,6 +2422,30 @@ def test_bf16_is_a_choice_on_any_device(monkeypatch, capsys):
     assert not P.frozen_bf16(P.Config(frozen_bf16=False), True)
 
 
+def test_gpu_acceptance_reports_mfu_against_the_datasheet_bf16_peak():
+    """benchmarks/gpu_acceptance.py: the GPU's peak found by name (the longest match: an H100
+    PCIe is not an H100 SXM), MFU = the iteration's FLOP/s over that peak, "n/a" when the GPU
+    is unknown."""
+    spec = P.importlib.util.spec_from_file_location(
+        "gpu_acceptance", HERE / "benchmarks" / "gpu_acceptance.py")
+    acceptance = P.importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(acceptance)
+    assert acceptance.bf16_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert acceptance.bf16_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert acceptance.bf16_peak_flops("NVIDIA H200") == 989e12
+    assert acceptance.bf16_peak_flops("a GPU nobody knows") is None
+    row = {"s/iter": 2.0, "rollout s": 0.5, "update s": 1.5, "tokens/s": 4096.0,
+           "peak MB": 20000.0, "FLOP/s": 98.9e12}
+    bench = {"device": "NVIDIA H200", "preset": "gpt2", "rounds": 1,
+             "rows": [{"trainer": "ppo_rlhf", **row}, {"trainer": "TRL", **row, "s/iter": 4.0}]}
+    table = acceptance.acceptance_table(bench, 989e12, "5 passed", "2026-12-01").splitlines()
+    assert table[0].startswith("NVIDIA H200, 2026-12-01") and "5 passed" in table[0]
+    assert table[4] == "| ppo_rlhf | 2.000 | 0.500 | 1.500 | 4096 | 20000 | 98.90 | 10.0% |"
+    assert table[-1] == "ours / TRL time per iteration: 0.50"
+    unknown = acceptance.acceptance_table(bench, None, "5 passed", "2026-12-01").splitlines()
+    assert unknown[4].endswith("| n/a |")
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=BF16)])
 def test_nonfinite_step_is_skipped_by_fused_adamw_on_the_device(tiny_dirs, device):
     """A NaN advantage: GradScaler finds it where the gradients are, the fused AdamW the
@@ -2698,6 +2722,8 @@ def test_two_adapters_on_one_base_step_like_two_separate_lora_models(tiny_dirs, 
         assert not torch.equal(value, initial[key]), key  # every trained weight has moved
 
 
+# PeftModel.from_pretrained (the user's call) reads a transformers property deprecated in v5
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 def test_lora_run_resumes_exactly_and_saves_a_merged_policy_and_its_adapter(
         tiny_dirs, tmp_path, monkeypatch):
     """N iterations straight == k, then --resume to N; the checkpoint holds only the adapters

@@ -242,6 +242,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each trainer, "
                         "interleaved (ours, TRL, ours, ...): machine noise hits both alike")
+    parser.add_argument("--json", action="store_true", help="also print the rows as one "
+                        "JSON line (ROWS {...}), for gpu_acceptance.py")
     parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -291,6 +293,9 @@ def main() -> None:
                  f"{row['FLOP/s'] / 1e9:.2f} G", f"{100 * row['of matmul peak']:.2f}%"]
         print("| " + " | ".join(cells) + " |")
     print(f"ours / TRL time per iteration: {rows[0]['s/iter'] / rows[1]['s/iter']:.2f}")
+    if args.json:
+        print("ROWS " + json.dumps({"device": device_name, "preset": args.preset,
+                                    "rounds": args.rounds, "matmul": rate, "rows": rows}))
 
 
 if __name__ == "__main__":
