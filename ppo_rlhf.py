@@ -1,13 +1,16 @@
 """RLHF with PPO in one file: the math of the derivation, then a trainer that runs it.
 
-What: the RLHF-PPO stage with four models (shared/seeds 004 §2-4): the actor (trained policy),
-the critic (trained value model), the reward model (frozen) and the reference model (a frozen
-copy of the initial policy). Each iteration samples responses, scores them, turns the scores
-into KL-shaped per-token rewards, estimates advantages with GAE, and takes PPO-clip steps.
+What: the RLHF-PPO stage with four models (004 §2-4 of the derivation, five Chinese articles
+000-004 that are not part of this repository; README.md quotes every formula used here): the
+actor (trained policy), the critic (trained value model), the reward model (frozen) and the
+reference model (a frozen copy of the initial policy). Each iteration samples responses, scores
+them, turns the scores into KL-shaped per-token rewards, estimates advantages with GAE, and
+takes PPO-clip steps.
 
 How to run:
-    python ppo_rlhf.py                      # offline demo: a tiny GPT-2 built in memory, ~25 s
+    python ppo_rlhf.py                      # offline demo: a tiny GPT-2 built in memory, ~27 s
     python ppo_rlhf.py --model gpt2 --reward-model <seq-classifier> --prompts prompts.txt
+    python ppo_rlhf.py --model <7B instruct> --lora-r 16 ...   # LoRA: one frozen base, one GPU
     torchrun --nproc_per_node=8 ppo_rlhf.py --data-parallel fsdp --model ...   # sharded
     python ppo_rlhf.py --help               # every option with its default
     python -m pytest -q test_ppo_rlhf.py    # the property tests against the derivation
@@ -19,9 +22,10 @@ Reading order is one PPO iteration, in the derivation's order:
           coefficient controllers (004 §4.2 PPO-Penalty)
     7     `generate_experience`: sample, score with the four models, rewards, advantages
     8     `ppo_update`: ppo_epochs passes of minibatch steps on actor and critic
-    9     the hyperparameters (`Config`) and the training loop (`train`)
-    10-14 plumbing a reader can skip: loading models, rewards and prompts, torchrun,
-          checkpoints, the command line
+    9     the hyperparameters (`Config`) and the training loop (`train`), with what watches
+          it: held-out evaluation, learning-rate schedules, live checks of PPO's invariants
+    10-14 plumbing a reader can skip: loading models (and LoRA), rewards and prompts,
+          torchrun, checkpoints, the command line
 
 Notation (shapes in comments):
     B  batch (sequences), P  prompt length (left-padded), T  response length (right-padded)

@@ -1,4 +1,5 @@
-"""Property tests: each identity of the derivation (shared/seeds 000, 004) is one test.
+"""Property tests: each identity of the derivation (articles 000 and 004, quoted in the
+README) is one test.
 
 Run: python -m pytest -q test_ppo_rlhf.py      (CI=true selects the derandomized profile)
 """
