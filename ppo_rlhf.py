@@ -743,7 +743,7 @@ class Config:
                                       "iterations, after the warm-up: constant, or decayed "
                                       "linearly or along a cosine towards 0"})
     warmup_steps: int = field(default=0, metadata={"help": "iterations of linear learning-rate "
-                              "warm-up (lr x k / N at iteration k)"})
+                              "warm-up W: lr x k / W at iteration k <= W"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
     ent_coef: float = field(default=0.0, metadata={"help": "entropy bonus in the actor loss"})
@@ -1234,7 +1234,7 @@ def load_run(cfg: Config, device: torch.device, rank: int, world_size: int, prom
               eos_token_ids=eos_token_ids, bf16=bf16, autocast=autocast, out=lock.out, log=log,
               start_step=0, kl_coef=cfg.kl_ctl,
               checks=InvariantChecks("bf16" if bf16 or frozen_bf16(cfg, bf16) else "fp32",
-                                     bool(cfg.reward_model) and cfg.missing_eos_penalty is None,
+                                     bool(cfg.reward_model),
                                      log),
               lock=lock, metrics=MetricsWriter(cfg, lock.out, enabled=rank == 0))
     torch.manual_seed(cfg.seed + rank)  # ranks sample different responses

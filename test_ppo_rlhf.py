@@ -2584,6 +2584,40 @@ def test_lora_reference_is_the_base_to_the_bit(tiny_dirs):
     assert actor.active_adapter == P.LORA_ACTOR  # the reference's forward left it as it was
 
 
+@pytest.mark.parametrize("options, r, alpha, dropout, targets", [
+    ([], 4, 8, 0.0, {"c_attn", "c_proj", "c_fc"}),  # defaults: alpha 2r, no dropout, all linear
+    (["--lora-alpha", "2", "--lora-dropout", "0.1", "--lora-target-modules", "c_attn, c_fc"],
+     4, 2, 0.1, {"c_attn", "c_fc"}),
+])
+def test_lora_options_reach_both_adapters(tiny_dirs, options, r, alpha, dropout, targets):
+    """--lora-* from the command line to PEFT: rank, alpha (scaling alpha / r), dropout and
+    target modules of the actor's and the critic's adapters; every linear layer of the blocks
+    by default, never the LM head."""
+    cfg = P.parse_args(["--model", tiny_dirs["policy"], "--lora-r", str(r), *options])
+    torch.manual_seed(0)
+    actor, _, critic, _, _ = P.load_models(cfg, torch.device("cpu"))
+    for adapter in (P.LORA_ACTOR, P.LORA_CRITIC):
+        layers = {name.split(".")[-1]: module for name, module in actor.named_modules()
+                  if hasattr(module, "lora_A") and adapter in module.lora_A}
+        assert set(layers) == targets, adapter
+        for module in layers.values():
+            assert module.r[adapter] == r and module.scaling[adapter] == alpha / r
+            dropout_layer = module.lora_dropout[adapter]
+            assert getattr(dropout_layer, "p", 0.0) == dropout
+    assert not hasattr(actor.get_base_model().lm_head, "lora_A")
+
+
+def test_default_learning_rates_suit_the_model_and_the_method():
+    """Actor: 1e-3 for the built-in random model, 1e-5 for a pretrained one, 10x that with
+    LoRA; the critic 5x the actor's; given rates win."""
+    cases = [(dict(), (1e-3, 5e-3)), (dict(model="gpt2"), (1e-5, 5e-5)),
+             (dict(model="gpt2", lora_r=8), (1e-4, 5e-4)),
+             (dict(model="gpt2", lora_r=8, actor_lr=3e-4), (3e-4, 1.5e-3)),
+             (dict(model="gpt2", actor_lr=3e-4, critic_lr=1e-6), (3e-4, 1e-6))]
+    for options, expected in cases:
+        assert P.learning_rates(P.Config(**options)) == pytest.approx(expected, rel=1e-12)
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 def test_lora_first_kl_is_zero(tiny_dirs, recompute):
     """The first rollout's log-probs against the reference: equal to the bit when the policy's
@@ -2803,6 +2837,12 @@ actor.load_state_dict(data["actor"])
 critic.load_state_dict(data["critic"])
 exp = data["exp"].select(torch.arange(rank * 4, rank * 4 + 4))  # this rank's half
 ddp_actor, ddp_critic = (P.replicate(m, torch.device("cpu")) for m in (actor, critic))
+# what each DDP broadcasts at the start and all-reduces: its model's trained weights only
+synced = [sorted(n for n, _ in m.named_parameters() if n not in ddp.parameters_to_ignore)
+          for m, ddp in ((actor, ddp_actor), (critic, ddp_critic))]
+trained = [sorted(n for n, p in m.named_parameters()
+                  if any(p is q for q in P.trainable_parameters(m))) for m in (actor, critic)]
+assert synced == trained, synced
 P.ppo_update(ddp_actor, ddp_critic, torch.optim.SGD(P.trainable_parameters(actor), lr=0.1),
              torch.optim.SGD(P.trainable_parameters(critic), lr=0.1), exp, ppo_epochs=2,
              mini_batch_size=4, micro_batch_size=2)
@@ -3015,6 +3055,16 @@ def test_chat_run_trains_resumes_and_refuses_bad_conversations(chat_dirs, tiny_d
     # templates, left padding and stop ids leave PPO's invariants intact (no_eos may fire:
     # --max-new-tokens 4 cuts most responses)
     assert rows[-1]["check/first_ratio"] == rows[-1]["check/kl_at_start"] == 0
+    # the same instruct model with LoRA, as a new user would run it: a merged policy that
+    # loads with its chat template, and the adapter beside it
+    lora = run_cli([*args[:-1], str(tmp_path / "lora"), "--steps", "2", "--lora-r", "4"],
+                   tmp_path)
+    assert lora.returncode == 0, lora.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / P.POLICY)
+    assert AutoTokenizer.from_pretrained(tmp_path / "lora" / P.POLICY).chat_template
+    assert (tmp_path / "lora" / P.ADAPTER / "adapter_config.json").exists()
+    assert read_metrics(tmp_path / "lora")[-1]["check/kl_at_start"] == 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": [{"role": "user"}]}\n')
     cases = [(["--model", chat_dirs["policy"], "--prompts", str(bad)], "list of"),
