@@ -1031,15 +1031,16 @@ def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) 
     return 1.0
 
 
-EVAL_SEED_OFFSET = 10 ** 6  # evaluation samples from its own stream: seed + this + step
+EVAL_SEED_OFFSET = 10 ** 6  # evaluation samples from its own stream: seed + this + rank
 
 
 def evaluate(run: Run, step: int) -> dict:
     """The policy answers every held-out prompt, sampled as in training (same temperature:
     the RLHF objective is an expectation under the sampling policy, which greedy decoding is
     not), and the rollout's scoring gives eval/scores, eval/kl, eval/rlhf_reward, eval/length
-    (`sequence_stats`, averaged over the held-out prompts). Its own random stream: training
-    draws exactly what it would without evaluation. Rank 0 appends the prompts, responses and
+    (`sequence_stats`, averaged over the held-out prompts). Its own random stream, the same
+    at every evaluation: training draws exactly what it would without evaluation, and two
+    evaluations differ by the policy, not by the draw (common random numbers). Rank 0 appends the prompts, responses and
     scores to samples.jsonl. The prompts go in global batches of --batch-size, each rank its
     share; a rank whose share of the last batch is short repeats a prompt and drops the
     result, so that every rank runs the same forwards (FSDP's are collective)."""
@@ -1049,7 +1050,7 @@ def evaluate(run: Run, step: int) -> dict:
     sums, mine = torch.zeros(len(names) + 1, device=run.device), []  # the last: a count
     devices = [run.device] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(cfg.seed + EVAL_SEED_OFFSET + step * run.world_size + run.rank)
+        torch.manual_seed(cfg.seed + EVAL_SEED_OFFSET + run.rank)
         for start in range(0, len(run.eval_prompts), cfg.batch_size):
             share = range(start + run.rank * per_rank,
                           min(start + (run.rank + 1) * per_rank, len(run.eval_prompts)))

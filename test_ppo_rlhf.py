@@ -1200,6 +1200,29 @@ def test_a_nonfinite_loss_in_either_model_skips_both_steps(tiny_dirs, poisoned):
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
+def test_logged_grad_norms_are_the_mean_over_the_steps_taken(tiny_dirs):
+    """Two minibatches, one of them poisoned (skipped): policy/grad_norm and val/grad_norm are
+    the other step's norms, not halved by the step that was skipped."""
+    torch.manual_seed(9)
+    actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
+    exp = rollout(actor, critic, ref_model, scorer, tokenizer)
+    exp.advantages[0, 0] = float("nan")
+    torch.manual_seed(4)
+    order = torch.randperm(8)
+    finite_rows = next(mini for mini in order.split(4) if 0 not in mini.tolist())
+    copies = P.copy.deepcopy(actor), P.copy.deepcopy(critic)
+    torch.manual_seed(4)  # the update draws the same minibatch order
+    stats, skipped = P.ppo_update(actor, critic, torch.optim.SGD(actor.parameters(), lr=0.1),
+                                  torch.optim.SGD(critic.parameters(), lr=0.1), exp,
+                                  ppo_epochs=1, mini_batch_size=4)
+    assert sorted(skipped.tolist()) == [False, True]
+    alone, _ = P.ppo_update(*copies, torch.optim.SGD(copies[0].parameters(), lr=0.1),
+                            torch.optim.SGD(copies[1].parameters(), lr=0.1),
+                            exp.select(finite_rows), ppo_epochs=1, mini_batch_size=4)
+    for name in ("policy/grad_norm", "val/grad_norm"):
+        assert stats[name].item() == pytest.approx(alone[name].item(), rel=1e-5), name
+
+
 def test_resume_refuses_missing_checkpoint_or_changed_options_not_memory_knobs(tmp_path):
     """Refused: no checkpoint, or an option that changes the run. Accepted: a memory knob."""
     cfg = tiny_config(tmp_path, resume=True)
@@ -1910,6 +1933,24 @@ def test_evaluation_does_not_change_training(tmp_path):
     assert training_part(rows) == training_part(read_metrics(plain.output_dir))
     ours, theirs = final_weights(evaluated.output_dir), final_weights(plain.output_dir)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_evaluations_of_one_policy_draw_the_same_samples(tmp_path):
+    """Every evaluation starts its own random stream from the same seed: the same policy
+    evaluated at two steps gives the same responses, so that a change between evaluations is
+    the policy's, not the draw's; and it leaves the training stream where it was."""
+    run = P.setup_run(eval_config(tmp_path, "run"))
+    with run.lock, run.metrics:
+        state = torch.random.get_rng_state()
+        rows = [P.evaluate(run, step) for step in (1, 7)]
+        assert torch.equal(torch.random.get_rng_state(), state)
+    assert [{k: v for k, v in row.items() if k != "time/eval_s"} for row in rows] == \
+        [{k: v for k, v in rows[0].items() if k != "time/eval_s"}] * 2
+    samples = [json.loads(line) for line in (Path(run.out) / P.SAMPLES).read_text()
+               .splitlines()]
+    first, second = ([{k: v for k, v in s.items() if k != "step"} for s in samples
+                      if s["step"] == step] for step in (1, 7))
+    assert first == second and len(first) == len(EVAL_PROMPTS)
 
 
 def test_evaluation_metrics_and_samples_equal_a_direct_computation(tmp_path, monkeypatch):
