@@ -2246,11 +2246,13 @@ def test_unwritable_output_dir_is_reported_before_models_load(tmp_path):
     assert a_file.read_text() == "not a directory"
 
 
-def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("lora", [[], ["--lora-r", "4"]], ids=["full", "lora"])
+def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, lora):
     """A run killed with SIGKILL (no handler runs, the lock is left to the kernel) resumes from
-    its last checkpoint, and its metrics equal those of a run never interrupted."""
+    its last checkpoint, and its metrics equal those of a run never interrupted; with LoRA
+    too, whose checkpoints hold only adapters and value head."""
     args = [*SMALL_RUN, "--save-every", "2", "--kl-controller", "adaptive", "--kl-target",
-            "0.5"]
+            "0.5", *lora]
     killed = tmp_path / "killed"
     proc = start_cli([*args, "--output-dir", str(killed), "--steps", "400"], tmp_path)
     wait_for_rows(killed / P.METRICS, 3)
