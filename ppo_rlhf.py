@@ -1040,10 +1040,11 @@ def evaluate(run: Run, step: int) -> dict:
     not), and the rollout's scoring gives eval/scores, eval/kl, eval/rlhf_reward, eval/length
     (`sequence_stats`, averaged over the held-out prompts). Its own random stream, the same
     at every evaluation: training draws exactly what it would without evaluation, and two
-    evaluations differ by the policy, not by the draw (common random numbers). Rank 0 appends the prompts, responses and
-    scores to samples.jsonl. The prompts go in global batches of --batch-size, each rank its
-    share; a rank whose share of the last batch is short repeats a prompt and drops the
-    result, so that every rank runs the same forwards (FSDP's are collective)."""
+    evaluations differ by the policy, not by the draw (common random numbers). Rank 0
+    appends the prompts, responses and scores to samples.jsonl. The prompts go in global
+    batches of --batch-size, each rank its share; a rank whose share of the last batch is
+    short repeats a prompt and drops the result, so that every rank runs the same forwards
+    (FSDP's are collective)."""
     cfg, t0 = run.cfg, time.perf_counter()
     per_rank = cfg.batch_size // run.world_size
     names = ("scores", "kl", "rlhf_reward", "length")

@@ -421,17 +421,27 @@ def test_critic_loss_is_half_mse_inside_clip_range(r, eps, u):
 
 
 @given(rollouts(), st.floats(0.05, 1.0))
+@example(r={"values": [[0.0]], "rewards": [[0.5]], "extra": [[0.95]], "lengths": [1],
+            "gamma": 0.0, "lam": 0.0, "dtype": torch.float32, "mask_dtype": torch.bool},
+         eps=0.05)  # a tie: (0.05 - 0.5)^2 == (0.95 - 0.5)^2, V outside the clip range
+@example(r={"values": [[0.0]], "rewards": [[0.0]], "extra": [[1.0]], "lengths": [1],
+            "gamma": 0.0, "lam": 0.0, "dtype": torch.float32, "mask_dtype": torch.bool},
+         eps=1.0)  # a tie on the clip range's bound
 def test_critic_gradient_is_zero_exactly_where_the_clipped_term_dominates(r, eps):
     """Per token: where (clip(V) - R)^2 > (V - R)^2 the max picks a constant and dV = 0;
-    elsewhere dV = (V - R) / N."""
+    where the unclipped term is larger dV = (V - R) / N. At a tie torch.max splits the
+    gradient between its two arguments: half, plus the clipped term's half where V is inside
+    [V_old - eps, V_old + eps] (bounds included: there clamp passes the gradient)."""
     old_values, returns, mask = tensors(r)
     values = (old_values + torch.tensor(r["extra"], dtype=r["dtype"])).requires_grad_(True)
     P.critic_loss_fn(values, old_values, returns, mask, cliprange_value=eps).backward()
     clipped = torch.clamp(values.detach(), old_values - eps, old_values + eps)
-    clipped_dominates = (clipped - returns) ** 2 > (values.detach() - returns) ** 2
+    clipped_loss, loss = (clipped - returns) ** 2, (values.detach() - returns) ** 2
+    inside = (values.detach() >= old_values - eps) & (values.detach() <= old_values + eps)
+    tie = 0.5 + 0.5 * inside.to(r["dtype"])
+    share = torch.where(clipped_loss > loss, 0.0, torch.where(clipped_loss == loss, tie, 1.0))
     real = mask.bool()
-    expected = torch.where(real & ~clipped_dominates, (values.detach() - returns) / real.sum(),
-                           0.0)
+    expected = torch.where(real, share * (values.detach() - returns) / real.sum(), 0.0)
     torch.testing.assert_close(values.grad, expected, **tol(r["dtype"]))
 
 
