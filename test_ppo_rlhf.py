@@ -2113,6 +2113,11 @@ def another_reference(monkeypatch, tiny_dirs):
     return {}
 
 
+def lora_dropout_on(monkeypatch, tiny_dirs):
+    # B = 0 at the start, so the LoRA path's dropout changes nothing on the first iteration
+    return dict(model=tiny_dirs["policy"], lora_r=4, lora_dropout=0.5, actor_lr=1e-2)
+
+
 def cut_responses(monkeypatch, tiny_dirs):
     return dict(reward_model=tiny_dirs["reward"], max_new_tokens=2)
 
@@ -2127,6 +2132,7 @@ def critic_trained_backwards(monkeypatch, tiny_dirs):
 @pytest.mark.parametrize("fault, check, failing_steps", [
     (dropout_left_on, "first_ratio", [1, 2]),
     (hotter_update, "first_ratio", [1, 2]),
+    (lora_dropout_on, "first_ratio", [2]),
     (another_reference, "kl_at_start", [1]),
     (cut_responses, "no_eos", [1, 2]),
     (critic_trained_backwards, "explained_variance", [30, 31, 32]),
@@ -2669,6 +2675,29 @@ def test_default_learning_rates_suit_the_model_and_the_method():
              (dict(model="gpt2", actor_lr=3e-4, critic_lr=1e-6), (3e-4, 1e-6))]
     for options, expected in cases:
         assert P.learning_rates(P.Config(**options)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_lora_on_a_bf16_base_keeps_values_and_log_probs_fp32(tiny_dirs):
+    """--frozen-bf16 with LoRA stores the shared base in bf16, also without autocast (a CPU
+    run): the critic's hidden states come out in bf16, and the value head and the log-softmax
+    still compute in fp32, equal to an fp32 head applied to those hidden states."""
+    actor, ref_model, critic, tokenizer = lora_models(tiny_dirs, frozen_bf16=True)
+    fill_adapters(actor, critic)
+    with torch.no_grad():
+        critic.v_head.weight.normal_()
+    encoded = tokenizer(RAGGED_PROMPTS, return_tensors="pt", padding=True,
+                        add_special_tokens=False)
+    ids, mask = encoded.input_ids, encoded.attention_mask
+    with torch.no_grad():
+        values = P.critic_values(critic, ids, mask, response_length=3)
+        with P.use_adapter(actor, P.LORA_CRITIC):
+            hidden = critic.backbone(input_ids=ids, attention_mask=mask,
+                                     position_ids=P.position_ids_from(mask)).last_hidden_state
+        log_probs, _ = P.policy_log_probs(actor, ids, mask, 3, 1.0)
+    assert hidden.dtype == torch.bfloat16
+    assert values.dtype == log_probs.dtype == torch.float32
+    expected = hidden.float() @ critic.v_head.weight[0] + critic.v_head.bias
+    torch.testing.assert_close(values, expected[:, -4:-1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("recompute", [False, True])
