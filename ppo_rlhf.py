@@ -1637,10 +1637,15 @@ def add_lora(base: nn.Module, critic_base: tuple | None, config):
     # GPT-2's Conv1D stores its weight transposed (PEFT would fix this itself, with a warning)
     config.fan_in_fan_out = any(isinstance(m, Conv1D) for m in base.modules())
     config.task_type = "CAUSAL_LM"
+    targets = config.target_modules  # "all-linear", or the names (PEFT keeps them as a set)
+    targets = targets if isinstance(targets, str) else ",".join(sorted(targets))
     with warnings.catch_warnings():  # PEFT calls a transformers property deprecated in v5
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
                                 category=FutureWarning)
-        actor = get_peft_model(base, config, adapter_name=LORA_ACTOR)
+        try:
+            actor = get_peft_model(base, config, adapter_name=LORA_ACTOR)
+        except ValueError as e:  # PEFT's NoMatchingPeftModuleError: no such module here
+            raise UsageError(f"--lora-target-modules {targets}: {first_line(e)}") from e
         if critic_base is None:
             actor.add_adapter(LORA_CRITIC, config)
             backbone = actor.get_base_model().base_model  # the transformer without its LM head

@@ -1291,6 +1291,8 @@ def bad_input_cases(tmp_path, tiny_dirs, chat_dirs):
         "critic of another vocabulary": (["--critic-model", chat_dirs["policy"]],
                                          "another vocabulary"),
         "LoRA with FSDP": (["--lora-r", "4", "--data-parallel", "fsdp"], "not supported"),
+        "LoRA on modules the model lacks": (["--lora-r", "4", "--lora-target-modules",
+                                             "q_proj"], "not found in the base model"),
         "nothing left to train on": (["--eval-fraction", "0.99"], "no prompt to train on"),
         "eval fraction of 1": (["--eval-fraction", "1"], "--eval-fraction"),
         "negative warm-up": (["--warmup-steps", "-1"], "--warmup-steps"),
