@@ -2884,6 +2884,11 @@ def test_lora_run_resumes_exactly_and_saves_a_merged_policy_and_its_adapter(
     torch.testing.assert_close(plain_logits(reloaded, tokenizer), trained, atol=1e-5, rtol=1e-5)
     untrained = AutoModelForCausalLM.from_pretrained(tiny_dirs["policy"]).eval()
     assert not torch.allclose(plain_logits(untrained, tokenizer), trained, atol=1e-3)
+    # a checkpoint that lacks one of the weights the model trains is refused, not half-loaded
+    del state["critic"]["v_head.bias"]
+    torch.save(state, Path(split.output_dir) / P.CHECKPOINT)
+    with pytest.raises(P.UsageError, match="not those this model trains"):
+        P.train(dataclass_replace(split, steps=4, resume=True))
 
 
 def test_lora_with_a_critic_model_trains_its_own_adapter(tiny_dirs, tmp_path, monkeypatch):

@@ -5,7 +5,7 @@
 Each configuration is one short command-line run (`ppo_rlhf.py`, 2 iterations) in its own
 process. Reported: the bytes the run holds for its models (`memory_bytes`: parameters, each
 storage once; gradients; AdamW state), per policy parameter, and the process's peak RSS
-(activations, logits and the Python runtime included).
+(activations, logits and the Python runtime included), and the size of its checkpoint.
 """
 
 import json
@@ -52,7 +52,8 @@ def measure(paths: dict, options: list[str], out: Path) -> dict:
         sys.exit(f"{options} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     parameters, gradients, optimizer = (float(x) * 2 ** 20 for x in held.groups())
     return {"parameters": parameters, "gradients": gradients, "optimizer": optimizer,
-            "peak_rss": int(rss.group(1)) * 1024}
+            "peak_rss": int(rss.group(1)) * 1024,
+            "checkpoint": (out / "checkpoint.pt").stat().st_size}
 
 
 def main() -> None:
@@ -66,12 +67,13 @@ def main() -> None:
     print(f"GPT-2-size policy and reward model ({n / 1e6:.0f}M parameters each), CPU, batch 4, "
           "16 new tokens")
     print("| configuration | parameters MB | gradients MB | AdamW MB | bytes / policy param "
-          "| peak RSS MB |")
-    print("|---|---|---|---|---|---|")
+          "| peak RSS MB | checkpoint.pt MB |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         held = r["parameters"] + r["gradients"] + r["optimizer"]
         print(f"| {name} | {r['parameters'] / 1e6:.0f} | {r['gradients'] / 1e6:.0f} | "
-              f"{r['optimizer'] / 1e6:.0f} | {held / n:.1f} | {r['peak_rss'] / 1e6:.0f} |")
+              f"{r['optimizer'] / 1e6:.0f} | {held / n:.1f} | {r['peak_rss'] / 1e6:.0f} | "
+              f"{r['checkpoint'] / 1e6:.1f} |")
     print("RESULTS " + json.dumps(results))
 
 
