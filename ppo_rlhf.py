@@ -1236,7 +1236,7 @@ def load_run(cfg: Config, device: torch.device, rank: int, world_size: int, prom
               eos_token_ids=eos_token_ids, bf16=bf16, autocast=autocast, out=lock.out, log=log,
               start_step=0, kl_coef=cfg.kl_ctl,
               checks=InvariantChecks("bf16" if bf16 or frozen_bf16(cfg, bf16) else "fp32",
-                                     bool(cfg.reward_model),
+                                     bool(cfg.reward_model) and cfg.missing_eos_penalty is None,
                                      log),
               lock=lock, metrics=MetricsWriter(cfg, lock.out, enabled=rank == 0))
     torch.manual_seed(cfg.seed + rank)  # ranks sample different responses

@@ -2155,6 +2155,24 @@ def test_each_live_check_fires_on_the_bug_it_watches_for(tiny_dirs, tmp_path, mo
     assert P.InvariantChecks.ADVICE[check] in warnings[0]
 
 
+@pytest.mark.parametrize("penalty", [None, 1.0])
+def test_no_eos_is_watched_only_when_cut_responses_go_unpenalized(tiny_dirs, tmp_path, capsys,
+                                                                  penalty):
+    """Responses cut at --max-new-tokens: a reward model scores cut sentences, unless
+    --missing-eos-penalty already prices them in (then there is nothing to warn about); a
+    rule-based reward decides itself what a cut response is worth."""
+    for reward, watched in ((dict(reward_model=tiny_dirs["reward"]), penalty is None),
+                            (dict(), False)):
+        cfg = tiny_config(tmp_path, steps=1, max_new_tokens=2, missing_eos_penalty=penalty,
+                          output_dir=str(tmp_path / f"run{len(reward)}"), **reward)
+        assert P.train(cfg) == 0
+        row = read_metrics(cfg.output_dir)[-1]
+        assert row["response/no_eos"] > P.NO_EOS_LIMIT  # the check's condition is there
+        assert row["check/no_eos"] == float(watched), reward
+    warned = check_warnings(capsys.readouterr().err)
+    assert len(warned) == (penalty is None)
+
+
 def test_live_check_counts_resume_with_the_run(tiny_dirs, tmp_path, monkeypatch):
     """The counts and the critic's window are part of the checkpoint: a resumed run goes on
     counting where the interrupted one stopped."""
