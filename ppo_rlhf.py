@@ -1,4 +1,4 @@
-"""RLHF with PPO in one file: the math of the derivation, then a trainer that runs it.
+"""RLHF with PPO in one file: Part I is the method, Part II the trainer that scales it.
 
 What: the RLHF-PPO stage with four models (004 §2-4 of the derivation, five Chinese articles
 000-004 that are not part of this repository; README.md quotes every formula used here): the
@@ -7,25 +7,26 @@ reference model (a frozen copy of the initial policy). Each iteration samples re
 them, turns the scores into KL-shaped per-token rewards, estimates advantages with GAE, and
 takes PPO-clip steps.
 
-How to run:
+Part I (§0-9, torch and transformers only) holds everything needed to understand and run the
+method; you may stop reading at the line that says `Part II`. Part II (§10-15) loads models
+(and LoRA), rewards and prompts, runs under torchrun (DDP or FSDP2), checkpoints, evaluates,
+logs, and generates the command line from `Config`.
+
     python ppo_rlhf.py                      # offline demo: a tiny GPT-2 built in memory, ~27 s
     python ppo_rlhf.py --model gpt2 --reward-model <seq-classifier> --prompts prompts.txt
-    python ppo_rlhf.py --model <7B instruct> --lora-r 16 ...   # LoRA: one frozen base, one GPU
     torchrun --nproc_per_node=8 ppo_rlhf.py --data-parallel fsdp --model ...   # sharded
-    python ppo_rlhf.py --help               # every option with its default
+    python ppo_rlhf.py --help               # every option, grouped, with its default
     python -m pytest -q test_ppo_rlhf.py    # the property tests against the derivation
 
 Reading order is one PPO iteration, in the derivation's order:
+    0     the method's hyperparameters (`PPOConfig`), with 004's defaults
     1-6   the math, pure torch: masked helpers; log-probs and KL estimators; KL-shaped rewards
           (004 `compute_rewards`); GAE (000, 004 `get_advantages_and_returns`); the PPO-clip
           actor loss and clipped critic loss (004 `actor_loss_fn`, `critic_loss_fn`); the KL
           coefficient controllers (004 §4.2 PPO-Penalty)
     7     `generate_experience`: sample, score with the four models, rewards, advantages
     8     `ppo_update`: ppo_epochs passes of minibatch steps on actor and critic
-    9     the hyperparameters (`Config`) and the training loop (`train`), with what watches
-          it: held-out evaluation, learning-rate schedules, live checks of PPO's invariants
-    10-14 plumbing a reader can skip: loading models (and LoRA), rewards and prompts,
-          torchrun, checkpoints, the command line
+    9     `ppo_iterations`: the training loop, 004 §4.1(5)'s pseudo-code
 
 Notation (shapes in comments):
     B  batch (sequences), P  prompt length (left-padded), T  response length (right-padded)
@@ -35,38 +36,67 @@ Notation (shapes in comments):
     (response token t), log pi(a_t|s_t), V(s_t) with s_t = prompt + response[:t], and r_t.
 """
 
-import argparse
-import copy
-import ctypes
 import dataclasses
-import functools
-import importlib
-import importlib.util
-import itertools
-import json
 import math
-import os
-import pickle
-import random
-import shutil
-import signal
-import socket
-import sys
 import time
-import warnings
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Literal, get_args, get_origin
-from urllib.parse import urlparse
-
-try:
-    import fcntl  # the output directory's lock; not on Windows
-except ImportError:
-    fcntl = None
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
+
+# ------------------------------------------------------------------------------------------------
+# 0. The method's hyperparameters: 004's defaults (DeepSpeed-Chat's). Part II's `Config` adds
+# the run's options, and the command line is generated from both.
+# ------------------------------------------------------------------------------------------------
+
+def option(default, group: str, help: str):
+    """A dataclass field with its --help line and the group it is listed in."""
+    return field(default=default, metadata={"group": group, "help": help})
+
+
+@dataclass
+class PPOConfig:
+    steps: int = option(80, "schedule", "PPO iterations (rollout + update)")
+    batch_size: int = option(32, "schedule", "prompts per rollout (all processes together)")
+    mini_batch_size: int = option(16, "schedule", "sequences per optimizer step (all processes)")
+    micro_batch_size: int | None = option(None, "schedule", "sequences per forward/backward "
+                                          "(gradient accumulation); default: the minibatch")
+    rollout_micro_batch_size: int | None = option(None, "schedule", "sequences per scoring "
+                                                  "forward of the rollout; default: all")
+    ppo_epochs: int = option(4, "schedule", "passes over each batch of experience")
+    seed: int = option(0, "runtime", "seed of the prompt order and of sampling")
+    max_new_tokens: int = option(16, "generation", "response length limit")
+    temperature: float = option(1.0, "generation", "sampling temperature; log-probs are "
+                                "taken from logits / temperature everywhere")
+    top_k: int = option(0, "generation", "top-k sampling, 0 = off (makes the ratio and KL "
+                        "off-policy)")
+    top_p: float = option(1.0, "generation", "nucleus sampling, 1 = off (makes the ratio and "
+                          "KL off-policy)")
+    missing_eos_penalty: float | None = option(None, "generation", "subtracted from the score "
+                                               "of responses that never emit EOS")
+    recompute_log_probs: bool = option(False, "generation", "rollout log-probs from a full "
+                                       "actor forward, not from generate's logits")
+    max_grad_norm: float = option(1.0, "optimization", "gradient-norm clipping, per model")
+    ent_coef: float = option(0.0, "optimization", "entropy bonus in the actor loss")
+    kl_ctl: float = option(0.1, "the math", "KL coefficient beta in r_t = -beta*(log pi - "
+                           "log pi_ref)")
+    kl_estimator: Literal["k1", "k3"] = option("k1", "the math", "per-token KL: k1 = "
+                                               "log-ratio, k3 = (r-1) - log r")
+    kl_controller: Literal["fixed", "adaptive", "proportional"] = option(
+        "fixed", "the math", "beta fixed, 004's adaptive PPO-Penalty rule, or Ziegler's")
+    kl_target: float = option(6.0, "the math", "target KL per sequence of the controllers")
+    kl_horizon: int = option(10000, "the math", "horizon of the proportional controller")
+    clip_reward_value: float = option(5.0, "the math", "scores are clamped to [-v, v]")
+    cliprange: float = option(0.2, "the math", "PPO ratio clip epsilon")
+    cliprange_value: float = option(0.2, "the math", "critic value clip epsilon")
+    gamma: float = option(1.0, "the math", "discount factor")
+    lam: float = option(0.95, "the math", "GAE lambda")
+    whiten_advantages: bool = option(True, "the math", "normalize advantages over the batch's "
+                                     "real tokens")
+    whiten_rewards: bool = option(False, "the math", "scale per-token rewards to unit "
+                                  "variance before GAE")
 
 # ------------------------------------------------------------------------------------------------
 # 1. Masked helpers. Statistics over real tokens only: padding must never move a mean.
@@ -302,6 +332,7 @@ def proportional_kl_coef(kl_coef: float, kl: float, target: float, n_steps: int,
     return kl_coef * (1.0 + error * n_steps / horizon)
 
 
+
 # ------------------------------------------------------------------------------------------------
 # 7. Experience (004 §4.1(5), steps 1-3): sample, then score with all four models.
 # ------------------------------------------------------------------------------------------------
@@ -345,6 +376,37 @@ def critic_values(critic, input_ids, attention_mask, response_length: int) -> to
     """V(s_t) [B, T]: the value at the position that predicts response token t."""
     values = critic(input_ids, attention_mask, position_ids_from(attention_mask))
     return values[:, -response_length - 1:-1]
+
+
+class ValueModel(nn.Module):
+    """The critic: a transformer backbone and a linear value head, V(s) at every position.
+
+    The head starts at V = 0 (the first advantages are the rewards themselves, not noise), or
+    from `head`, a 1-label reward model's score head (DeepSpeed-Chat's critic, 004 §3.3). It
+    computes in fp32 from fp32 weights, also under bf16 autocast: values are regression
+    targets of the size of the rewards, and bf16 keeps only 8 bits of them. `context`, if
+    given, is entered around each backbone forward (Part II: the critic's LoRA adapter on a
+    base shared with the actor)."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int, head: nn.Linear | None = None,
+                 context: Callable | None = None):
+        super().__init__()
+        self.backbone, self.context = backbone, context
+        self.v_head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.v_head.weight)
+        nn.init.zeros_(self.v_head.bias)
+        if head is not None:
+            self.v_head.weight.data.copy_(head.weight.data)
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        with self.context() if self.context else nullcontext():
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, use_cache=False).last_hidden_state
+        # h . w + b written out: a fresh [B, L] tensor, not a view of [B, L, 1] (a view
+        # returned by a sharded module could lose its backward hook); .float() of the weights
+        # undoes bf16 mixed-precision copies
+        with torch.autocast(hidden.device.type, enabled=False):
+            return hidden.float() @ self.v_head.weight[0].float() + self.v_head.bias.float()
 
 
 @dataclass
@@ -442,11 +504,7 @@ def sample_responses(actor, prompt_ids, prompt_mask, *, eos_token_ids, pad_token
 
 
 def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_ids, prompt_mask,
-                        *, eos_token_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                        kl_ctl=0.1, clip_reward_value=5.0, kl_estimator="k1", gamma=1.0,
-                        lam=0.95, whiten_advantages=True, whiten_rewards=False,
-                        missing_eos_penalty=None, recompute_log_probs=False,
-                        micro_batch_size=None, autocast=nullcontext,
+                        hp: PPOConfig, *, eos_token_ids, kl_ctl=None, autocast=nullcontext,
                         mean_fn=masked_mean, prompts=None) -> Experience:
     """004 §4.1(5) steps 1-3: the actor answers, the four models score the answers.
 
@@ -454,25 +512,29 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
         actor, critic, ref_model: the policy being trained, the `ValueModel`, the frozen copy.
         score_fn: (prompts, responses) -> [B] scores; responses as decoded text (the reward).
         prompt_ids, prompt_mask: [B, P] left-padded prompts.
+        hp: sampling (max_new_tokens, temperature, top_k, top_p, recompute_log_probs: old
+            log-probs from a full actor forward rather than from the logits `generate`
+            sampled from), scoring (rollout_micro_batch_size rows per forward, None: all),
+            and the hyperparameters of `compute_rewards` and `get_advantages_and_returns`.
         eos_token_ids: token ids that end a response.
-        recompute_log_probs: the old log-probs from a full actor forward (as the update
-            computes them) rather than from the logits `generate` sampled from.
-        micro_batch_size: rows per scoring forward (memory); None: the whole batch at once.
+        kl_ctl: beta of this rollout (the controller moves it); default hp.kl_ctl.
+        mean_fn: the masked mean whitening takes its statistics with (over all processes
+            when several share the batch).
         prompts: the prompts as given (strings, or message lists for conversations), for
             score_fn and the Experience; default: prompt_ids decoded.
-        The rest are the hyperparameters of `compute_rewards` and `get_advantages_and_returns`;
-        whitening takes its statistics with `mean_fn` (a global mean under torchrun).
     Returns:
         `Experience` with per-token tensors [B, T], T the longest response in the batch.
     """
+    kl_ctl = hp.kl_ctl if kl_ctl is None else kl_ctl
+    temperature, micro_batch_size = hp.temperature, hp.rollout_micro_batch_size
     # no_grad, not inference_mode: FSDP's all-gather buffers made here are reused by the
     # update, and an inference tensor cannot be written outside inference mode
     with torch.no_grad(), autocast():
-        recorder = None if recompute_log_probs else SampledLogProbs(temperature)
+        recorder = None if hp.recompute_log_probs else SampledLogProbs(temperature)
         sequences = sample_responses(actor, prompt_ids, prompt_mask, eos_token_ids=eos_token_ids,
                                      pad_token_id=tokenizer.pad_token_id,
-                                     max_new_tokens=max_new_tokens, temperature=temperature,
-                                     top_k=top_k, top_p=top_p,
+                                     max_new_tokens=hp.max_new_tokens, temperature=temperature,
+                                     top_k=hp.top_k, top_p=hp.top_p,
                                      logits_processor=[recorder] if recorder else [])
         responses = sequences[:, prompt_ids.shape[1]:]  # [B, T]
         length = responses.shape[1]
@@ -498,92 +560,142 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
     scores = torch.cat([score_fn(prompts[r], texts[r]) for r in rows]).to(log_probs.device)
     ended = torch.isin(responses, torch.tensor(eos_token_ids, device=responses.device)).any(1)
     reward_score = scores
-    if missing_eos_penalty is not None:  # a response cut at the limit is scored lower
-        reward_score = torch.where(ended, scores, scores - missing_eos_penalty)
+    if hp.missing_eos_penalty is not None:  # a response cut at the limit is scored lower
+        reward_score = torch.where(ended, scores, scores - hp.missing_eos_penalty)
 
     rewards = compute_rewards(log_probs, ref_log_probs, reward_score, action_mask, kl_ctl=kl_ctl,
-                              clip_reward_value=clip_reward_value, kl_estimator=kl_estimator)
-    if whiten_rewards:
+                              clip_reward_value=hp.clip_reward_value,
+                              kl_estimator=hp.kl_estimator)
+    if hp.whiten_rewards:
         rewards = masked_whiten(rewards, action_mask, shift_mean=False, mean_fn=mean_fn)
-    advantages, returns = get_advantages_and_returns(values, rewards, action_mask, gamma=gamma,
-                                                     lam=lam)
-    if whiten_advantages:
+    advantages, returns = get_advantages_and_returns(values, rewards, action_mask,
+                                                     gamma=hp.gamma, lam=hp.lam)
+    if hp.whiten_advantages:
         advantages = masked_whiten(advantages, action_mask, mean_fn=mean_fn)
     return Experience(input_ids=sequences, attention_mask=attention_mask,
                       action_mask=action_mask, log_probs=log_probs,
                       ref_log_probs=ref_log_probs, values=values, rewards=rewards,
                       advantages=advantages, returns=returns, scores=scores,
-                      reward_score=reward_score.clamp(-clip_reward_value, clip_reward_value),
+                      reward_score=reward_score.clamp(-hp.clip_reward_value,
+                                                       hp.clip_reward_value),
                       ended=ended, entropy=entropy, prompts=prompts, responses=texts)
+
+
 
 
 # ------------------------------------------------------------------------------------------------
 # 8. The PPO update (004 §4.1(5) step 4): ppo_epochs passes of minibatch steps.
 # ------------------------------------------------------------------------------------------------
 
-def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience, *,
-               ppo_epochs=4, mini_batch_size=16, micro_batch_size=None, cliprange=0.2,
-               cliprange_value=0.2, ent_coef=0.0, max_grad_norm=1.0, temperature=1.0,
-               autocast=nullcontext):
+def trained_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters an optimizer updates (Part II: with LoRA, the adapters, not the base)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+class SingleProcess:
+    """How the update and the loop reach their batch: here one process holds all of it.
+
+    Each method is the single-process case of an operation that a data-parallel trainer
+    (Part II's `DataParallel`) runs over every process, so that N processes compute what one
+    would on the union of their batches: sums and means over all, this process's share of
+    the prompts, gradient reduction on the last micro-batch only, the policy whole while it
+    samples, and an optimizer step that skips a non-finite one without waiting."""
+
+    size = 1  # processes that share one batch
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def mean(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return masked_mean(values, mask)
+
+    def share(self, indices: list[int]) -> list[int]:
+        return indices
+
+    def no_sync(self, actor, critic, last: bool):
+        return nullcontext()
+
+    def gathered(self, actor):
+        return nullcontext()
+
+    def trained(self, model: nn.Module) -> nn.Module:
+        return model  # as the update runs it (data-parallel: wrapped to reduce its gradients)
+
+    def step(self, optimizers, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip each optimizer's gradients to `max_grad_norm` and step, unless a gradient is
+        not finite: then neither model steps (weights and optimizer state untouched: the
+        critic does not step on a batch whose actor loss failed, nor the reverse). Returns
+        (the norms before clipping [2], skipped: a 0-d bool). Waits for the device once."""
+        norms = torch.stack([nn.utils.get_total_norm(
+            [p.grad for p in trained_parameters(o) if p.grad is not None]) for o in optimizers])
+        skipped = ~torch.isfinite(norms).all()
+        if not skipped:
+            for optimizer, norm in zip(optimizers, norms):
+                nn.utils.clip_grads_with_norm_(trained_parameters(optimizer), max_grad_norm,
+                                               norm)
+                optimizer.step()
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        return norms, skipped
+
+
+def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience,
+               hp: PPOConfig, *, autocast=nullcontext, parallel=SingleProcess()):
     """Updates actor and critic on one batch of experience; returns (stats, skipped).
 
+    hp: ppo_epochs, mini_batch_size and micro_batch_size (of all processes together, as
+    `parallel` counts them), cliprange, cliprange_value, ent_coef, max_grad_norm, temperature.
     stats: {name: 0-d tensor}, token-weighted means over the update like the losses themselves,
     plus each model's gradient norm before clipping (mean over the steps taken) and the first
     minibatch's largest |ratio - 1| (0 in exact arithmetic: nothing has been updated yet).
     skipped: bool tensor, one entry per optimizer step, True where a loss or gradient was not
-    finite and that step was skipped by both models (weights and optimizer state untouched).
+    finite and that step was skipped by both models (`parallel.step`).
 
     A minibatch that does not fit is split into micro-batches whose gradients accumulate; each
-    micro-batch's loss is weighted by its share of the minibatch's real tokens, so the gradient
-    equals that of the whole minibatch's token mean. Under torchrun the share is of the global
-    minibatch (all ranks), so N ranks compute what one process would on their union.
-
-    Each optimizer clips and steps the parameters it holds (with LoRA, actor and critic share
-    one base but each trains only its own adapter). Nothing here waits for the device: a
-    non-finite step is skipped by PyTorch's GradScaler at scale 1 (it checks the gradients on
-    the device and the fused optimizer skips itself).
+    micro-batch's loss is weighted by its share of the minibatch's real tokens (of every
+    process: `parallel.sum`), so the gradient equals that of the whole minibatch's token mean.
+    Data-parallel wrappers average the gradients over the processes; scaling by their number
+    turns that average into the sum of the shares.
     """
     device = exp.action_mask.device
-    batch = exp.action_mask.shape[0]
-    micro_batch_size = micro_batch_size or mini_batch_size
+    mini_batch_size = hp.mini_batch_size // parallel.size
+    micro_batch_size = hp.micro_batch_size or mini_batch_size
     length = exp.response_length
-    _, world_size = world()
-    scaler = torch.amp.GradScaler(device.type, init_scale=1.0)
     optimizers = (actor_optimizer, critic_optimizer)
     totals: dict[str, torch.Tensor] = {}
     skipped, grad_norms = [], []
     first_ratio_error = torch.zeros((), device=device)  # max |rho - 1| before any step
-    for _ in range(ppo_epochs):
+    for _ in range(hp.ppo_epochs):
         # indices live on the CPU (picking text rows never waits for the device), pinned on
         # CUDA so that copying them over is asynchronous too
-        order = torch.randperm(batch)
+        order = torch.randperm(exp.action_mask.shape[0])
         order = order.pin_memory() if device.type == "cuda" else order
         for mini in order.split(mini_batch_size):
-            mini_index = mini.to(device, non_blocking=True)
-            mini_tokens = all_reduce_sum(exp.action_mask[mini_index].sum())
+            mini_tokens = parallel.sum(exp.action_mask[mini.to(device, non_blocking=True)].sum())
             micros = mini.split(micro_batch_size)
             for i, micro in enumerate(micros):
                 mb = exp.select(micro)
                 weight = mb.action_mask.sum() / mini_tokens  # share of the minibatch's tokens
                 with autocast():
                     log_probs, entropy = policy_log_probs(actor, mb.input_ids, mb.attention_mask,
-                                                          length, temperature,
-                                                          with_entropy=ent_coef > 0)
+                                                          length, hp.temperature,
+                                                          with_entropy=hp.ent_coef > 0)
                     values = critic_values(critic, mb.input_ids, mb.attention_mask, length)
                 pg_loss = actor_loss_fn(log_probs, mb.log_probs, mb.advantages, mb.action_mask,
-                                        cliprange=cliprange)
+                                        cliprange=hp.cliprange)
                 actor_loss = pg_loss
                 if entropy is not None:
-                    actor_loss = actor_loss - ent_coef * masked_mean(entropy, mb.action_mask)
+                    actor_loss = actor_loss - hp.ent_coef * masked_mean(entropy, mb.action_mask)
                 vf_loss = critic_loss_fn(values, mb.values, mb.returns, mb.action_mask,
-                                         cliprange_value=cliprange_value)
-                # DDP and FSDP average gradients over ranks; x world_size turns that into the
-                # sum of the ranks' token shares. Only the last micro-batch reduces them.
-                # Actor and critic graphs are disjoint: one backward call serves both.
-                with no_sync(actor, critic, last=i == len(micros) - 1):
-                    scaler.scale((actor_loss + vf_loss) * weight * world_size).backward()
+                                         cliprange_value=hp.cliprange_value)
+                # actor and critic graphs are disjoint: one backward call serves both
+                with parallel.no_sync(actor, critic, last=i == len(micros) - 1):
+                    ((actor_loss + vf_loss) * weight * parallel.size).backward()
                 with torch.no_grad():
-                    stats = update_stats(log_probs, values, mb, cliprange, cliprange_value)
+                    stats = update_stats(log_probs, values, mb, hp.cliprange, hp.cliprange_value)
                     stats.update({"loss/policy": pg_loss, "loss/value": vf_loss})
                     for name, value in stats.items():
                         totals[name] = totals.get(name, 0.0) + value * weight
@@ -591,43 +703,16 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
                         error = torch.where(mb.action_mask, log_probs - mb.log_probs, 0.0)
                         first_ratio_error = torch.maximum(first_ratio_error,
                                                           error.exp().sub(1).abs().max())
-            norms = [gradient_norm(optimizer) for optimizer in optimizers]  # before clipping
-            finite = torch.isfinite(norms[0]) & torch.isfinite(norms[1])
-            for optimizer, norm in zip(optimizers, norms):
-                # a non-finite norm in either model makes both clip coefficients NaN: GradScaler
-                # then finds NaN in both and skips both steps (the critic does not step on a
-                # batch whose actor loss failed, and the reverse)
-                nn.utils.clip_grads_with_norm_(trained_parameters(optimizer), max_grad_norm,
-                                               torch.where(finite, norm, torch.nan))
-                # FSDP: each rank holds a shard of the gradients; GradScaler's inf/NaN flag
-                # on DTensors is reduced over the ranks, so all skip or step together
-                scaler.unscale_(optimizer)
-                scaler.step(optimizer)  # skipped if this model's gradients hold inf/NaN
-                optimizer.zero_grad(set_to_none=True)
-            scaler.update(1.0)  # keep the scale at 1: it is a finiteness check, not fp16 scaling
-            skipped.append(~finite)
-            grad_norms.append(torch.stack(norms))
-    steps = len(skipped)
+            norms, was_skipped = parallel.step(optimizers, hp.max_grad_norm)
+            skipped.append(was_skipped)
+            grad_norms.append(norms)
     skipped = torch.stack(skipped)
-    stats = {name: all_reduce_sum(total) / steps for name, total in totals.items()}
+    stats = {name: parallel.sum(total) / len(skipped) for name, total in totals.items()}
     norms = torch.where(skipped[:, None], 0.0, torch.stack(grad_norms)).sum(0)  # [2]
     norms = norms / (~skipped).sum().clamp(min=1)  # mean over the steps taken
     stats.update({"policy/grad_norm": norms[0], "val/grad_norm": norms[1],
-                  "policy/first_ratio_error": all_reduce_max(first_ratio_error)})
+                  "policy/first_ratio_error": parallel.max(first_ratio_error)})
     return stats, skipped
-
-
-def trained_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The parameters an optimizer updates: with LoRA, the adapters, not the shared base."""
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """The L2 norm of the gradients of the optimizer's parameters, over all ranks (a sharded
-    model's norm is gathered into one plain tensor); inf/NaN if any gradient is."""
-    grads = [p.grad for p in trained_parameters(optimizer) if p.grad is not None]
-    norm = nn.utils.get_total_norm(grads)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def update_stats(log_probs, values, mb: Experience, cliprange, cliprange_value):
@@ -653,311 +738,59 @@ def update_stats(log_probs, values, mb: Experience, cliprange, cliprange_value):
 
 # ------------------------------------------------------------------------------------------------
 # 9. The training loop: 004 §4.1(5)'s pseudo-code. Each iteration: rollout (steps 1-3), then
-# ppo_epochs of updates (step 4), then log and save. Setup and the final save are helpers below.
-#
-# First the hyperparameters: one dataclass; the command line is generated from it
-# (`parse_args`). The math's defaults are the documents' (DeepSpeed-Chat's): kl_ctl 0.1,
-# clip_reward_value 5, cliprange 0.2, cliprange_value 0.2, gamma 1.0, lam 0.95.
+# ppo_epochs of updates (step 4), then its metrics and beta for the next rollout.
 # ------------------------------------------------------------------------------------------------
 
-BUILTIN_MODEL = "builtin:tiny-gpt2"
-BUILTIN_ACTOR_LR = 1e-3  # a randomly initialized tiny model learns fast and needs a large step
-PRETRAINED_ACTOR_LR = 1e-5  # a common choice for fine-tuning a pretrained LM with PPO
-CRITIC_LR_FACTOR = 5.0  # the critic learns a fresh head: a larger step than the actor's
-# LoRA trains a low-rank update from zero and needs a larger step for the same progress: about
-# 10x full fine-tuning's, in supervised and RL fine-tuning alike (Schulman et al., "LoRA
-# Without Regret", Thinking Machines 2025)
-LORA_LR_FACTOR = 10.0
-
-
 @dataclass
-class Config:
-    # models and data
-    model: str = field(default=BUILTIN_MODEL, metadata={"help": "policy: a causal-LM hub name "
-                       "or directory, or builtin:tiny-gpt2 (an in-memory tiny GPT-2, no download)"})
-    critic_model: str | None = field(default=None, metadata={"help": "critic initialization "
-                                     "(hub name or directory; it must share the policy's "
-                                     "vocabulary); default: the policy's weights"})
-    reward_model: str | None = field(default=None, metadata={"help": "frozen reward model: an "
-                                     "AutoModelForSequenceClassification hub name or directory"})
-    reward_label: str | None = field(default=None, metadata={"help": "for a multi-class reward "
-                                     "model, the label (name or index) whose logit is the score"})
-    reward_fn: str | None = field(default=None, metadata={"help": "rule-based reward "
-                                  "'module:function' or 'file.py:function', called as "
-                                  "f(prompts, responses) -> list of floats"})
-    prompts: str | None = field(default=None, metadata={"help": "prompt file: text, one per line, "
-                                "or .jsonl with a 'prompt' (a string or a list of chat "
-                                "messages) or 'messages' field; default: a built-in set"})
-    eval_prompts: str | None = field(default=None, metadata={"help": "held-out prompts (same "
-                                     "formats as --prompts), never trained on: the policy "
-                                     "answers them every --eval-every iterations"})
-    eval_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of "
-                                 "--prompts (a seeded choice) for evaluation, besides any "
-                                 "--eval-prompts"})
-    eval_every: int = field(default=10, metadata={"help": "evaluate on the held-out prompts "
-                            "every N iterations, before the first and after the last (only with "
-                            "--eval-prompts or --eval-fraction)"})
-    output_dir: str | None = field(default=None, metadata={
-        "help": "where metrics.jsonl, the checkpoint, the curves and the trained policy go; "
-                "default: a new directory runs/<model>__<seed>__<date-time> for every run"})
-    # schedule
-    steps: int = field(default=80, metadata={"help": "PPO iterations (rollout + update)"})
-    batch_size: int = field(default=32, metadata={"help": "prompts per rollout (all ranks "
-                            "together under torchrun)"})
-    mini_batch_size: int = field(default=16, metadata={"help": "sequences per optimizer step "
-                                 "(all ranks together)"})
-    micro_batch_size: int | None = field(default=None, metadata={
-        "help": "sequences per forward/backward on each rank (gradient accumulation); default: "
-                "the minibatch"})
-    rollout_micro_batch_size: int | None = field(default=None, metadata={
-        "help": "sequences per scoring forward of the rollout (reference, critic, reward "
-                "model) on each rank; default: the whole batch at once"})
-    ppo_epochs: int = field(default=4, metadata={"help": "passes over each batch of experience"})
-    # generation
-    max_new_tokens: int = field(default=16, metadata={"help": "response length limit"})
-    max_prompt_length: int = field(default=64, metadata={"help": "prompts longer than this "
-                                   "(in policy tokens) are left out, with one warning: a prompt "
-                                   "cut short loses its chat header or BOS"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; log-probs "
-                               "are taken from logits / temperature everywhere"})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling; 0 = off. The log-probs "
-                       "stay the full policy's: with top-k the ratio and KL are off-policy"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; 1.0 = off. The "
-                         "log-probs stay the full policy's: below 1 the ratio and KL are "
-                         "off-policy"})
-    missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtracted from "
-                                              "the score of responses that never emit EOS"})
-    recompute_log_probs: bool = field(default=False, metadata={"help": "take the rollout's "
-                                      "log-probs from a full actor forward, as the update does, "
-                                      "not from generate's logits: one forward more; exact "
-                                      "under bf16, where generate's differ by ~1e-2 nats"})
-    # optimization
-    actor_lr: float | None = field(default=None, metadata={"help": "actor AdamW learning rate; "
-                                   f"default {BUILTIN_ACTOR_LR} for the built-in model, "
-                                   f"{PRETRAINED_ACTOR_LR} for a pretrained one, "
-                                   f"{LORA_LR_FACTOR:g} x that with --lora-r"})
-    critic_lr: float | None = field(default=None, metadata={"help": "critic AdamW learning rate; "
-                                    f"default {CRITIC_LR_FACTOR:g} x actor_lr"})
-    lr_schedule: Literal["constant", "linear", "cosine"] = field(
-        default="constant", metadata={"help": "learning rates of actor and critic over --steps "
-                                      "iterations, after the warm-up: constant, or decayed "
-                                      "linearly or along a cosine towards 0"})
-    warmup_steps: int = field(default=0, metadata={"help": "iterations of linear learning-rate "
-                              "warm-up W: lr x k / W at iteration k <= W"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
-    ent_coef: float = field(default=0.0, metadata={"help": "entropy bonus in the actor loss"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for "
-                                         "memory in the actor and critic"})
-    frozen_bf16: bool | None = field(default=None, metadata={
-        "help": "store the frozen models (reference, reward model; with LoRA the shared base) "
-                "in bf16: half their memory, and their log-probs and scores move by bf16 "
-                "rounding. Default: on when bf16 compute is (their matmuls run in bf16 anyway)"})
-    # LoRA (peft): one frozen base for actor, reference and critic
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank; > 0 trains two adapters on one "
-                        "frozen base: the actor's, and the critic's under its value head; the "
-                        "reference is the base with the adapters off. 0: full fine-tuning"})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha: updates are "
-                                     "scaled by alpha / r; default 2 x --lora-r"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path. Keep "
-                                "it 0: PPO's ratio compares two evaluations of the same policy, "
-                                "and dropout makes pi/pi_old != 1 before any update"})
-    lora_target_modules: str = field(default="all-linear", metadata={
-        "help": "modules that get adapters: comma-separated names (q_proj,v_proj,...) or "
-                "all-linear, every linear layer of the transformer blocks"})
-    # the math (004's defaults)
-    kl_ctl: float = field(default=0.1, metadata={"help": "KL coefficient beta in "
-                          "r_t = -beta*(log pi - log pi_ref) (+ score at the last token)"})
-    kl_estimator: Literal["k1", "k3"] = field(default="k1", metadata={"help": "per-token KL "
-                                              "estimator in the rewards, the metrics and the "
-                                              "controller: k1 = log-ratio, k3 = (r-1) - log r"})
-    kl_controller: Literal["fixed", "adaptive", "proportional"] = field(
-        default="fixed", metadata={"help": "fixed beta; adaptive (004 PPO-Penalty: x2 above "
-                                   "1.5*target, /2 below target/1.5); proportional (Ziegler)"})
-    kl_target: float = field(default=6.0, metadata={"help": "target per-sequence KL for the "
-                             "adaptive/proportional controllers"})
-    kl_horizon: int = field(default=10000, metadata={"help": "horizon of the proportional "
-                            "controller, in sequences"})
-    clip_reward_value: float = field(default=5.0, metadata={"help": "scores are clamped to "
-                                     "[-v, v]"})
-    cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon"})
-    cliprange_value: float = field(default=0.2, metadata={"help": "critic value clip epsilon"})
-    gamma: float = field(default=1.0, metadata={"help": "discount factor"})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
-    whiten_advantages: bool = field(default=True, metadata={"help": "normalize advantages over "
-                                    "the batch's real tokens"})
-    whiten_rewards: bool = field(default=False, metadata={"help": "scale per-token rewards to "
-                                 "unit variance before GAE"})
-    # runtime
-    seed: int = field(default=0, metadata={"help": "seed for Python and torch; a CPU run with "
-                      "the same seed gives the same metrics"})
-    device: str = field(default="auto", metadata={"help": "auto (CUDA if present, else CPU), "
-                        "cpu, cuda, cuda:N"})
-    data_parallel: Literal["ddp", "fsdp"] = field(
-        default="ddp", metadata={"help": "under torchrun: ddp keeps a full copy of every model "
-                                 "on each rank; fsdp shards actor, critic, their optimizer "
-                                 "states and the frozen models over the ranks (FSDP2), for "
-                                 "models bigger than one GPU"})
-    bf16: bool | None = field(default=None, metadata={
-        "help": "bf16 compute: autocast around the forwards, fp32 master weights, losses and "
-                "log-probs. Default: on on a CUDA GPU with bf16, off on a CPU; --bf16 on a CPU "
-                "works too, fast only with bf16 units (AMX or AVX512-BF16, Arm BF16)"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N iterations "
-                            "(0: only at the end)"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --output-dir "
-                         "from its checkpoint"})
-    overwrite: bool = field(default=False, metadata={"help": "start afresh in an --output-dir "
-                            "that holds an earlier run: everything it wrote there is deleted"})
-    max_skipped_updates: int = field(default=5, metadata={"help": "stop after this many "
-                                     "consecutive updates skipped for non-finite loss/grad"})
-    samples: int = field(default=3, metadata={"help": "sample responses printed before and "
-                         "after training"})
-    tensorboard: bool = field(default=True, metadata={"help": "write the metrics as TensorBoard "
-                              "event files to <output-dir> (tensorboard --logdir <output-dir>)"})
-    wandb: bool = field(default=False, metadata={"help": "also log the metrics to Weights & "
-                        "Biases (pip install wandb; WANDB_* variables set entity and mode)"})
-    wandb_project: str = field(default="ppo_rlhf", metadata={"help": "the W&B project"})
-
-
-@dataclass
-class Run:
-    """What the loop works with, built by `setup_run`: models, optimizers, data, place."""
-    cfg: Config
-    device: torch.device
-    rank: int
-    world_size: int
-    actor: nn.Module  # the trained policy, unwrapped (generation, saving)
-    critic: nn.Module  # the trained `ValueModel`, unwrapped
-    ref_model: nn.Module  # the frozen initial policy (with LoRA: the base, adapters off)
-    train_actor: nn.Module  # actor and critic as the update sees them: DDP-wrapped under
-    # torchrun with --data-parallel ddp; the (sharded) models themselves otherwise
-    train_critic: nn.Module
-    actor_optimizer: torch.optim.Optimizer
-    critic_optimizer: torch.optim.Optimizer
-    schedulers: list  # the learning-rate schedule of each optimizer, stepped once an iteration
-    tokenizer: object
-    score_fn: Callable  # (prompts, responses) -> [B] scores: the reward model
-    prompts: list  # training prompts as the prompts file holds them: strings or message lists
-    prompt_ids: list[list[int]]  # each prompt's tokens (chat template applied)
-    eval_prompts: list  # held-out prompts (empty: no evaluation), and their tokens
-    eval_prompt_ids: list[list[int]]
+class Models:
+    """The four models of 004 §3, and what turns their tokens into text."""
+    actor: nn.Module  # the trained policy
+    critic: nn.Module  # the trained `ValueModel`
+    ref_model: nn.Module  # the frozen initial policy
+    score_fn: Callable  # the frozen reward: (prompts, responses: list[str]) -> [B] scores
+    tokenizer: object  # the policy's; pads on the left
     eos_token_ids: list[int]  # every token that ends a response
-    bf16: bool  # bf16 compute (autocast; FSDP's mixed precision)
-    autocast: Callable  # () -> context manager: bf16 autocast, or nothing
-    out: Path
-    log: Callable  # print on rank 0, silent elsewhere
-    start_step: int  # iterations already done (a resumed run's checkpoint step)
-    kl_coef: float  # beta of the rewards, moved by the KL controller
-    checks: "InvariantChecks"  # PPO's invariants, checked on every iteration's metrics
-    lock: "OutputLock"  # rank 0's lock on `out`, held until the run ends
-    metrics: "MetricsWriter"  # metrics.jsonl, samples.jsonl, TensorBoard, W&B (rank 0 writes)
-    saved_step: int = -1  # the step of the checkpoint on disk (-1: none yet)
 
 
-def train(cfg: Config) -> int:
-    """Runs RLHF-PPO as configured; returns the exit status (0, 1 after too many skipped
-    updates, 128 + signal when stopped by SIGINT/SIGTERM)."""
-    run = setup_run(cfg)
-    log, out = run.log, run.out
-    consecutive_skips = 0
-    log(f"training {cfg.model} on {run.device} x{run.world_size} for {cfg.steps} iterations "
-        f"({len(run.prompts)} prompts, batch {cfg.batch_size}, {cfg.ppo_epochs} PPO epochs)")
-    # the output directory stays ours until the end; the metrics' files are closed on any exit
-    with run.lock, run.metrics, StopRequest() as stop:
-        if run.eval_prompts and run.start_step == 0:  # the held-out reward before training
-            run.metrics.write({"step": 0, **evaluate(run, 0)})
-        for step in range(run.start_step + 1, cfg.steps + 1):
-            t0 = time.perf_counter()
-            # steps 1-3: the actor answers; actor, reference, critic and reward model score it;
-            # KL-shaped rewards and GAE advantages are computed (generate_experience)
-            indices = rank_indices(run, step)
-            exp = collect_experience(run, [run.prompts[i] for i in indices],
-                                     [run.prompt_ids[i] for i in indices], run.kl_coef)
-            if step == 1:
-                print_samples("samples before training:", exp, cfg.samples, log)
-            t1 = time.perf_counter()
-            # step 4: ppo_epochs passes of clipped minibatch updates of actor and critic
-            stats, skipped = ppo_update(
-                run.train_actor, run.train_critic, run.actor_optimizer, run.critic_optimizer,
-                exp, ppo_epochs=cfg.ppo_epochs,
-                mini_batch_size=cfg.mini_batch_size // run.world_size,
-                micro_batch_size=cfg.micro_batch_size, cliprange=cfg.cliprange,
-                cliprange_value=cfg.cliprange_value, ent_coef=cfg.ent_coef,
-                max_grad_norm=cfg.max_grad_norm, temperature=cfg.temperature,
-                autocast=run.autocast)
-            rates = {"lr/actor": run.actor_optimizer.param_groups[0]["lr"],
-                     "lr/critic": run.critic_optimizer.param_groups[0]["lr"]}
-            for scheduler in run.schedulers:
-                scheduler.step()  # the learning rates of the next iteration
-            row = {**rollout_stats(exp, run.kl_coef, cfg.kl_estimator, global_masked_mean),
-                   **stats, "updates/skipped": skipped.sum().float(),
-                   "stop": all_reduce_sum(torch.tensor(float(stop.signum is not None),
-                                                       device=run.device))}
-            row = dict(zip(row, torch.stack(list(row.values())).tolist()))  # the one host sync
-            t2 = time.perf_counter()
-            stop_requested = row.pop("stop") > 0  # every rank stops at the same iteration
-            row.update({"step": step, "objective/kl_coef": run.kl_coef, **rates,
-                        "time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
-                        "throughput/tokens_per_s": row["response/tokens"] / (t2 - t0)})
-            row.update(run.checks(row, first=step == 1))
-            if run.eval_prompts and (step % cfg.eval_every == 0 or step == cfg.steps):
-                row.update(evaluate(run, step))
-            run.metrics.write(row)
-            log(f"step {step:4d}/{cfg.steps} | score {row['objective/scores']:7.3f} | "
-                f"kl {row['objective/kl']:7.3f} | beta {run.kl_coef:.3f} | "
-                f"pg {row['loss/policy']:7.4f} | vf {row['loss/value']:7.4f} | "
-                f"clip {row['policy/clipfrac']:.3f} | len {row['response/length']:5.1f} | "
-                f"{t2 - t0:5.2f}s" + (f" | eval {row['eval/scores']:7.3f}"
-                                      if "eval/scores" in row else ""), flush=True)
-            # the controller sees this rollout's KL and sets beta for the next one
-            run.kl_coef = next_kl_coef(cfg, run.kl_coef, row["objective/kl"])
-
-            for was_skipped in skipped.tolist():
-                consecutive_skips = consecutive_skips + 1 if was_skipped else 0
-            if consecutive_skips >= cfg.max_skipped_updates:
-                save_checkpoint(run, step)  # skipped steps left weights and optimizers intact
-                log(f"stopping: {consecutive_skips} consecutive updates had a non-finite loss "
-                    f"or gradient; the last good state is in {checkpoint_path(run)}. Lower the "
-                    "learning rates or check the reward scale.", file=sys.stderr)
-                return 1
-            if stop_requested or (cfg.save_every and step % cfg.save_every == 0):
-                save_checkpoint(run, step)
-            if stop_requested:
-                signum = stop.signum or signal.SIGTERM  # a rank that got none follows the others
-                log(f"{signal.Signals(signum).name}: stopped after step {step}; checkpoint "
-                    f"saved in {checkpoint_path(run)}. Resume with the same options plus "
-                    f"--resume --output-dir {out}", file=sys.stderr)
-                return 128 + signum
-        finish_run(run)
-    return 0
+@dataclass
+class LoopState:
+    """How far the loop is: iterations done, and beta for the next rollout."""
+    step: int = 0
+    kl_coef: float = 0.1
 
 
-def collect_experience(run: Run, prompts: list, prompt_ids: list[list[int]], kl_coef: float,
-                       mean_fn=None) -> Experience:
-    """`generate_experience` on `prompts` (and their tokens) with the run's models and
-    hyperparameters; whitening statistics over all ranks' rollouts unless another `mean_fn`
-    is given."""
-    cfg = run.cfg
-    encoded = encode_prompts(run.tokenizer, prompt_ids, run.device)
-    with gathered(run.actor):  # sharded: the policy gathered once for the whole rollout
+def prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
+    """Prompts of iteration `step` (1-based): consecutive slices of a stream of per-epoch
+    permutations of the prompt set. A pure function of (step, seed): a resumed run draws
+    exactly the prompts the uninterrupted one would have, and processes split one global
+    batch (no prompt twice within an epoch of the prompt set)."""
+    start = (step - 1) * batch_size
+    indices = []
+    for k in range(start, start + batch_size):
+        epoch, position = divmod(k, n_prompts)
+        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch))
+        indices.append(int(order[position]))
+    return indices
+
+
+def encode_prompts(tokenizer, prompt_ids: list[list[int]], device: torch.device):
+    """Left-padded [B, P] input_ids and attention_mask from lists of token ids."""
+    return tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(device)
+
+
+def rollout(models: Models, prompts: list, prompt_ids: list[list[int]], hp: PPOConfig,
+            kl_coef: float, *, autocast=nullcontext, parallel=SingleProcess(),
+            mean_fn=None) -> Experience:
+    """`generate_experience` on `prompts` and their token ids (left-padded here), the policy
+    whole while it samples; whitening over every process's rollout unless `mean_fn` says."""
+    actor = models.actor
+    batch = encode_prompts(models.tokenizer, prompt_ids, next(actor.parameters()).device)
+    with parallel.gathered(actor):
         return generate_experience(
-            run.actor, run.critic, run.ref_model, run.score_fn, run.tokenizer, encoded.input_ids,
-            encoded.attention_mask, eos_token_ids=run.eos_token_ids,
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-            top_p=cfg.top_p, kl_ctl=kl_coef, clip_reward_value=cfg.clip_reward_value,
-            kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam,
-            whiten_advantages=cfg.whiten_advantages, whiten_rewards=cfg.whiten_rewards,
-            missing_eos_penalty=cfg.missing_eos_penalty,
-            recompute_log_probs=cfg.recompute_log_probs,
-            micro_batch_size=cfg.rollout_micro_batch_size, autocast=run.autocast,
-            mean_fn=mean_fn or global_masked_mean, prompts=prompts)
-
-
-def rank_indices(run: Run, step: int) -> list[int]:
-    """This rank's share of iteration `step`'s global batch of prompts, as indices."""
-    per_rank = run.cfg.batch_size // run.world_size
-    indices = prompt_indices(step, run.cfg.batch_size, len(run.prompts), run.cfg.seed)
-    return indices[run.rank * per_rank:(run.rank + 1) * per_rank]
+            actor, models.critic, models.ref_model, models.score_fn, models.tokenizer,
+            batch.input_ids, batch.attention_mask, hp,
+            eos_token_ids=models.eos_token_ids, kl_ctl=kl_coef, autocast=autocast,
+            mean_fn=mean_fn or parallel.mean, prompts=prompts)
 
 
 def sequence_stats(exp: Experience, kl_coef: float, kl_estimator: str = "k1") -> dict:
@@ -978,38 +811,280 @@ def sequence_stats(exp: Experience, kl_coef: float, kl_estimator: str = "k1") ->
 
 
 def rollout_stats(exp: Experience, kl_coef: float, kl_estimator: str = "k1",
-                  mean_fn=masked_mean) -> dict:
+                  parallel=SingleProcess()) -> dict:
     """Per-rollout metrics as 0-d tensors (the caller syncs them all at once): the means over
     sequences of `sequence_stats` (objective/scores, objective/kl, objective/non_score_reward,
     objective/rlhf_reward, response/length, response/no_eos), and over real tokens
 
         policy/entropy          mean entropy of the rollout policy per token
         val/explained_variance  1 - Var[returns - values] / Var[returns]
-    Means are taken with `mean_fn`: over the global batch under torchrun."""
-    mask = exp.action_mask
+    Means and sums over every process's rollout (`parallel`)."""
+    mask, mean = exp.action_mask, parallel.mean
     rows = torch.ones_like(exp.scores, dtype=torch.bool)
     per_sequence = sequence_stats(exp, kl_coef, kl_estimator)
     stats = {f"{'response' if name in ('length', 'no_eos') else 'objective'}/{name}":
-             mean_fn(value, rows) for name, value in per_sequence.items()}
-    residual_var = masked_var(exp.returns - exp.values, mask, mean_fn)
+             mean(value, rows) for name, value in per_sequence.items()}
+    residual_var = masked_var(exp.returns - exp.values, mask, mean)
     return {
         **stats,
-        "policy/entropy": mean_fn(exp.entropy, mask),
+        "policy/entropy": mean(exp.entropy, mask),
         "val/explained_variance": 1 - residual_var / masked_var(exp.returns, mask,
-                                                                mean_fn).clamp(min=1e-8),
-        "response/tokens": all_reduce_sum(mask.sum().float()),
+                                                                mean).clamp(min=1e-8),
+        "response/tokens": parallel.sum(mask.sum().float()),
     }
 
 
-def next_kl_coef(cfg: Config, kl_coef: float, kl: float) -> float:
+def next_kl_coef(hp: PPOConfig, kl_coef: float, kl: float) -> float:
     """beta for the next rollout from this rollout's KL: fixed, 004's adaptive rule, or
     Ziegler's proportional controller."""
-    if cfg.kl_controller == "adaptive":
-        return adaptive_kl_coef(kl_coef, kl, cfg.kl_target)
-    if cfg.kl_controller == "proportional":
-        return proportional_kl_coef(kl_coef, kl, cfg.kl_target, n_steps=cfg.batch_size,
-                                    horizon=cfg.kl_horizon)
+    if hp.kl_controller == "adaptive":
+        return adaptive_kl_coef(kl_coef, kl, hp.kl_target)
+    if hp.kl_controller == "proportional":
+        return proportional_kl_coef(kl_coef, kl, hp.kl_target, n_steps=hp.batch_size,
+                                    horizon=hp.kl_horizon)
     return kl_coef
+
+
+def ppo_iterations(models: Models, actor_optimizer, critic_optimizer, prompts: list,
+                   prompt_ids: list[list[int]], hp: PPOConfig, state: LoopState | None = None,
+                   *, schedulers=(), autocast=nullcontext, parallel=SingleProcess()):
+    """Trains for iterations state.step + 1 ... hp.steps; after each yields (row, exp, skipped):
+    its metrics (floats: one host sync per iteration), its experience and which optimizer
+    steps were skipped, `state` already advanced (resuming from it continues exactly).
+
+        for step in 1..steps:
+            prompts <- the step's batch                     (`prompt_indices`)
+            steps 1-3: actor answers; actor, reference, critic and reward model score it;
+                       KL-shaped rewards, GAE advantages    (`rollout`, `generate_experience`)
+            step 4:    ppo_epochs passes of clipped minibatch updates      (`ppo_update`)
+            beta <- the KL controller's rule                (`next_kl_coef`)
+
+    Example, one process (the test `test_part_one_runs_alone` does exactly this):
+        critic = ValueModel(copy.deepcopy(actor.transformer), hidden_size)
+        models = Models(actor, critic, ref_model, reward, tokenizer, [tokenizer.eos_token_id])
+        optimizers = [torch.optim.AdamW(m.parameters(), lr) for m in (actor, critic)]
+        for row, exp, skipped in ppo_iterations(models, *optimizers, prompts, ids, hp):
+            print(row["step"], row["objective/scores"])
+    """
+    state = state or LoopState(kl_coef=hp.kl_ctl)
+    update_actor, update_critic = parallel.trained(models.actor), parallel.trained(models.critic)
+    for step in range(state.step + 1, hp.steps + 1):
+        t0 = time.perf_counter()
+        indices = parallel.share(prompt_indices(step, hp.batch_size, len(prompts), hp.seed))
+        exp = rollout(models, [prompts[i] for i in indices], [prompt_ids[i] for i in indices],
+                      hp, state.kl_coef, autocast=autocast, parallel=parallel)
+        t1 = time.perf_counter()
+        stats, skipped = ppo_update(update_actor, update_critic, actor_optimizer,
+                                    critic_optimizer, exp, hp, autocast=autocast,
+                                    parallel=parallel)
+        rates = {"lr/actor": actor_optimizer.param_groups[0]["lr"],
+                 "lr/critic": critic_optimizer.param_groups[0]["lr"]}
+        for scheduler in schedulers:
+            scheduler.step()  # the learning rates of the next iteration
+        row = {**rollout_stats(exp, state.kl_coef, hp.kl_estimator, parallel), **stats,
+               "updates/skipped": skipped.sum().float()}
+        row = dict(zip(row, torch.stack(list(row.values())).tolist()))  # the one host sync
+        t2 = time.perf_counter()
+        row.update({"step": step, "objective/kl_coef": state.kl_coef, **rates,
+                    "time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
+                    "throughput/tokens_per_s": row["response/tokens"] / (t2 - t0)})
+        # the controller sees this rollout's KL and sets beta for the next one
+        state.step, state.kl_coef = step, next_kl_coef(hp, state.kl_coef, row["objective/kl"])
+        yield row, exp, skipped
+
+
+# ==============================================================================================
+# Part II: the trainer. Everything above is the method; what follows loads, scales, saves and
+# watches it, and runs Part I's loop from the command line.
+# ==============================================================================================
+
+import argparse
+import copy
+import ctypes
+import functools
+import importlib
+import importlib.util
+import itertools
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import sys
+import warnings
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import get_args, get_origin
+
+try:
+    import fcntl  # the output directory's lock; not on Windows
+except ImportError:
+    fcntl = None
+
+# ------------------------------------------------------------------------------------------------
+# 10. The run: its options, and the command-line trainer around Part I's loop.
+# ------------------------------------------------------------------------------------------------
+
+BUILTIN_MODEL = "builtin:tiny-gpt2"
+BUILTIN_ACTOR_LR = 1e-3  # a randomly initialized tiny model learns fast and needs a large step
+PRETRAINED_ACTOR_LR = 1e-5  # a common choice for fine-tuning a pretrained LM with PPO
+CRITIC_LR_FACTOR = 5.0  # the critic learns a fresh head: a larger step than the actor's
+# LoRA trains a low-rank update from zero and needs a larger step for the same progress: about
+# 10x full fine-tuning's, in supervised and RL fine-tuning alike (Schulman et al., "LoRA
+# Without Regret", Thinking Machines 2025)
+LORA_LR_FACTOR = 10.0
+GROUPS = ("models and data", "schedule", "generation", "optimization", "LoRA", "the math",
+          "runtime")  # --help lists the options in these groups, in this order
+
+
+@dataclass
+class Config(PPOConfig):
+    model: str = option(BUILTIN_MODEL, "models and data", "policy: a causal-LM hub name or "
+                        "directory, or builtin:tiny-gpt2 (in memory, no download)")
+    critic_model: str | None = option(None, "models and data", "critic initialization (hub "
+                                      "name or directory, the policy's vocabulary); default: "
+                                      "the policy")
+    reward_model: str | None = option(None, "models and data", "frozen reward model: an "
+                                      "AutoModelForSequenceClassification name or directory")
+    reward_label: str | None = option(None, "models and data", "for a multi-class reward "
+                                      "model, the label (name or index) scored")
+    reward_fn: str | None = option(None, "models and data", "rule-based reward "
+                                   "'module:function' or 'file.py:function', f(prompts, "
+                                   "responses) -> floats")
+    prompts: str | None = option(None, "models and data", "prompts: text (one per line) or "
+                                 ".jsonl ('prompt' or 'messages'); default: a built-in set")
+    eval_prompts: str | None = option(None, "models and data", "held-out prompts (same "
+                                      "formats), answered every --eval-every iterations")
+    eval_fraction: float = option(0.0, "models and data", "hold out this fraction of "
+                                  "--prompts (seeded) for evaluation")
+    eval_every: int = option(10, "models and data", "evaluate every N iterations, before the "
+                             "first and after the last")
+    output_dir: str | None = option(None, "models and data", "where outputs go; default: a new "
+                                    "runs/<model>__<seed>__<date-time>")
+    max_prompt_length: int = option(64, "generation", "prompts longer than this (policy "
+                                    "tokens) are left out, with a warning, never cut")
+    actor_lr: float | None = option(None, "optimization", f"actor AdamW learning rate; default "
+                                    f"{BUILTIN_ACTOR_LR} built-in, {PRETRAINED_ACTOR_LR} "
+                                    f"pretrained, x{LORA_LR_FACTOR:g} with LoRA")
+    critic_lr: float | None = option(None, "optimization", "critic AdamW learning rate; "
+                                     f"default {CRITIC_LR_FACTOR:g} x actor_lr")
+    lr_schedule: Literal["constant", "linear", "cosine"] = option(
+        "constant", "optimization", "learning rates over --steps after the warm-up")
+    warmup_steps: int = option(0, "optimization", "iterations of linear learning-rate warm-up")
+    weight_decay: float = option(0.0, "optimization", "AdamW weight decay")
+    gradient_checkpointing: bool = option(False, "optimization", "recompute activations in "
+                                          "backward (actor and critic): less memory")
+    frozen_bf16: bool | None = option(None, "optimization", "store the frozen models in bf16; "
+                                      "default: when bf16 compute is on")
+    lora_r: int = option(0, "LoRA", "LoRA rank; > 0: actor and critic adapters on one frozen "
+                         "base, which is the reference; 0: full fine-tuning")
+    lora_alpha: float | None = option(None, "LoRA", "updates scaled by alpha / r; default "
+                                      "2 x --lora-r")
+    lora_dropout: float = option(0.0, "LoRA", "dropout on the LoRA path; keep 0 (pi/pi_old "
+                                 "must be 1 before an update)")
+    lora_target_modules: str = option("all-linear", "LoRA", "modules with adapters: "
+                                      "comma-separated names, or all-linear")
+    device: str = option("auto", "runtime", "auto (CUDA if present, else CPU), cpu, cuda, "
+                         "cuda:N")
+    data_parallel: Literal["ddp", "fsdp"] = option(
+        "ddp", "runtime", "under torchrun: ddp, a full copy per rank; fsdp, sharded (FSDP2)")
+    bf16: bool | None = option(None, "runtime", "bf16 autocast, fp32 master weights; default: "
+                               "on on a CUDA GPU with bf16")
+    save_every: int = option(0, "runtime", "checkpoint every N iterations (0: at the end)")
+    resume: bool = option(False, "runtime", "continue the run in --output-dir from its "
+                          "checkpoint")
+    overwrite: bool = option(False, "runtime", "delete an earlier run's outputs in "
+                             "--output-dir and start afresh")
+    max_skipped_updates: int = option(5, "runtime", "stop after this many consecutive "
+                                      "non-finite updates")
+    samples: int = option(3, "runtime", "sample responses printed before and after training")
+    tensorboard: bool = option(True, "runtime", "TensorBoard event files in --output-dir")
+    wandb: bool = option(False, "runtime", "also log to Weights & Biases (pip install wandb)")
+    wandb_project: str = option("ppo_rlhf", "runtime", "the W&B project")
+
+
+@dataclass
+class Run:
+    """What the trainer works with, built by `setup_run`."""
+    cfg: Config
+    device: torch.device
+    parallel: "DataParallel"  # rank, world size, and the models the update runs (DDP)
+    models: Models
+    actor_optimizer: torch.optim.Optimizer
+    critic_optimizer: torch.optim.Optimizer
+    schedulers: list  # the learning-rate schedule of each optimizer, stepped once an iteration
+    prompts: list  # training prompts as the prompts file holds them: strings or message lists
+    prompt_ids: list[list[int]]  # each prompt's tokens (chat template applied)
+    eval_prompts: list  # held-out prompts (empty: no evaluation), and their tokens
+    eval_prompt_ids: list[list[int]]
+    bf16: bool  # bf16 compute (autocast; FSDP's mixed precision)
+    autocast: Callable  # () -> context manager: bf16 autocast, or nothing
+    log: Callable  # print on rank 0, silent elsewhere
+    state: LoopState  # the step done and beta; a resumed run's from its checkpoint
+    checks: "InvariantChecks"
+    lock: "OutputLock"  # rank 0's lock on `out`, held until the run ends
+    metrics: "MetricsWriter"  # metrics.jsonl, samples.jsonl, TensorBoard, W&B (rank 0 writes)
+    saved_step: int = -1  # the step of the checkpoint on disk (-1: none yet)
+
+    @property
+    def out(self) -> Path:
+        return self.lock.out
+
+    @property
+    def rank(self) -> int:
+        return self.parallel.rank
+
+
+def train(cfg: Config) -> int:
+    """Runs RLHF-PPO as configured (Part I's loop, with outputs, evaluation, checks, signals);
+    returns the exit status: 0, 1 after too many skipped updates, 128 + signal when stopped
+    by SIGINT/SIGTERM."""
+    run = setup_run(cfg)
+    log, parallel = run.log, run.parallel
+    consecutive_skips = 0
+    log(f"training {cfg.model} on {run.device} x{parallel.size} for {cfg.steps} iterations "
+        f"({len(run.prompts)} prompts, batch {cfg.batch_size}, {cfg.ppo_epochs} PPO epochs)")
+    with run.lock, run.metrics, StopRequest() as stop:
+        if run.eval_prompts and run.state.step == 0:  # the held-out reward before training
+            run.metrics.write({"step": 0, **evaluate(run, 0)})
+        for row, exp, skipped in ppo_iterations(
+                run.models, run.actor_optimizer, run.critic_optimizer, run.prompts,
+                run.prompt_ids, cfg, run.state, schedulers=run.schedulers,
+                autocast=run.autocast, parallel=parallel):
+            step = row["step"]
+            if step == 1:
+                print_samples("samples before training:", exp, cfg.samples, log)
+            stopping = parallel.sum(torch.tensor(float(stop.signum is not None))).item() > 0
+            row.update(run.checks(row, first=step == 1))
+            if run.eval_prompts and (step % cfg.eval_every == 0 or step == cfg.steps):
+                row.update(evaluate(run, step, row["objective/kl_coef"]))
+            run.metrics.write(row)
+            log(f"step {step:4d}/{cfg.steps} | score {row['objective/scores']:7.3f} | "
+                f"kl {row['objective/kl']:7.3f} | beta {row['objective/kl_coef']:.3f} | "
+                f"pg {row['loss/policy']:7.4f} | vf {row['loss/value']:7.4f} | "
+                f"clip {row['policy/clipfrac']:.3f} | len {row['response/length']:5.1f} | "
+                f"{row['time/rollout_s'] + row['time/update_s']:5.2f}s"
+                + (f" | eval {row['eval/scores']:7.3f}" if "eval/scores" in row else ""),
+                flush=True)
+            for was_skipped in skipped.tolist():
+                consecutive_skips = consecutive_skips + 1 if was_skipped else 0
+            if consecutive_skips >= cfg.max_skipped_updates:
+                save_checkpoint(run, step)  # skipped steps left weights and optimizers intact
+                log(f"stopping: {consecutive_skips} consecutive updates had a non-finite loss "
+                    f"or gradient; the last good state is in {checkpoint_path(run)}. Lower the "
+                    "learning rates or check the reward scale.", file=sys.stderr)
+                return 1
+            if stopping or (cfg.save_every and step % cfg.save_every == 0):
+                save_checkpoint(run, step)
+            if stopping:
+                signum = stop.signum or signal.SIGTERM  # a rank that got none follows the others
+                log(f"{signal.Signals(signum).name}: stopped after step {step}; checkpoint "
+                    f"saved in {checkpoint_path(run)}. Resume with the same options plus "
+                    f"--resume --output-dir {run.out}", file=sys.stderr)
+                return 128 + signum
+        finish_run(run)
+    return 0
 
 
 def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) -> float:
@@ -1034,7 +1109,7 @@ def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) 
 EVAL_SEED_OFFSET = 10 ** 6  # evaluation samples from its own stream: seed + this + rank
 
 
-def evaluate(run: Run, step: int) -> dict:
+def evaluate(run: Run, step: int, kl_coef: float | None = None) -> dict:
     """The policy answers every held-out prompt, sampled as in training (same temperature:
     the RLHF objective is an expectation under the sampling policy, which greedy decoding is
     not), and the rollout's scoring gives eval/scores, eval/kl, eval/rlhf_reward, eval/length
@@ -1045,8 +1120,9 @@ def evaluate(run: Run, step: int) -> dict:
     batches of --batch-size, each rank its share; a rank whose share of the last batch is
     short repeats a prompt and drops the result, so that every rank runs the same forwards
     (FSDP's are collective)."""
-    cfg, t0 = run.cfg, time.perf_counter()
-    per_rank = cfg.batch_size // run.world_size
+    cfg, t0, size = run.cfg, time.perf_counter(), run.parallel.size
+    kl_coef = run.state.kl_coef if kl_coef is None else kl_coef  # beta of the rollout's KL
+    per_rank = cfg.batch_size // size
     names = ("scores", "kl", "rlhf_reward", "length")
     sums, mine = torch.zeros(len(names) + 1, device=run.device), []  # the last: a count
     devices = [run.device] if run.device.type == "cuda" else []
@@ -1056,10 +1132,10 @@ def evaluate(run: Run, step: int) -> dict:
             share = range(start + run.rank * per_rank,
                           min(start + (run.rank + 1) * per_rank, len(run.eval_prompts)))
             indices = list(share) + [0] * (per_rank - len(share))  # padded to the same size
-            exp = collect_experience(run, [run.eval_prompts[i] for i in indices],
-                                     [run.eval_prompt_ids[i] for i in indices], run.kl_coef,
-                                     mean_fn=masked_mean)
-            per_sequence = sequence_stats(exp, run.kl_coef, cfg.kl_estimator)
+            exp = rollout(run.models, [run.eval_prompts[i] for i in indices],
+                          [run.eval_prompt_ids[i] for i in indices], cfg, kl_coef,
+                          autocast=run.autocast, parallel=run.parallel, mean_fn=masked_mean)
+            per_sequence = sequence_stats(exp, kl_coef, cfg.kl_estimator)
             real = torch.arange(per_rank, device=run.device) < len(share)  # [B] not padding
             for k, name in enumerate(names):
                 sums[k] += torch.where(real, per_sequence[name], 0.0).sum()
@@ -1067,7 +1143,7 @@ def evaluate(run: Run, step: int) -> dict:
             mine += [{"prompt": exp.prompts[b], "response": exp.responses[b],
                       "score": float(exp.scores[b]), "kl": float(per_sequence["kl"][b]),
                       "index": i} for b, i in enumerate(share)]
-    totals = all_reduce_sum(sums).tolist()
+    totals = run.parallel.sum(sums).tolist()
     samples = sorted((s for rank in gather_objects(mine) for s in rank),
                      key=lambda s: s["index"])
     run.metrics.write_samples(step, [{k: v for k, v in s.items() if k != "index"}
@@ -1185,20 +1261,19 @@ def setup_run(cfg: Config) -> Run:
     try:
         if cfg.resume:  # its options checked before the models load (memory-mapped: cheap)
             load_checkpoint(lock.out, cfg)
-        run = load_run(cfg, device, rank, world_size, prompts, eval_prompts, lock, log)
+        run = load_run(cfg, device, prompts, eval_prompts, lock, log)
     except BaseException:
         lock.release(remove_created=True)  # a failed start leaves no directory behind
         raise
     if cfg.overwrite:
         lock.discard_earlier_run()
-    log(f"outputs go to {lock.out}")
-    if cfg.tensorboard:
-        log(f"curves: tensorboard --logdir {lock.out}")
+    log(f"outputs go to {lock.out}" + (f"; curves: tensorboard --logdir {lock.out}"
+                                       if cfg.tensorboard else ""))
     return run
 
 
-def load_run(cfg: Config, device: torch.device, rank: int, world_size: int, prompts: list,
-             eval_prompts: list, lock: "OutputLock", log: Callable) -> Run:
+def load_run(cfg: Config, device: torch.device, prompts: list, eval_prompts: list,
+             lock: "OutputLock", log: Callable) -> Run:
     """Models, optimizers and (with --resume) the checkpoint's state, in a `Run`."""
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -1208,42 +1283,33 @@ def load_run(cfg: Config, device: torch.device, rank: int, world_size: int, prom
     eval_prompts, eval_prompt_ids = usable_prompts(eval_prompts, tokenizer, score_fn, cfg,
                                                    "the held-out prompts", log)
     check_prompt_lengths(prompt_ids + eval_prompt_ids, actor, cfg)
-
     # separate optimizers over what each model trains (with LoRA, its adapter only). Fused
     # AdamW lets GradScaler skip a non-finite step without waiting for the device.
     actor_lr, critic_lr = learning_rates(cfg)
-    actor_optimizer = torch.optim.AdamW(trainable_parameters(actor), lr=actor_lr,
-                                        weight_decay=cfg.weight_decay, fused=True)
-    critic_optimizer = torch.optim.AdamW(trainable_parameters(critic), lr=critic_lr,
-                                         weight_decay=cfg.weight_decay, fused=True)
+    optimizers = [torch.optim.AdamW(trainable_parameters(model), lr=lr,
+                                    weight_decay=cfg.weight_decay, fused=True)
+                  for model, lr in ((actor, actor_lr), (critic, critic_lr))]
     schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: lr_factor(
         done + 1, schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
-        total_steps=cfg.steps)) for optimizer in (actor_optimizer, critic_optimizer)]
+        total_steps=cfg.steps)) for optimizer in optimizers]
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16
                 else nullcontext)
-    eos_token_ids = end_of_response_ids(actor.generation_config, tokenizer)
-
-    # DDP averages the gradients of the trained models over ranks (FSDP's are already sharded)
-    train_actor, train_critic = actor, critic
-    if world_size > 1 and not is_sharded(actor):
-        train_actor, train_critic = (replicate(model, device) for model in (actor, critic))
-    run = Run(cfg=cfg, device=device, rank=rank, world_size=world_size, actor=actor,
-              critic=critic, ref_model=ref_model, train_actor=train_actor,
-              train_critic=train_critic, actor_optimizer=actor_optimizer,
-              critic_optimizer=critic_optimizer, schedulers=schedulers, tokenizer=tokenizer,
-              score_fn=score_fn, prompts=prompts, prompt_ids=prompt_ids,
-              eval_prompts=eval_prompts, eval_prompt_ids=eval_prompt_ids,
-              eos_token_ids=eos_token_ids, bf16=bf16, autocast=autocast, out=lock.out, log=log,
-              start_step=0, kl_coef=cfg.kl_ctl,
+    models = Models(actor, critic, ref_model, score_fn, tokenizer,
+                    end_of_response_ids(actor.generation_config, tokenizer))
+    run = Run(cfg=cfg, device=device, parallel=DataParallel(device, actor, critic),
+              models=models, actor_optimizer=optimizers[0], critic_optimizer=optimizers[1],
+              schedulers=schedulers, prompts=prompts, prompt_ids=prompt_ids,
+              eval_prompts=eval_prompts, eval_prompt_ids=eval_prompt_ids, bf16=bf16,
+              autocast=autocast, log=log, state=LoopState(kl_coef=cfg.kl_ctl),
               checks=InvariantChecks("bf16" if bf16 or frozen_bf16(cfg, bf16) else "fp32",
                                      bool(cfg.reward_model) and cfg.missing_eos_penalty is None,
                                      log),
-              lock=lock, metrics=MetricsWriter(cfg, lock.out, enabled=rank == 0))
-    torch.manual_seed(cfg.seed + rank)  # ranks sample different responses
+              lock=lock, metrics=MetricsWriter(cfg, lock.out, enabled=world()[0] == 0))
+    torch.manual_seed(cfg.seed + run.rank)  # ranks sample different responses
     if cfg.resume:
         restore_checkpoint(run)
-        run.metrics.start_step = run.start_step
-        log(f"resumed from the checkpoint in {run.out} at step {run.start_step}")
+        run.metrics.start_step = run.state.step
+        log(f"resumed from the checkpoint in {run.out} at step {run.state.step}")
     return run
 
 
@@ -1263,9 +1329,9 @@ def finish_run(run: Run) -> None:
     if cfg.samples > 0:  # the first iteration's prompts, answered by the trained policy
         first = prompt_indices(1, cfg.batch_size, len(run.prompts), cfg.seed)[:cfg.samples]
         # every rank (a sharded model's forward is collective), each with its own statistics
-        final = collect_experience(run, [run.prompts[i] for i in first],
-                                   [run.prompt_ids[i] for i in first], run.kl_coef,
-                                   mean_fn=masked_mean)
+        final = rollout(run.models, [run.prompts[i] for i in first],
+                        [run.prompt_ids[i] for i in first], cfg, run.state.kl_coef,
+                        autocast=run.autocast, parallel=run.parallel, mean_fn=masked_mean)
         print_samples("samples after training:", final, cfg.samples, run.log)
     held = memory_bytes(run)
     run.log("memory held for the models (this rank, before activations): " + ", ".join(
@@ -1283,8 +1349,9 @@ def memory_bytes(run: Run) -> dict[str, int]:
         return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
     storages = {}
-    for module in (run.actor, run.critic, getattr(run.ref_model, "model", run.ref_model),
-                   run.score_fn.model):
+    models = run.models
+    for module in (models.actor, models.critic,
+                   getattr(models.ref_model, "model", models.ref_model), models.score_fn.model):
         for tensor in module.parameters() if module is not None else ():
             storage = local(tensor).untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
@@ -1381,11 +1448,9 @@ class MetricsWriter:
                                         config=dataclasses.asdict(self.cfg))
 
 
+
 # ------------------------------------------------------------------------------------------------
-# Plumbing a reader of the method can skip: models, rewards and prompts, torchrun,
-# checkpoints and the command line.
-#
-# 10. Models: the four of 004 §3. Errors a user can fix are `UsageError`s: one line, exit 2.
+# 11. Models: the four of 004 §3. Errors a user can fix are `UsageError`s: one line, exit 2.
 # ------------------------------------------------------------------------------------------------
 
 class UsageError(Exception):
@@ -1535,37 +1600,6 @@ def load_policy(name: str, seed: int, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
-class ValueModel(nn.Module):
-    """The critic: a transformer backbone and a linear value head, V(s) at every position.
-
-    The head computes in fp32 from fp32 weights, also under bf16 autocast: values are
-    regression targets of the size of the rewards, and bf16 keeps only 8 bits of them."""
-
-    def __init__(self, backbone: nn.Module, hidden_size: int, head: nn.Linear | None = None,
-                 adapter: Callable | None = None):
-        super().__init__()
-        self.backbone = backbone
-        self.v_head = nn.Linear(hidden_size, 1)
-        # V = 0 at the start: the first advantages are the rewards themselves, not noise
-        nn.init.zeros_(self.v_head.weight)
-        nn.init.zeros_(self.v_head.bias)
-        if head is not None:  # a 1-label reward model's score head (DeepSpeed-Chat's critic)
-            self.v_head.weight.data.copy_(head.weight.data)
-        # LoRA on a base shared with the actor: () -> a context in which the critic's adapter
-        # is the active one (`use_adapter`); None: the backbone is the critic's alone
-        self.adapter = adapter
-
-    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        with self.adapter() if self.adapter else nullcontext():
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                   position_ids=position_ids, use_cache=False).last_hidden_state
-        # h . w + b written out: a fresh [B, L] tensor, not a view of [B, L, 1] (FSDP2 warns
-        # that a view returned by a sharded module could lose its backward hook). The .float()
-        # of the weights undoes FSDP's bf16 mixed-precision copies.
-        with torch.autocast(hidden.device.type, enabled=False):
-            return hidden.float() @ self.v_head.weight[0].float() + self.v_head.bias.float()
-
-
 def load_critic_backbone(name: str, tokenizer, dtype: torch.dtype):
     """(backbone, head) for --critic-model: a causal LM's or a 1-label reward model's backbone
     (DeepSpeed-Chat initializes the critic from the reward model), which then lends its score
@@ -1650,7 +1684,7 @@ def add_lora(base: nn.Module, critic_base: tuple | None, config):
             actor.add_adapter(LORA_CRITIC, config)
             backbone = actor.get_base_model().base_model  # the transformer without its LM head
             critic = ValueModel(backbone, backbone.config.hidden_size,
-                                adapter=functools.partial(use_adapter, actor, LORA_CRITIC))
+                                context=functools.partial(use_adapter, actor, LORA_CRITIC))
         else:
             backbone, head = critic_base
             critic_config.fan_in_fan_out = any(isinstance(m, Conv1D) for m in backbone.modules())
@@ -1752,7 +1786,7 @@ def enable_gradient_checkpointing(actor, critic: ValueModel) -> None:
             activation_checkpointing_kwargs=checkpointing)
     else:
         actor.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
-    if critic.adapter is None:  # a backbone of its own (else it is the actor's, done above)
+    if critic.context is None:  # a backbone of its own (else it is the actor's, done above)
         backbone = critic.backbone
         backbone = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
         backbone.activation_checkpointing_enable(
@@ -1764,35 +1798,22 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-HUB_PROBE_TIMEOUT_S = 3.0
-
-
-@functools.cache
-def hub_reachable() -> bool:
-    """Whether the Hugging Face hub answers a TCP connect. Offline, transformers would retry
-    each file for about a minute before failing; this lets us go to the local cache at once."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((endpoint.hostname, endpoint.port or 443),
-                                      timeout=HUB_PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
-
-
 def load_pretrained(loader, name: str, option: str, **kwargs):
     """`loader.from_pretrained(name)` for a hub name or a directory; failures become one line.
 
-    Without a reachable hub, only a local directory or the local cache is tried."""
-    offline = not Path(name).exists() and not hub_reachable()
+    Local files (a directory, the cache) are tried first: offline, transformers would retry
+    the hub for about a minute before failing. HF_HUB_OFFLINE=1 skips the hub."""
     try:
-        return loader.from_pretrained(name, local_files_only=offline, **kwargs)
+        return loader.from_pretrained(name, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        where = ("it is not a local directory, not in the Hugging Face cache, and the hub is "
-                 "unreachable" if offline else first_line(e))
-        raise UsageError(f"cannot load {option} {name!r} with {loader.__name__}: {where}") from e
+        error = e
+    if not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true"):
+        try:
+            return loader.from_pretrained(name, **kwargs)
+        except (OSError, ValueError, KeyError) as e:
+            error = e
+    raise UsageError(f"cannot load {option} {name!r} with {loader.__name__}: "
+                     f"{first_line(error)}") from error
 
 
 def save_policy(model: nn.Module, tokenizer, out: Path, state_dict: dict) -> None:
@@ -1812,7 +1833,7 @@ def save_final_policy(run) -> Path:
     <out>/adapter first (PeftModel.from_pretrained(base, <out>/adapter) puts it back on the
     base); then it is merged into the base for <out>/policy, in place: nothing runs after.
     Each directory is written under a temporary name, then renamed into place."""
-    model = run.actor
+    model = run.models.actor
     if getattr(model, "lora_adapter", None):
         if run.rank == 0:
             write_directory(run.out / ADAPTER, lambda tmp: model.save_pretrained(
@@ -1820,7 +1841,7 @@ def save_final_policy(run) -> Path:
         model = model.merge_and_unload(adapter_names=[LORA_ACTOR])
     state = full_state_dict(model)  # sharded: gathered by all ranks to rank 0
     if run.rank == 0:
-        write_directory(run.out / POLICY, lambda tmp: save_policy(model, run.tokenizer, tmp,
+        write_directory(run.out / POLICY, lambda tmp: save_policy(model, run.models.tokenizer, tmp,
                                                                  state))
     return run.out / POLICY
 
@@ -1851,7 +1872,7 @@ def load_tokenizer(name: str, option: str):
 
 
 # ------------------------------------------------------------------------------------------------
-# 11. Rewards and prompts. A reward is a callable (prompts, responses: list[str]) -> scores
+# 12. Rewards and prompts. A reward is a callable (prompts, responses: list[str]) -> scores
 # [B] on the CPU, the prompts as the prompts file holds them (strings, or message lists for
 # conversations): a frozen sequence classifier, a Python function or the built-in rule.
 # ------------------------------------------------------------------------------------------------
@@ -2146,28 +2167,8 @@ def check_prompt_lengths(prompt_ids: list[list[int]], actor, cfg: Config) -> Non
                          "lower --max-new-tokens or --max-prompt-length")
 
 
-def encode_prompts(tokenizer, prompt_ids: list[list[int]], device: torch.device):
-    """Left-padded [B, P] input_ids and attention_mask from `prompt_token_ids` lists."""
-    batch = tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt")
-    return batch.to(device)
-
-
-def prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
-    """Prompts of iteration `step` (1-based): consecutive slices of a stream of per-epoch
-    permutations of the prompt set. A pure function of (step, seed): a resumed run draws
-    exactly the prompts the uninterrupted one would have, and ranks split one global batch
-    (no prompt twice within an epoch of the prompt set)."""
-    start = (step - 1) * batch_size
-    indices = []
-    for k in range(start, start + batch_size):
-        epoch, position = divmod(k, n_prompts)
-        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch))
-        indices.append(int(order[position]))
-    return indices
-
-
 # ------------------------------------------------------------------------------------------------
-# 12. Data parallelism (torchrun): DDP replicas, or FSDP2 shards (--data-parallel fsdp). The
+# 13. Data parallelism (torchrun): DDP replicas, or FSDP2 shards (--data-parallel fsdp). The
 # only code that knows other ranks exist; with a single process every function here is the
 # identity or its local twin.
 # ------------------------------------------------------------------------------------------------
@@ -2179,14 +2180,81 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of `tensor` over ranks (a new tensor; asynchronous on the device)."""
-    return reduced(tensor, "SUM")
+class DataParallel(SingleProcess):
+    """Part I's `SingleProcess` operations over every rank of a torchrun job (the identity in
+    one process), and an optimizer step that skips a non-finite step on the device: GradScaler
+    at scale 1 finds inf/NaN where the gradients are and the fused AdamW skips itself, where
+    `SingleProcess.step` waits for the device to decide. FSDP: GradScaler's inf/NaN flag on
+    DTensor gradients is reduced over the ranks, so all skip or step together."""
+
+    def __init__(self, device: torch.device, actor: nn.Module, critic: nn.Module):
+        self.device = device
+        self.rank, self.size = world()
+        # DDP averages the gradients of the trained models over ranks (FSDP's are sharded)
+        self.replicas = ({id(m): replicate(m, device) for m in (actor, critic)}
+                         if self.size > 1 and not is_sharded(actor) else {})
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=1.0)
+
+    def trained(self, model: nn.Module) -> nn.Module:
+        return self.replicas.get(id(model), model)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return reduced(tensor.to(self.device), "SUM")
+
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return reduced(tensor, "MAX")
+
+    def mean(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`masked_mean` over every rank's real positions: sum and count are all-reduced."""
+        mask = mask.bool()
+        sums = torch.stack([torch.where(mask, values, 0).sum(), mask.sum().to(values.dtype)])
+        total, count = self.sum(sums)
+        return total / count.clamp(min=1)
+
+    def share(self, indices: list[int]) -> list[int]:
+        per_rank = len(indices) // self.size
+        return indices[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def no_sync(self, actor, critic, last: bool):
+        """Skip the gradient reduction on all but the last micro-batch of a minibatch: DDP's
+        all-reduce, or FSDP's reduce-scatter (gradients accumulate unsharded until the last)."""
+        stack = ExitStack()
+        if last:
+            return stack
+        if isinstance(actor, nn.parallel.DistributedDataParallel):
+            stack.enter_context(actor.no_sync())
+            stack.enter_context(critic.no_sync())
+        elif is_sharded(actor):
+            for model in (actor, critic):
+                model.set_requires_gradient_sync(False)
+                stack.callback(model.set_requires_gradient_sync, True)
+        return stack
+
+    def gathered(self, actor):
+        return gathered(actor)
+
+    def step(self, optimizers, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+        norms = [gradient_norm(optimizer) for optimizer in optimizers]  # before clipping
+        finite = torch.isfinite(norms[0]) & torch.isfinite(norms[1])
+        self.scaler.scale(norms[0])  # (the scaler's scale of 1 is made where the norms are)
+        for optimizer, norm in zip(optimizers, norms):
+            # a non-finite norm in either model makes both clip coefficients NaN: GradScaler
+            # then finds NaN in both and skips both steps
+            nn.utils.clip_grads_with_norm_(trained_parameters(optimizer), max_grad_norm,
+                                           torch.where(finite, norm, torch.nan))
+            self.scaler.unscale_(optimizer)
+            self.scaler.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+        self.scaler.update(1.0)  # keep the scale at 1: a finiteness check, not fp16 scaling
+        return torch.stack(norms), ~finite
 
 
-def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    """The largest value of `tensor` over ranks (a new tensor; asynchronous on the device)."""
-    return reduced(tensor, "MAX")
+def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The L2 norm of the gradients of the optimizer's parameters, over all ranks (a sharded
+    model's norm is gathered into one plain tensor); inf/NaN if any gradient is."""
+    grads = [p.grad for p in trained_parameters(optimizer) if p.grad is not None]
+    norm = nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def reduced(tensor: torch.Tensor, op: str) -> torch.Tensor:
@@ -2195,14 +2263,6 @@ def reduced(tensor: torch.Tensor, op: str) -> torch.Tensor:
     total = tensor.detach().clone()
     torch.distributed.all_reduce(total, op=getattr(torch.distributed.ReduceOp, op))
     return total
-
-
-def global_masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`masked_mean` over every rank's real positions: sum and count are all-reduced."""
-    mask = mask.bool()
-    sums = torch.stack([torch.where(mask, values, 0).sum(), mask.sum().to(values.dtype)])
-    total, count = all_reduce_sum(sums)
-    return total / count.clamp(min=1)
 
 
 def barrier() -> None:
@@ -2230,22 +2290,6 @@ def replicate(model: nn.Module, device: torch.device) -> nn.Module:
                                                                                    ignored)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-def no_sync(actor, critic, last: bool):
-    """Skip the gradient reduction on all but the last micro-batch of a minibatch: DDP's
-    all-reduce, or FSDP's reduce-scatter (gradients accumulate unsharded until the last)."""
-    if last:
-        return nullcontext()
-    stack = ExitStack()
-    if isinstance(actor, nn.parallel.DistributedDataParallel):
-        stack.enter_context(actor.no_sync())
-        stack.enter_context(critic.no_sync())
-    elif is_sharded(actor):
-        for model in (actor, critic):
-            model.set_requires_gradient_sync(False)
-            stack.callback(model.set_requires_gradient_sync, True)
-    return stack
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -2336,7 +2380,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------------------
-# 13. The output directory (one run each, locked) and checkpoints: everything needed to
+# 14. The output directory (one run each, locked) and checkpoints: everything needed to
 # continue exactly, written atomically, loaded without running code.
 # ------------------------------------------------------------------------------------------------
 
@@ -2571,7 +2615,7 @@ def save_checkpoint(run, step: int) -> None:
     --data-parallel fsdp every rank writes its own shards (`save_sharded_checkpoint`), also a
     single process, so that any number of ranks can resume; otherwise rank 0 writes
     checkpoint.pt."""
-    meta = {"step": step, "steps": run.cfg.steps, "kl_coef": run.kl_coef,
+    meta = {"step": step, "steps": run.cfg.steps, "kl_coef": run.state.kl_coef,
             "fingerprint": resume_fingerprint(run.cfg),
             "schedulers": [scheduler.state_dict() for scheduler in run.schedulers],
             "checks": run.checks.state_dict(),
@@ -2612,8 +2656,8 @@ def checkpoint_path(run) -> Path:
 
 def trained_models(run) -> tuple:
     """(name, model, optimizer) of the two trained models, as checkpoints name them."""
-    return (("actor", run.actor, run.actor_optimizer),
-            ("critic", run.critic, run.critic_optimizer))
+    return (("actor", run.models.actor, run.actor_optimizer),
+            ("critic", run.models.critic, run.critic_optimizer))
 
 
 def training_state(run) -> dict:
@@ -2680,19 +2724,20 @@ def restore_checkpoint(run) -> None:
     for scheduler, scheduler_state in zip(run.schedulers, state["schedulers"]):
         scheduler.load_state_dict(scheduler_state)
     run.checks.load_state_dict(state["checks"])
-    run.start_step, run.kl_coef = state["step"], state["kl_coef"]
-    run.saved_step = run.start_step
-    if len(state["rng"]) == run.world_size:
+    run.state = LoopState(step=state["step"], kl_coef=state["kl_coef"])
+    run.saved_step = run.state.step
+    if len(state["rng"]) == run.parallel.size:
         set_rng_state(state["rng"][run.rank])
     else:  # another number of ranks samples other responses anyway: fresh, distinct seeds
-        random.seed(run.cfg.seed + run.start_step)
-        torch.manual_seed(run.cfg.seed + run.start_step * run.world_size + run.rank)
+        random.seed(run.cfg.seed + run.state.step)
+        torch.manual_seed(run.cfg.seed + run.state.step * run.parallel.size + run.rank)
         run.log(f"note: the checkpoint was written by {len(state['rng'])} rank(s), this run "
-                f"has {run.world_size}: weights and optimizers resume exactly, sampling does not")
+                f"has {run.parallel.size}: weights and optimizers resume exactly, sampling "
+                "does not")
 
 
 # ------------------------------------------------------------------------------------------------
-# 14. Runtime and the command line.
+# 15. Runtime and the command line.
 # ------------------------------------------------------------------------------------------------
 
 def validate(cfg: Config, world_size: int = 1) -> None:
@@ -2812,23 +2857,25 @@ def keep_freed_memory(device: torch.device) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """The command line, generated from `Config`: --kebab-case per field, help and default."""
+    """The command line, generated from `Config`: --kebab-case per field, help and default,
+    listed in the groups of `GROUPS`."""
     parser = argparse.ArgumentParser(
+        usage="%(prog)s [options]",
         description="RLHF with PPO: actor, critic, reward and reference models in one file.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kind = f.type
+        flag, kind = "--" + f.name.replace("_", "-"), f.type
         if get_origin(kind) is not None and type(None) in get_args(kind):  # X | None
             kind = next(a for a in get_args(kind) if a is not type(None))
+        kwargs = {"default": f.default, "help": f.metadata["help"]}
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata["help"])
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(kind) is Literal:
-            parser.add_argument(flag, choices=get_args(kind), default=f.default,
-                                help=f.metadata["help"])
+            kwargs["choices"] = get_args(kind)
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+            kwargs["type"] = kind
+        groups[f.metadata["group"]].add_argument(flag, **kwargs)
     return Config(**vars(parser.parse_args(argv)))
 
 

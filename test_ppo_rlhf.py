@@ -686,11 +686,15 @@ RAGGED_PROMPTS = ["a", "the cat sat on the mat", "hello there", "we went", "x", 
 
 
 def rollout(actor, critic, ref_model, scorer, tokenizer, prompts=RAGGED_PROMPTS,
-            max_new_tokens=12, **kwargs):
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            max_new_tokens=12, kl_ctl=None, autocast=P.nullcontext, **hyperparameters):
+    """generate_experience on `prompts`, with PPOConfig(**hyperparameters)."""
+    device = next(actor.parameters()).device
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(device)
+    hp = P.PPOConfig(max_new_tokens=max_new_tokens, **hyperparameters)
     return P.generate_experience(actor, critic, ref_model, scorer, tokenizer, encoded.input_ids,
-                                 encoded.attention_mask, eos_token_ids=[tokenizer.eos_token_id],
-                                 max_new_tokens=max_new_tokens, **kwargs)
+                                 encoded.attention_mask, hp, kl_ctl=kl_ctl, autocast=autocast,
+                                 eos_token_ids=[tokenizer.eos_token_id])
 
 
 def test_experience_shapes_and_masks(tiny_dirs):
@@ -762,7 +766,8 @@ def test_rollout_micro_batches_give_the_same_experience(tiny_dirs):
     for micro_batch_size in (None, 3):
         torch.manual_seed(6)
         experiences.append(rollout(actor, critic, ref_model, scorer, tokenizer,
-                                   recompute_log_probs=True, micro_batch_size=micro_batch_size))
+                                   recompute_log_probs=True,
+                                   rollout_micro_batch_size=micro_batch_size))
     whole, split = experiences
     assert torch.equal(whole.input_ids, split.input_ids)
     for name in ("log_probs", "ref_log_probs", "values", "entropy", "scores", "advantages"):
@@ -782,7 +787,7 @@ def test_update_trains_actor_and_critic_only(tiny_dirs):
     exp = rollout(actor, critic, ref_model, scorer, tokenizer)
     stats, skipped = P.ppo_update(actor, critic, torch.optim.AdamW(actor.parameters(), lr=1e-3),
                                   torch.optim.AdamW(critic.parameters(), lr=1e-3), exp,
-                                  ppo_epochs=2, mini_batch_size=4, micro_batch_size=2)
+                                  P.PPOConfig(ppo_epochs=2, mini_batch_size=4, micro_batch_size=2))
     assert not any(skipped)
     assert all(math.isfinite(v.item()) for v in stats.values())
 
@@ -798,8 +803,8 @@ def sgd_updated_weights(actor, critic, exp, stats=None, **kwargs) -> torch.Tenso
     metrics go to `stats`, if given."""
     torch.manual_seed(0)
     result, _ = P.ppo_update(actor, critic, torch.optim.SGD(actor.parameters(), lr=0.1),
-                             torch.optim.SGD(critic.parameters(), lr=0.1), exp, ppo_epochs=1,
-                             **kwargs)
+                             torch.optim.SGD(critic.parameters(), lr=0.1), exp,
+                             P.PPOConfig(ppo_epochs=1, **kwargs))
     if stats is not None:
         stats.update({k: v.item() for k, v in result.items()})
     return torch.cat([p.detach().flatten() for p in [*actor.parameters(),
@@ -855,8 +860,8 @@ def test_single_token_and_cut_responses(tiny_dirs):
     assert no_eos.any() and cut.action_mask[no_eos].all()
     for exp_ in (exp, cut):
         _, skipped = P.ppo_update(actor, critic, torch.optim.AdamW(actor.parameters()),
-                                  torch.optim.AdamW(critic.parameters()), exp_, ppo_epochs=1,
-                                  mini_batch_size=4)
+                                  torch.optim.AdamW(critic.parameters()), exp_,
+                                  P.PPOConfig(ppo_epochs=1, mini_batch_size=4))
         assert not any(skipped)
 
 
@@ -1168,7 +1173,7 @@ def test_nonfinite_update_is_skipped_and_weights_stay(tiny_dirs):
     before = [p.detach().clone() for p in actor.parameters()]
     _, skipped = P.ppo_update(actor, critic, torch.optim.AdamW(actor.parameters(), lr=1e-3),
                               torch.optim.AdamW(critic.parameters(), lr=1e-3), exp,
-                              ppo_epochs=1, mini_batch_size=8)
+                              P.PPOConfig(ppo_epochs=1, mini_batch_size=8))
     assert skipped.tolist() == [True]
     assert all(torch.equal(a, b) for a, b in zip(before, actor.parameters()))
 
@@ -1204,7 +1209,7 @@ def test_a_nonfinite_loss_in_either_model_skips_both_steps(tiny_dirs, poisoned):
     before = [p.detach().clone() for p in [*actor.parameters(), *critic.parameters()]]
     _, skipped = P.ppo_update(actor, critic, torch.optim.AdamW(actor.parameters(), lr=1e-3),
                               torch.optim.AdamW(critic.parameters(), lr=1e-3), exp,
-                              ppo_epochs=1, mini_batch_size=8)
+                              P.PPOConfig(ppo_epochs=1, mini_batch_size=8))
     assert skipped.tolist() == [True]
     after = [*actor.parameters(), *critic.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
@@ -1224,11 +1229,11 @@ def test_logged_grad_norms_are_the_mean_over_the_steps_taken(tiny_dirs):
     torch.manual_seed(4)  # the update draws the same minibatch order
     stats, skipped = P.ppo_update(actor, critic, torch.optim.SGD(actor.parameters(), lr=0.1),
                                   torch.optim.SGD(critic.parameters(), lr=0.1), exp,
-                                  ppo_epochs=1, mini_batch_size=4)
+                                  P.PPOConfig(ppo_epochs=1, mini_batch_size=4))
     assert sorted(skipped.tolist()) == [False, True]
     alone, _ = P.ppo_update(*copies, torch.optim.SGD(copies[0].parameters(), lr=0.1),
                             torch.optim.SGD(copies[1].parameters(), lr=0.1),
-                            exp.select(finite_rows), ppo_epochs=1, mini_batch_size=4)
+                            exp.select(finite_rows), P.PPOConfig(ppo_epochs=1, mini_batch_size=4))
     for name in ("policy/grad_norm", "val/grad_norm"):
         assert stats[name].item() == pytest.approx(alone[name].item(), rel=1e-5), name
 
@@ -1355,13 +1360,13 @@ actor, critic = data["actor"], data["critic"]
 
 DDP_WORKER = WORKER_HEADER + """
 exp = data["exp"].select(torch.arange(rank * 4, rank * 4 + 4))  # this rank's half
-ddp_actor = torch.nn.parallel.DistributedDataParallel(actor)
-ddp_critic = torch.nn.parallel.DistributedDataParallel(critic)
-stats, skipped = P.ppo_update(ddp_actor, ddp_critic,
+parallel = P.DataParallel(torch.device("cpu"), actor, critic)  # DDP replicas
+stats, skipped = P.ppo_update(parallel.trained(actor), parallel.trained(critic),
                               torch.optim.SGD(actor.parameters(), lr=0.1),
                               torch.optim.SGD(critic.parameters(), lr=0.1), exp,
-                              ppo_epochs=2, mini_batch_size=4, micro_batch_size=2)
-rollout = P.rollout_stats(exp, 0.1, mean_fn=P.global_masked_mean)
+                              P.PPOConfig(ppo_epochs=2, mini_batch_size=8, micro_batch_size=2),
+                              parallel=parallel)
+rollout = P.rollout_stats(exp, 0.1, parallel=parallel)
 
 # whitening over both ranks' rollouts: each rank samples its own half of the prompts
 actor, ref_model, critic, tokenizer, score_fn = P.load_models(P.Config(model={policy!r}),
@@ -1369,9 +1374,9 @@ actor, ref_model, critic, tokenizer, score_fn = P.load_models(P.Config(model={po
 torch.manual_seed(rank)
 encoded = tokenizer({prompts!r}[rank * 4:rank * 4 + 4], return_tensors="pt", padding=True)
 own = P.generate_experience(actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids,
-                            encoded.attention_mask, eos_token_ids=[tokenizer.eos_token_id],
-                            max_new_tokens=8, whiten_rewards=True,
-                            mean_fn=P.global_masked_mean)
+                            encoded.attention_mask,
+                            P.PPOConfig(max_new_tokens=8, whiten_rewards=True),
+                            eos_token_ids=[tokenizer.eos_token_id], mean_fn=parallel.mean)
 raw_rewards = P.compute_rewards(own.log_probs, own.ref_log_probs, own.scores, own.action_mask)
 lengths = own.action_mask.sum(1).tolist()
 def real(t):
@@ -1437,7 +1442,7 @@ def test_two_rank_update_equals_one_process_on_the_concatenated_batch(tiny_dirs,
     assert result.returncode == 0, result.stderr[-3000:]
     stats, _ = P.ppo_update(actor, critic, torch.optim.SGD(actor.parameters(), lr=0.1),
                             torch.optim.SGD(critic.parameters(), lr=0.1), exp,
-                            ppo_epochs=2, mini_batch_size=8, micro_batch_size=2)
+                            P.PPOConfig(ppo_epochs=2, mini_batch_size=8, micro_batch_size=2))
     ranks = [torch.load(out.format(r), weights_only=False) for r in range(2)]
     for name, model in [("actor", actor), ("critic", critic)]:
         for key, value in model.state_dict().items():
@@ -1571,7 +1576,7 @@ def test_experience_tensors_equal_a_forward_per_prefix(tiny_dirs, recompute):
     actor, critic, ref_model, scorer, tokenizer = distinct_models(tiny_dirs)
     torch.manual_seed(13)
     exp = rollout(actor, critic, ref_model, scorer, tokenizer, temperature=0.8,
-                  recompute_log_probs=recompute, micro_batch_size=3)
+                  recompute_log_probs=recompute, rollout_micro_batch_size=3)
     oracle = per_prefix_oracle(actor, critic, ref_model, exp, temperature=0.8)
     mask = exp.action_mask
     assert (mask.sum(1) > 1).any() and not mask.all()  # ragged, multi-token responses
@@ -1605,7 +1610,8 @@ def test_experience_rewards_advantages_returns_follow_the_formulas(tiny_dirs, es
     hyper = dict(kl_ctl=0.3, clip_reward_value=0.05, kl_estimator=estimator, gamma=0.9,
                  lam=0.7, whiten_advantages=whiten_advantages, whiten_rewards=whiten_rewards)
     torch.manual_seed(14)
-    exp = rollout(actor, critic, ref_model, recorder, tokenizer, micro_batch_size=3, **hyper)
+    exp = rollout(actor, critic, ref_model, recorder, tokenizer, rollout_micro_batch_size=3,
+                  **hyper)
     rows = range(len(RAGGED_PROMPTS))
     pieces = [prompt_and_response(exp, b) for b in rows]
     prompts = [tokenizer.decode(p, skip_special_tokens=True) for p, _ in pieces]
@@ -1786,11 +1792,11 @@ def test_update_stats_equal_their_formulas(tiny_dirs):
     losses. With lr = 0 every step sees the rollout's weights, so over 2 epochs of one
     minibatch in micro-batches of 3 each metric is the plain mean over all real tokens."""
     actor, critic, exp = perturbed_experience(tiny_dirs, seed=15)
+    hp = P.PPOConfig(ppo_epochs=2, mini_batch_size=8, micro_batch_size=3, cliprange=0.1,
+                     cliprange_value=0.05, temperature=0.8,
+                     ent_coef=0.05)  # loss/policy is the clipped term alone
     stats, skipped = P.ppo_update(actor, critic, torch.optim.SGD(actor.parameters(), lr=0.0),
-                                  torch.optim.SGD(critic.parameters(), lr=0.0), exp,
-                                  ppo_epochs=2, mini_batch_size=8, micro_batch_size=3,
-                                  cliprange=0.1, cliprange_value=0.05, temperature=0.8,
-                                  ent_coef=0.05)  # loss/policy is the clipped term alone
+                                  torch.optim.SGD(critic.parameters(), lr=0.0), exp, hp)
     assert skipped.tolist() == [False, False]
     expected = update_oracle(actor, critic, exp, 0.8, cliprange=0.1, cliprange_value=0.05)
     assert 0 < expected["policy/clipfrac"] < 1 and 0 < expected["val/clipfrac"] < 1
@@ -1839,11 +1845,13 @@ def test_update_step_follows_the_gradient_of_the_direct_loss(tiny_dirs):
 
 
 def spy_on(monkeypatch, name):
-    """Replace P.<name> by a wrapper that records (kwargs, result) of every call."""
+    """Replace P.<name> by a wrapper that records ({argument: value}, result) of every call."""
     calls, original = [], getattr(P, name)
+    signature = inspect.signature(original)
 
     def spy(*args, **kwargs):
-        calls.append((kwargs, original(*args, **kwargs)))
+        arguments = signature.bind(*args, **kwargs).arguments
+        calls.append((arguments, original(*args, **kwargs)))
         return calls[-1][1]
     monkeypatch.setattr(P, name, spy)
     return calls
@@ -1871,13 +1879,12 @@ def test_train_feeds_every_option_to_the_math_and_logs_what_it_computed(tmp_path
                                                                             rows):
         for name in ("max_new_tokens", "temperature", "top_k", "top_p", "clip_reward_value",
                      "kl_estimator", "gamma", "lam", "whiten_advantages", "whiten_rewards",
-                     "missing_eos_penalty", "recompute_log_probs"):
-            assert rollout_kwargs[name] == getattr(cfg, name), name
-        assert rollout_kwargs["micro_batch_size"] == cfg.rollout_micro_batch_size
+                     "missing_eos_penalty", "recompute_log_probs", "rollout_micro_batch_size"):
+            assert getattr(rollout_kwargs["hp"], name) == getattr(cfg, name), name
         assert rollout_kwargs["kl_ctl"] == beta == row["objective/kl_coef"]
         for name in ("ppo_epochs", "mini_batch_size", "micro_batch_size", "cliprange",
                      "cliprange_value", "ent_coef", "max_grad_norm", "temperature"):
-            assert update_kwargs[name] == getattr(cfg, name), name
+            assert getattr(update_kwargs["hp"], name) == getattr(cfg, name), name
         assert len(exp.prompts) == cfg.batch_size and len(skipped) == 3 * 2
         assert row["updates/skipped"] == 0
         for name, value in stats.items():
@@ -2097,7 +2104,8 @@ def dropout_left_on(monkeypatch, tiny_dirs):
 def hotter_update(monkeypatch, tiny_dirs):
     update = P.ppo_update
     monkeypatch.setattr(P, "ppo_update", lambda *args, **kwargs: update(
-        *args, **{**kwargs, "temperature": 2 * kwargs["temperature"]}))
+        *args[:5], P.dataclasses.replace(args[5], temperature=2 * args[5].temperature),
+        **kwargs))
     return {}
 
 
@@ -2398,12 +2406,7 @@ def bf16_autocast(device="cuda"):
 
 
 def device_rollout(models, device, autocast, **kwargs):
-    actor, critic, ref_model, scorer, tokenizer = models
-    encoded = tokenizer(RAGGED_PROMPTS, return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(device)
-    return P.generate_experience(actor, critic, ref_model, scorer, tokenizer, encoded.input_ids,
-                                 encoded.attention_mask, eos_token_ids=[tokenizer.eos_token_id],
-                                 max_new_tokens=12, autocast=autocast, **kwargs)
+    return rollout(*models, autocast=autocast, **kwargs)
 
 
 @pytest.mark.parametrize("device", BF16_DEVICES)
@@ -2548,17 +2551,20 @@ def test_nonfinite_step_is_skipped_by_fused_adamw_on_the_device(tiny_dirs, devic
     actor, critic = models[0], models[1]
     exp = device_rollout(models, device, autocast)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True) for m in (actor, critic)]
+    parallel = P.DataParallel(torch.device(device), actor, critic)  # the trainer's step
     before = [p.detach().clone() for p in actor.parameters()]
     poisoned = P.dataclasses.replace(exp, advantages=exp.advantages.clone())
     poisoned.advantages[0, 0] = float("nan")
-    _, skipped = P.ppo_update(actor, critic, *optimizers, poisoned, ppo_epochs=1,
-                              mini_batch_size=8, autocast=autocast)
+    _, skipped = P.ppo_update(actor, critic, *optimizers, poisoned,
+                              P.PPOConfig(ppo_epochs=1, mini_batch_size=8), autocast=autocast,
+                              parallel=parallel)
     assert skipped.device.type == device and skipped.tolist() == [True]
     assert all(torch.equal(a, b) for a, b in zip(before, actor.parameters()))
     for state in optimizers[0].state.values():
         assert state["step"].item() == 0 and not state["exp_avg"].any()
-    _, skipped = P.ppo_update(actor, critic, *optimizers, exp, ppo_epochs=1, mini_batch_size=8,
-                              autocast=autocast)
+    _, skipped = P.ppo_update(actor, critic, *optimizers, exp,
+                              P.PPOConfig(ppo_epochs=1, mini_batch_size=8), autocast=autocast,
+                              parallel=parallel)
     assert skipped.tolist() == [False]
     assert any(not torch.equal(a, b) for a, b in zip(before, actor.parameters()))
 
@@ -2753,10 +2759,10 @@ def capture_run(monkeypatch):
 
     def spy(run):
         captured["run"] = run
-        captured["actor"] = {k: v.clone() for k, v in run.actor.state_dict().items()}
-        captured["critic"] = {k: v.clone() for k, v in run.critic.state_dict().items()}
+        captured["actor"] = {k: v.clone() for k, v in run.models.actor.state_dict().items()}
+        captured["critic"] = {k: v.clone() for k, v in run.models.critic.state_dict().items()}
         captured["memory"] = P.memory_bytes(run)
-        captured["logits"] = plain_logits(run.actor, run.tokenizer)
+        captured["logits"] = plain_logits(run.models.actor, run.models.tokenizer)
         return save(run)
     monkeypatch.setattr(P, "save_final_policy", spy)
     return captured
@@ -2855,8 +2861,9 @@ def test_two_adapters_on_one_base_step_like_two_separate_lora_models(tiny_dirs, 
                             for n, p in model.named_parameters() if id(p) in ids})
         initial = initial or {k: p.detach().clone() for k, p in trained.items()}
         torch.manual_seed(6)
-        P.ppo_update(actor, critic, *optimizers, exp, ppo_epochs=2, mini_batch_size=4,
-                     micro_batch_size=2, temperature=0.8)
+        P.ppo_update(actor, critic, *optimizers, exp,
+                     P.PPOConfig(ppo_epochs=2, mini_batch_size=4, micro_batch_size=2,
+                                 temperature=0.8))
         results.append({k: p.detach().clone() for k, p in trained.items()})
     shared_weights, separate_weights = results
     assert shared_weights.keys() == separate_weights.keys() == initial.keys()
@@ -2923,7 +2930,8 @@ def test_lora_with_a_critic_model_trains_its_own_adapter(tiny_dirs, tmp_path, mo
     captured = capture_run(monkeypatch)
     cfg = lora_config(tiny_dirs, tmp_path, critic_model=tiny_dirs["reward"], steps=2)
     assert P.train(cfg) == 0
-    assert captured["run"].critic.backbone is not captured["run"].actor.get_base_model()
+    assert captured["run"].models.critic.backbone is not (
+        captured["run"].models.actor.get_base_model())
     from transformers import AutoModelForSequenceClassification
     loaded = AutoModelForSequenceClassification.from_pretrained(tiny_dirs["reward"])
     backbone = {k.removeprefix("transformer."): v for k, v in loaded.state_dict().items()}
@@ -2951,7 +2959,8 @@ actor, _, critic, _, _ = P.load_models(P.Config(model={policy!r}, lora_r=4), tor
 actor.load_state_dict(data["actor"])
 critic.load_state_dict(data["critic"])
 exp = data["exp"].select(torch.arange(rank * 4, rank * 4 + 4))  # this rank's half
-ddp_actor, ddp_critic = (P.replicate(m, torch.device("cpu")) for m in (actor, critic))
+parallel = P.DataParallel(torch.device("cpu"), actor, critic)
+ddp_actor, ddp_critic = parallel.trained(actor), parallel.trained(critic)
 # what each DDP broadcasts at the start and all-reduces: its model's trained weights only
 synced = [sorted(n for n, _ in m.named_parameters() if n not in ddp.parameters_to_ignore)
           for m, ddp in ((actor, ddp_actor), (critic, ddp_critic))]
@@ -2959,8 +2968,8 @@ trained = [sorted(n for n, p in m.named_parameters()
                   if any(p is q for q in P.trainable_parameters(m))) for m in (actor, critic)]
 assert synced == trained, synced
 P.ppo_update(ddp_actor, ddp_critic, torch.optim.SGD(P.trainable_parameters(actor), lr=0.1),
-             torch.optim.SGD(P.trainable_parameters(critic), lr=0.1), exp, ppo_epochs=2,
-             mini_batch_size=4, micro_batch_size=2)
+             torch.optim.SGD(P.trainable_parameters(critic), lr=0.1), exp,
+             P.PPOConfig(ppo_epochs=2, mini_batch_size=8, micro_batch_size=2), parallel=parallel)
 torch.save({{"actor": actor.state_dict(), "critic": critic.state_dict()}}, {out!r}.format(rank))
 P.leave_process_group(together=True)
 """
@@ -2985,8 +2994,8 @@ def test_two_rank_lora_update_equals_one_process(tiny_dirs, tmp_path):
     result = torchrun([str(script)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     P.ppo_update(actor, critic, torch.optim.SGD(P.trainable_parameters(actor), lr=0.1),
-                 torch.optim.SGD(P.trainable_parameters(critic), lr=0.1), exp, ppo_epochs=2,
-                 mini_batch_size=8, micro_batch_size=2)
+                 torch.optim.SGD(P.trainable_parameters(critic), lr=0.1), exp,
+                 P.PPOConfig(ppo_epochs=2, mini_batch_size=8, micro_batch_size=2))
     ranks = [torch.load(out.format(r), weights_only=False) for r in range(2)]
     trained = 0
     for name, model in [("actor", actor), ("critic", critic)]:
@@ -3097,8 +3106,8 @@ def test_responses_end_at_every_end_of_turn_id(chat_dirs):
                                torch.device("cpu"))
     torch.manual_seed(21)
     exp = P.generate_experience(actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids,
-                                encoded.attention_mask, eos_token_ids=[end, eos],
-                                max_new_tokens=12, prompts=prompts)
+                                encoded.attention_mask, P.PPOConfig(max_new_tokens=12),
+                                eos_token_ids=[end, eos], prompts=prompts)
     responses = exp.input_ids[:, -exp.response_length:]
     ended = 0
     for b, row in enumerate(responses.tolist()):
@@ -3360,8 +3369,10 @@ def counted(*args, **kwargs):
     reduce_scatters.append(1)
     return original(*args, **kwargs)
 torch.distributed.reduce_scatter_single = counted
-stats, skipped = P.ppo_update(actor, critic, *optimizers, exp, ppo_epochs=2, mini_batch_size=4,
-                              micro_batch_size=2)
+parallel = P.DataParallel(torch.device("cpu"), actor, critic)  # sharded: no replicas
+stats, skipped = P.ppo_update(actor, critic, *optimizers, exp,
+                              P.PPOConfig(ppo_epochs=2, mini_batch_size=8, micro_batch_size=2),
+                              parallel=parallel)
 torch.distributed.reduce_scatter_single = original
 local = {{}}
 for name, model, optimizer in (("actor", actor, optimizers[0]), ("critic", critic,
@@ -3381,7 +3392,8 @@ def norm_after_an_inf(optimizer):
         next(actor.parameters()).grad.to_local().view(-1)[0] = float("inf")
     return gradient_norm(optimizer)
 P.gradient_norm = norm_after_an_inf
-_, nan_skipped = P.ppo_update(actor, critic, *optimizers, exp, ppo_epochs=1, mini_batch_size=4)
+_, nan_skipped = P.ppo_update(actor, critic, *optimizers, exp,
+                              P.PPOConfig(ppo_epochs=1, mini_batch_size=8), parallel=parallel)
 P.gradient_norm = gradient_norm
 assert nan_skipped.tolist() == [True], nan_skipped
 after = [p.to_local() for m in (actor, critic) for p in m.parameters()]
@@ -3437,8 +3449,8 @@ def test_two_sharded_ranks_equal_one_process_and_hold_half_each(tiny_dirs, tmp_p
     result = torchrun([str(script)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (actor, critic)]
-    stats, _ = P.ppo_update(actor, critic, *optimizers, exp, ppo_epochs=2, mini_batch_size=8,
-                            micro_batch_size=2)
+    stats, _ = P.ppo_update(actor, critic, *optimizers, exp,
+                            P.PPOConfig(ppo_epochs=2, mini_batch_size=8, micro_batch_size=2))
     sharded = torch.load(out, weights_only=False)
     for name, model in [("actor", actor), ("critic", critic)]:
         for key, value in model.state_dict().items():
