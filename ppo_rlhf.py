@@ -1088,14 +1088,9 @@ def train(cfg: Config) -> int:
 
 
 def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) -> float:
-    """The learning rate of iteration `step` (1-based), as a fraction of the configured one.
-
-    Warm-up: step / warmup_steps for the first warmup_steps iterations. Then, with
-    p = (step - warmup_steps - 1) / (total_steps - warmup_steps) the fraction of the decay
-    already done (0 at the first iteration after the warm-up, (n-1)/n at the last):
-        constant 1;  linear 1 - p;  cosine (1 + cos(pi p)) / 2
-    so the decay would reach 0 one iteration after the last, and no iteration is wasted at 0.
-    """
+    """The learning rate of iteration `step` (1-based) as a fraction of the configured one:
+    step / W during a warm-up of W iterations, then with p = (step - W - 1) / (steps - W)
+    constant 1, linear 1 - p, or cosine (1 + cos(pi p)) / 2 (0 one iteration after the last)."""
     if step <= warmup_steps:
         return step / warmup_steps
     progress = (step - warmup_steps - 1) / max(total_steps - warmup_steps, 1)
@@ -1110,16 +1105,13 @@ EVAL_SEED_OFFSET = 10 ** 6  # evaluation samples from its own stream: seed + thi
 
 
 def evaluate(run: Run, step: int, kl_coef: float | None = None) -> dict:
-    """The policy answers every held-out prompt, sampled as in training (same temperature:
-    the RLHF objective is an expectation under the sampling policy, which greedy decoding is
-    not), and the rollout's scoring gives eval/scores, eval/kl, eval/rlhf_reward, eval/length
-    (`sequence_stats`, averaged over the held-out prompts). Its own random stream, the same
-    at every evaluation: training draws exactly what it would without evaluation, and two
-    evaluations differ by the policy, not by the draw (common random numbers). Rank 0
-    appends the prompts, responses and scores to samples.jsonl. The prompts go in global
-    batches of --batch-size, each rank its share; a rank whose share of the last batch is
-    short repeats a prompt and drops the result, so that every rank runs the same forwards
-    (FSDP's are collective)."""
+    """eval/scores, eval/kl, eval/rlhf_reward, eval/length (`sequence_stats`, averaged) of the
+    policy's answers to every held-out prompt, sampled as in training (the objective is an
+    expectation under the sampling policy), from a random stream of its own that is the same
+    at every evaluation (common random numbers: two evaluations differ by the policy, and
+    training draws what it would without them). Rank 0 appends the samples to samples.jsonl.
+    Each rank answers its share of global batches; a short share is padded with a prompt
+    whose answer is dropped, so that every rank runs the same (collective) forwards."""
     cfg, t0, size = run.cfg, time.perf_counter(), run.parallel.size
     kl_coef = run.state.kl_coef if kl_coef is None else kl_coef  # beta of the rollout's KL
     per_rank = cfg.batch_size // size
@@ -1152,61 +1144,46 @@ def evaluate(run: Run, step: int, kl_coef: float | None = None) -> dict:
     return {**row, "time/eval_s": time.perf_counter() - t0}
 
 
-# Tolerances of the live checks, from measurements (CPU bf16 autocast, 2026-11-23): the first
-# minibatch's largest |ratio - 1| is ~1e-6 in fp32; under bf16 with the log-probs recorded
-# while sampling (KV-cached and full attention round differently) 4e-3 on the tests' tiny
-# GPT-2 and 1.4e-2 on a GPT-2-size one, 0 with --recompute-log-probs. Dropout left on or
-# another temperature in the update move it by far more (0.3 and up).
+# Tolerances of the live checks, from measurements (docs/watching.md): max |ratio - 1| on the
+# first minibatch is ~1e-6 in fp32, up to 1.4e-2 under bf16 (dropout or another temperature:
+# 0.3 and up); the first |KL| per token ~1e-7 in fp32, up to 7e-4 in bf16; a critic trained
+# backwards keeps explained variance at 0 +- 1e-5, the demo's reaches 0.4 by iteration 30.
 FIRST_RATIO_TOLERANCE = {"fp32": 1e-3, "bf16": 0.1}
-# the first rollout's |KL| per token, the reference a copy of the policy: ~1e-7 in fp32; in
-# bf16 (autocast, or the reference stored in bf16) up to 7e-4 on a GPT-2-size model
 START_KL_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2}
 NO_EOS_LIMIT = 0.5  # most responses cut at --max-new-tokens
-# a fresh value head predicts 0 (explained variance 0) and needs time: on the demo the mean
-# over 10 iterations stays within +-0.006 of 0 up to iteration 25, then rises to 0.4-0.5 by
-# iteration 30. A critic trained the wrong way (its loss negated) stays at 0 +- 1e-5: noise
-# around 0 is what "not learning" looks like, so the floor sits a little above it.
 CRITIC_WARMUP, CRITIC_WINDOW, EXPLAINED_VARIANCE_FLOOR = 30, 10, 0.05
 
 
 class InvariantChecks:
-    """PPO's invariants, checked live on each iteration's metrics row (already on the host:
-    no extra device sync). A failing check warns once, naming the likely causes, and counts in
-    the metrics: check/<name> is the number of iterations it has failed so far.
+    """PPO's invariants, checked on each iteration's metrics row (on the host already). A check
+    that fails warns once with its likely causes; check/<name> counts the iterations failed.
 
         first_ratio         pi/pi_old = 1 on the first minibatch, before any optimizer step
         kl_at_start         the first rollout's KL is 0: the reference is the initial policy
-        no_eos              most responses end with an EOS, not cut at --max-new-tokens (watched
-                            when a reward model scores and no --missing-eos-penalty is set: a
-                            rule-based reward decides itself what a cut response is worth)
-        explained_variance  after CRITIC_WARMUP iterations the critic explains some of the
-                            returns' variance: its mean over the last CRITIC_WINDOW iterations
-                            is at least EXPLAINED_VARIANCE_FLOOR
-    Entropy and clip fraction are logged but not checked: what is too low or too high
-    depends on the task and the model (the demo's clip fraction starts near 0.4)."""
+        no_eos              most responses end with an EOS (watched when a reward model scores
+                            and no --missing-eos-penalty says what a cut response is worth)
+        explained_variance  after CRITIC_WARMUP iterations, its mean over the last
+                            CRITIC_WINDOW is at least EXPLAINED_VARIANCE_FLOOR
+    Entropy and clip fraction are not checked: their healthy range depends on the task."""
 
     ADVICE = {
-        "first_ratio": "pi/pi_old should be 1 on the first minibatch, before any update. "
-                       "Likely: dropout left on, position ids that differ between sampling "
-                       "and the update (left padding), another temperature or dtype in the "
-                       "update than in the rollout",
+        "first_ratio": "pi/pi_old should be 1 before any update. Likely: dropout left on, "
+                       "position ids that differ between sampling and the update, another "
+                       "temperature or dtype in the update than in the rollout",
         "kl_at_start": "the KL to the reference should be 0 before the first update. Likely: a "
-                       "reference that is not the initial policy (another checkpoint or "
-                       "dtype), or reference log-probs at another temperature",
-        "no_eos": "most responses were cut at --max-new-tokens without an EOS, so the reward "
-                  "model scores cut sentences: raise --max-new-tokens, or penalize them with "
-                  "--missing-eos-penalty",
+                       "reference that is not the initial policy, or another temperature",
+        "no_eos": "most responses were cut at --max-new-tokens without an EOS: raise "
+                  "--max-new-tokens, or penalize them with --missing-eos-penalty",
         "explained_variance": "the critic predicts the returns no better than their mean. "
-                              "Likely: a critic learning rate too high or too low, a value "
-                              "clip (--cliprange-value) too tight for the scale of the "
-                              "rewards, or a critic loss with the wrong sign",
+                              "Likely: a critic learning rate too high or too low, a "
+                              "--cliprange-value too tight for the rewards' scale, or a critic "
+                              "loss with the wrong sign",
     }
 
     def __init__(self, precision: str, watch_eos: bool, log: Callable):
         self.precision, self.watch_eos, self.log = precision, watch_eos, log
         self.counts = dict.fromkeys(self.ADVICE, 0)
-        self.explained_variance = []  # the last CRITIC_WINDOW iterations'
-        self.warned = set()
+        self.explained_variance, self.warned = [], set()  # the last CRITIC_WINDOW iterations'
 
     def state_dict(self) -> dict:
         return {"counts": dict(self.counts), "explained_variance": list(self.explained_variance)}
@@ -1215,16 +1192,14 @@ class InvariantChecks:
         self.counts.update(state["counts"])
         self.explained_variance = list(state["explained_variance"])
 
-    def failures(self, row: dict, first: bool) -> dict:
-        """{check: the measured value} for each check this row fails."""
+    def __call__(self, row: dict, first: bool) -> dict:
         self.explained_variance = (self.explained_variance
                                    + [row["val/explained_variance"]])[-CRITIC_WINDOW:]
         per_token_kl = abs(row["objective/kl"]) / max(row["response/length"], 1.0)
         critic = sum(self.explained_variance) / len(self.explained_variance)
-        measured = {
-            "first_ratio": (row["policy/first_ratio_error"],
-                            not row["policy/first_ratio_error"]
-                            <= FIRST_RATIO_TOLERANCE[self.precision]),
+        ratio = row["policy/first_ratio_error"]
+        measured = {  # name: (value, failed)
+            "first_ratio": (ratio, not ratio <= FIRST_RATIO_TOLERANCE[self.precision]),
             "kl_at_start": (per_token_kl,
                             first and not per_token_kl <= START_KL_TOLERANCE[self.precision]),
             "no_eos": (row["response/no_eos"],
@@ -1232,12 +1207,9 @@ class InvariantChecks:
             "explained_variance": (critic, row["step"] >= CRITIC_WARMUP
                                    and not critic >= EXPLAINED_VARIANCE_FLOOR),
         }
-        return {name: value for name, (value, failed) in measured.items() if failed}
-
-    def __call__(self, row: dict, first: bool) -> dict:
-        for name, value in self.failures(row, first).items():
-            self.counts[name] += 1
-            if name not in self.warned:
+        for name, (value, failed) in measured.items():
+            self.counts[name] += failed
+            if failed and name not in self.warned:
                 self.warned.add(name)
                 self.log(f"warning: check {name} failed at step {row['step']} (measured "
                          f"{value:.4g}): {self.ADVICE[name]}", file=sys.stderr)
@@ -2266,7 +2238,6 @@ def reduced(tensor: torch.Tensor, op: str) -> torch.Tensor:
 
 
 def barrier() -> None:
-    """Wait for every rank (nothing to wait for in a single process)."""
     if world()[1] > 1:
         torch.distributed.barrier()
 
@@ -2280,10 +2251,8 @@ def gather_objects(obj) -> list:
 
 
 def replicate(model: nn.Module, device: torch.device) -> nn.Module:
-    """`model` in DistributedDataParallel, which averages the gradients of what it trains
-    (`trainable_parameters`) and ignores the rest: with LoRA, actor and critic share a frozen
-    base and each holds the other's adapter, which its DDP must neither broadcast nor wait
-    for."""
+    """`model` in DDP, syncing only what it trains: with LoRA, actor and critic share a frozen
+    base and each holds the other's adapter, which its DDP must neither broadcast nor wait for."""
     trained = {id(p) for p in trainable_parameters(model)}
     ignored = [name for name, p in model.named_parameters() if id(p) not in trained]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model,
@@ -2299,10 +2268,8 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def shard_model(model: nn.Module, bf16: bool) -> None:
-    """FSDP2 over all ranks: each transformer block is a unit (all-gathered for its forward
-    and backward, then freed), and the root holds the rest (embeddings, head, final norm).
-    Parameters, gradients and AdamW state are 1/N per rank. With bf16, blocks compute in
-    bf16 and gradients are reduced in fp32, from fp32 shards."""
+    """FSDP2 over all ranks: each transformer block a unit, the root holds the rest; weights,
+    gradients and AdamW state 1/N per rank. With bf16: bf16 compute, fp32 shards and reduction."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     kwargs = {"mp_policy": policy} if bf16 else {}
@@ -2314,10 +2281,8 @@ def shard_model(model: nn.Module, bf16: bool) -> None:
 
 @contextmanager
 def gathered(model: nn.Module):
-    """A sharded policy all-gathered once, for a whole rollout: `generate` runs a forward per
-    new token, which would otherwise all-gather every block every time (and ranks whose
-    responses end sooner would stop taking part). The full policy must fit on one device
-    meanwhile; the shards come back afterwards. Unsharded models: nothing to do."""
+    """A sharded policy all-gathered once for a whole rollout, not once per generated token
+    (ranks whose responses end sooner would stop taking part); resharded afterwards."""
     units = [m for m in model.modules() if is_sharded(m)]
     for unit in units:
         unit.set_reshard_after_forward(False)
@@ -2331,8 +2296,7 @@ def gathered(model: nn.Module):
 
 
 def full_state_dict(model: nn.Module) -> dict:
-    """The model's whole state dict on rank 0's CPU (sharded: gathered from every rank; all
-    ranks must call this)."""
+    """The model's whole state dict on rank 0's CPU (sharded: every rank must call this)."""
     if not is_sharded(model):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -2341,8 +2305,7 @@ def full_state_dict(model: nn.Module) -> dict:
 
 
 def init_distributed(device_name: str) -> torch.device:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL with one GPU per rank, or
-    gloo on CPUs. Otherwise just resolve --device."""
+    """Under torchrun join the process group: NCCL with one GPU per rank, or gloo on CPUs."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return resolve_device(device_name)
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -2356,14 +2319,10 @@ def init_distributed(device_name: str) -> torch.device:
 
 
 def leave_process_group(together: bool) -> None:
-    """Under torchrun, leave the process group; `together`: wait for every rank first.
-
-    Why wait: DDP and FSDP keep the group referenced past `destroy_process_group`, so gloo's
-    worker threads outlive it. A rank that leaves while rank 0 still writes the policy goes on
-    to interpreter shutdown, where such a thread releasing a finished collective's tensors
-    aborts the process ("terminate called without an active exception"). The barrier waits
-    for every earlier collective and for the other ranks. Not after an error: the other ranks
-    may be inside another collective, and torchrun stops them anyway."""
+    """Under torchrun, leave the process group; `together`: after a barrier. DDP and FSDP keep
+    the group alive past `destroy_process_group`, and a rank that reaches interpreter shutdown
+    while rank 0 still writes can abort in a gloo thread; not after an error (the other ranks
+    may be in another collective; torchrun stops them)."""
     if world()[1] > 1:
         if together:
             barrier()
@@ -2409,29 +2368,10 @@ SCRATCH = (CHECKPOINT + ".tmp", SHARDED_CHECKPOINT + ".tmp", POLICY + ".tmp", AD
            WANDB_ID_FILE, "wandb")
 
 
-def new_run_dir(cfg: Config, root: Path = Path("runs")) -> Path:
-    """Creates runs/<model>__<seed>__<date-time> (CleanRL's convention), or -2, -3... when
-    that exists: each name is taken by an atomic mkdir, so runs started together get their
-    own."""
-    model = "tiny-gpt2" if cfg.model == BUILTIN_MODEL else Path(cfg.model.rstrip("/")).name
-    model = "".join(c if c.isalnum() or c in "._-" else "_" for c in model)
-    base = root / f"{model}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-    for n in itertools.count(1):
-        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
-        try:
-            path.mkdir(parents=True)
-            return path
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise UsageError(f"cannot create the output directory {path}: "
-                             f"{e.strerror or first_line(e)}") from e
-
-
 class OutputLock:
-    """An exclusive `flock` on <out>/.ppo_rlhf.lock, held by rank 0 while a run uses the
-    directory. The kernel drops it when the process ends, however it ends: a crash or SIGKILL
-    leaves nothing stuck. (No `fcntl` on Windows: there the lock is not taken.)"""
+    """An exclusive `flock` on <out>/.ppo_rlhf.lock, held by rank 0 while a run uses `out`. The
+    kernel drops it when the process ends, however it ends: a crash or SIGKILL leaves nothing
+    stuck. (No `fcntl` on Windows: there the lock is not taken.)"""
 
     def __init__(self, out: Path, file=None, created: bool = False):
         self.out, self.file, self.created = out, file, created
@@ -2440,24 +2380,19 @@ class OutputLock:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        self.release(remove_created=exc_type is not None)  # a run that failed before writing
+        self.release(remove_created=exc_type is not None)
 
     def discard_earlier_run(self) -> None:
-        """--overwrite: delete everything the earlier run wrote (checkpoints, metrics, samples,
-        curves, the W&B run id, the saved policy and adapter), so that the new run starts
-        afresh in every output. Called once the new run has loaded, so that a start that fails
-        destroys nothing."""
+        """--overwrite: delete all the earlier run wrote, once the new run has loaded (a start
+        that fails destroys nothing)."""
         if self.file is not None:
             for path in [*(self.out / name for name in RUN_FILES + SCRATCH),
                          *self.out.glob("events.out.tfevents.*")]:
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
     def release(self, remove_created: bool = False) -> None:
-        """Unlock; with `remove_created`, also remove the directory if this run created it
-        and wrote nothing there but the lock (a run that failed at its start)."""
+        """Unlock; with `remove_created`, also remove the directory if this run created it and
+        wrote nothing there but the lock (a run that failed at its start)."""
         if self.file is None:
             return
         self.file.close()
@@ -2469,21 +2404,15 @@ class OutputLock:
 
 
 def claim_output_dir(cfg: Config, rank: int) -> OutputLock:
-    """The run's output directory, checked and locked before anything is loaded or written.
-
-    Refused with a UsageError (exit 2): an earlier run's results without --resume or
-    --overwrite; --resume without a checkpoint; a directory that cannot be created or
-    written; one that another live run holds. Rank 0 decides and locks; under torchrun every
-    rank gets its answer. With --overwrite, the earlier checkpoint and metrics are deleted
-    by `discard_earlier_run` once the models have loaded.
-    """
+    """The run's output directory, checked and locked by rank 0 before anything loads; every
+    rank gets its answer. By default a new runs/<model>__<seed>__<date-time> (CleanRL's
+    name; -2, -3... taken by atomic mkdir when runs start together). Refused (UsageError): an
+    earlier run's results without --resume or --overwrite, --resume without a checkpoint, a
+    directory that cannot be written or that a live run holds."""
     lock, error = None, None
     if rank == 0:
         try:
-            if cfg.output_dir:
-                lock = lock_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite)
-            else:
-                lock = lock_output_dir(new_run_dir(cfg), False, False, created=True)
+            lock = lock_output_dir(cfg)
         except UsageError as e:
             error = str(e)
     out_name, error = gather_objects((str(lock.out) if lock else None, error))[0]
@@ -2492,26 +2421,38 @@ def claim_output_dir(cfg: Config, rank: int) -> OutputLock:
     return lock or OutputLock(Path(out_name))  # other ranks: the path, no lock
 
 
-def lock_output_dir(out: Path, resume: bool, overwrite: bool,
-                    created: bool = False) -> OutputLock:
-    """`claim_output_dir`'s checks and lock, on one process; `created`: by `new_run_dir`."""
-    earlier = [name for name in RUN_FILES if (out / name).exists()]
-    if earlier and not (resume or overwrite):
-        raise UsageError(f"--output-dir {out} holds an earlier run ({', '.join(earlier)}); "
-                         "continue it with --resume, replace it with --overwrite, or pass "
-                         "another --output-dir")
-    if resume and find_checkpoint(out) is None:
-        raise UsageError(f"--resume: no checkpoint in {out}; start without --resume")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output-dir {out} cannot be written: it is a file, not a directory")
-    created = created or not out.exists()
+def lock_output_dir(cfg: Config) -> OutputLock:
+    """`claim_output_dir`'s checks and lock, in one process."""
+    if cfg.output_dir is None:
+        model = "tiny-gpt2" if cfg.model == BUILTIN_MODEL else Path(cfg.model.rstrip("/")).name
+        model = "".join(c if c.isalnum() or c in "._-" else "_" for c in model)
+        base = Path("runs") / f"{model}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+        for n in itertools.count(1):
+            out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+            if not out.exists():
+                break
+        created = True
+    else:
+        out = Path(cfg.output_dir)
+        earlier = [name for name in RUN_FILES if (out / name).exists()]
+        if earlier and not (cfg.resume or cfg.overwrite):
+            raise UsageError(f"--output-dir {out} holds an earlier run ({', '.join(earlier)}); "
+                             "continue it with --resume, replace it with --overwrite, or pass "
+                             "another --output-dir")
+        if cfg.resume and find_checkpoint(out) is None:
+            raise UsageError(f"--resume: no checkpoint in {out}; start without --resume")
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--output-dir {out} cannot be written: it is a file")
+        created = not out.exists()
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if created:
+            out.mkdir(parents=True, exist_ok=cfg.output_dir is not None)
         file = open(out / LOCK_FILE, "a+")
+    except FileExistsError:  # a run started in the same second took that name
+        return lock_output_dir(cfg)
     except OSError as e:
         raise UsageError(f"--output-dir {out} cannot be written: "
                          f"{e.strerror or first_line(e)}") from e
-    lock = OutputLock(out, file, created)
     if fcntl is not None:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2525,12 +2466,12 @@ def lock_output_dir(out: Path, resume: bool, overwrite: bool,
     file.truncate()
     file.write(f"{os.getpid()}\n")
     file.flush()
-    return lock
+    return OutputLock(out, file, created)
 
 
 def write_directory(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` into a fresh path.tmp, then renamed over `path`: a kill mid-write leaves
-    the earlier directory whole, or (between the two steps) none and the complete .tmp."""
+    """`write(tmp)` into a fresh path.tmp, then renamed over `path`: a kill leaves the earlier
+    directory whole (or, between the two steps, the complete .tmp)."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
@@ -2546,7 +2487,7 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def rng_state() -> dict:
-    """This process's random state: Python, torch CPU and, if used, the current CUDA device."""
+    """This process's random state: Python, torch CPU and, if used, the CUDA device."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -2567,22 +2508,21 @@ def resume_fingerprint(cfg: Config) -> dict:
 
 
 def find_checkpoint(out: Path) -> Path | None:
-    """The checkpoint in `out`: checkpoint/meta.pt (sharded), or checkpoint.old/meta.pt (left
-    by a kill between `save_sharded_checkpoint`'s two renames), or checkpoint.pt; None."""
+    """checkpoint/meta.pt (sharded), checkpoint.old/meta.pt (a kill between
+    `save_sharded_checkpoint`'s two renames left it), or checkpoint.pt in `out`; or None."""
     candidates = [out / SHARDED_CHECKPOINT / "meta.pt",
                   out / (SHARDED_CHECKPOINT + ".old") / "meta.pt", out / CHECKPOINT]
     return next((path for path in candidates if path.is_file()), None)
 
 
 def load_checkpoint(out: Path, cfg: Config) -> dict:
-    """What `save_checkpoint` wrote, its options checked against `cfg`: checkpoint.pt, or for
-    a sharded run the small meta.pt of checkpoint/ (its shards are read by
-    `restore_checkpoint`, under any number of ranks)."""
+    """What `save_checkpoint` wrote (sharded: meta.pt; `restore_checkpoint` reads the shards),
+    its options checked against `cfg`; tensors and plain containers only (weights_only)."""
     path = find_checkpoint(out)
     if path is None:
         raise UsageError(f"--resume: no checkpoint in {out}; start without --resume")
     directory = path.parent if path.name == "meta.pt" else None
-    try:  # weights_only: tensors and plain containers only; a pickled callable is refused
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise UsageError(f"--resume: {path} is not a checkpoint this program wrote, or is "
@@ -2609,12 +2549,9 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
 
 
 def save_checkpoint(run, step: int) -> None:
-    """Everything `--resume` needs to continue exactly: what the two models train (all their
-    weights, or with LoRA the adapters and value head) and their optimizers and learning-rate
-    schedules, beta, the checks' counts, the step and every rank's random state. With
-    --data-parallel fsdp every rank writes its own shards (`save_sharded_checkpoint`), also a
-    single process, so that any number of ranks can resume; otherwise rank 0 writes
-    checkpoint.pt."""
+    """All `--resume` needs to continue exactly: what the models train (with LoRA: adapters and
+    value head), optimizers, schedules, beta, the checks, the step, every rank's random state.
+    fsdp: every rank writes its shards (any number of ranks resumes); else rank 0 one file."""
     meta = {"step": step, "steps": run.cfg.steps, "kl_coef": run.state.kl_coef,
             "fingerprint": resume_fingerprint(run.cfg),
             "schedulers": [scheduler.state_dict() for scheduler in run.schedulers],
@@ -2650,19 +2587,16 @@ def load_trained_state(model: nn.Module, state: dict) -> None:
 
 
 def checkpoint_path(run) -> Path:
-    """Where `save_checkpoint` writes: a directory of shards for fsdp, else one file."""
     return run.out / (SHARDED_CHECKPOINT if run.cfg.data_parallel == "fsdp" else CHECKPOINT)
 
 
 def trained_models(run) -> tuple:
-    """(name, model, optimizer) of the two trained models, as checkpoints name them."""
     return (("actor", run.models.actor, run.actor_optimizer),
             ("critic", run.models.critic, run.critic_optimizer))
 
 
 def training_state(run) -> dict:
-    """Models and optimizers as `torch.distributed.checkpoint` state dicts: each rank's own
-    shards (DTensors) when sharded, whole tensors otherwise."""
+    """Models and optimizers as `torch.distributed.checkpoint` state dicts (sharded: DTensors)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
     state = {}
     for name, model, optimizer in trained_models(run):
@@ -2671,10 +2605,8 @@ def training_state(run) -> dict:
 
 
 def save_sharded_checkpoint(run, meta: dict) -> None:
-    """`torch.distributed.checkpoint`: every rank writes its own shards of the models and
-    optimizer states (no rank gathers them) into checkpoint.tmp/; once all are done, rank 0
-    adds meta.pt and renames it over checkpoint/ (the old one is moved aside first, and read
-    if a kill comes between the two renames)."""
+    """Every rank writes its shards into checkpoint.tmp/ (`torch.distributed.checkpoint`);
+    then rank 0 adds meta.pt and renames it over checkpoint/, the old one moved aside first."""
     import torch.distributed.checkpoint as dcp
     tmp, final, old = (run.out / (SHARDED_CHECKPOINT + suffix) for suffix in (".tmp", "", ".old"))
     if run.rank == 0:
@@ -2695,18 +2627,15 @@ def save_sharded_checkpoint(run, meta: dict) -> None:
 
 @contextmanager
 def single_process_dcp_quiet():
-    """Without a process group, `torch.distributed.checkpoint` warns on every call that it
-    assumes one process: that is what a single-process run means, so the warning is dropped."""
+    """No warning that `torch.distributed.checkpoint` assumes one process: so it does."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled",
-                                category=UserWarning)
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         yield
 
 
 def restore_checkpoint(run) -> None:
-    """Puts a `save_checkpoint` state back into `run` (models, optimizers, step, beta, RNG).
-    A sharded checkpoint is read by any number of ranks, one included (resharding); each
-    rank's random state comes back only with the number of ranks that wrote it."""
+    """A `save_checkpoint` state back into `run`; a sharded one under any number of ranks (the
+    random states come back only with the number of ranks that wrote them)."""
     state = load_checkpoint(run.out, run.cfg)
     if state["directory"]:
         import torch.distributed.checkpoint as dcp
