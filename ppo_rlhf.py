@@ -62,9 +62,9 @@ class PPOConfig:
     batch_size: int = option(32, "schedule", "prompts per rollout (all processes together)")
     mini_batch_size: int = option(16, "schedule", "sequences per optimizer step (all processes)")
     micro_batch_size: int | None = option(None, "schedule", "sequences per forward/backward "
-                                          "(gradient accumulation); default: the minibatch")
+                                          "of each process (accumulated); default: minibatch")
     rollout_micro_batch_size: int | None = option(None, "schedule", "sequences per scoring "
-                                                  "forward of the rollout; default: all")
+                                                  "forward of each process; default: all")
     ppo_epochs: int = option(4, "schedule", "passes over each batch of experience")
     seed: int = option(0, "runtime", "seed of the prompt order and of sampling")
     max_new_tokens: int = option(16, "generation", "response length limit")
@@ -1144,10 +1144,10 @@ def evaluate(run: Run, step: int, kl_coef: float | None = None) -> dict:
     return {**row, "time/eval_s": time.perf_counter() - t0}
 
 
-# Tolerances of the live checks, from measurements (docs/watching.md): max |ratio - 1| on the
-# first minibatch is ~1e-6 in fp32, up to 1.4e-2 under bf16 (dropout or another temperature:
-# 0.3 and up); the first |KL| per token ~1e-7 in fp32, up to 7e-4 in bf16; a critic trained
-# backwards keeps explained variance at 0 +- 1e-5, the demo's reaches 0.4 by iteration 30.
+# Tolerances of the live checks, measured (docs/watching.md, gpu-and-bf16.md): max |ratio - 1|
+# on the first minibatch is ~1e-6 in fp32, up to 1.4e-2 under bf16 (dropout or another
+# temperature: 0.3 and up); the first |KL| per token ~1e-7 in fp32, up to 7e-4 in bf16; a
+# critic trained backwards keeps explained variance at 0 +- 1e-5, the demo's 0.4 by step 30.
 FIRST_RATIO_TOLERANCE = {"fp32": 1e-3, "bf16": 0.1}
 START_KL_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2}
 NO_EOS_LIMIT = 0.5  # most responses cut at --max-new-tokens

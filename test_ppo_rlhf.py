@@ -41,6 +41,126 @@ MASK_DTYPES = [torch.bool, torch.int64, torch.float32]
 
 
 # ------------------------------------------------------------------------------------------------
+# Shared helpers: tiny models saved to disk (loaded through the real from_pretrained path), a
+# fast configuration, one rollout helper, and one command-line runner (one process or torchrun)
+# ------------------------------------------------------------------------------------------------
+
+NO_HUB = {"HF_HUB_OFFLINE": "1"}  # nothing in the tests may reach for a download
+TIMING_KEYS = ("time/", "throughput/")
+REQUIRED_METRICS = ["step", "objective/scores", "objective/kl", "objective/kl_coef",
+                    "objective/rlhf_reward", "loss/policy", "loss/value", "policy/clipfrac",
+                    "policy/approxkl", "policy/entropy", "val/clipfrac", "val/explained_variance",
+                    "response/length", "time/rollout_s", "time/update_s",
+                    "throughput/tokens_per_s"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    for key, value in NO_HUB.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """A tiny causal LM, a 1-label and a 2-label sequence classifier, each with its tokenizer,
+    saved with save_pretrained as a user's local models would be."""
+    from transformers import GPT2ForSequenceClassification
+    root = tmp_path_factory.mktemp("models")
+    policy, tokenizer = P.build_tiny_model(seed=0)
+    policy.save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
+    for labels, name in [(1, "reward"), (2, "sentiment")]:
+        config = policy.config.__class__.from_dict(policy.config.to_dict())
+        config.num_labels = labels
+        if labels == 2:
+            config.id2label, config.label2id = {0: "NEG", 1: "POS"}, {"NEG": 0, "POS": 1}
+        torch.manual_seed(labels)
+        GPT2ForSequenceClassification(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return {name: str(root / name) for name in ["policy", "reward", "sentiment"]}
+
+
+def tiny_config(tmp_path, **overrides) -> "P.Config":
+    """A fast configuration: ~0.1 s per iteration on 2 cores."""
+    options = dict(output_dir=str(tmp_path / "run"), steps=3, batch_size=8, mini_batch_size=4,
+                   ppo_epochs=2, max_new_tokens=8, samples=0)
+    options.update(overrides)
+    return P.Config(**options)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / P.METRICS).read_text().splitlines()]
+
+
+def without_timing(rows):
+    return [{k: v for k, v in row.items() if not k.startswith(TIMING_KEYS)} for row in rows]
+
+
+def make_models(tiny_dirs, device="cpu"):
+    """actor, critic, reference, score_fn (the tiny reward model) and tokenizer on `device`."""
+    cfg = P.Config(model=tiny_dirs["policy"], reward_model=tiny_dirs["reward"], device=device)
+    actor, ref_model, critic, tokenizer, score_fn = P.load_models(cfg, torch.device(device))
+    return actor, critic, ref_model, score_fn, tokenizer
+
+
+RAGGED_PROMPTS = ["a", "the cat sat on the mat", "hello there", "we went", "x", "my dream is to",
+                  "on a rainy day we stayed in", "ok"]
+
+
+def rollout(actor, critic, ref_model, scorer, tokenizer, prompts=RAGGED_PROMPTS,
+            max_new_tokens=12, kl_ctl=None, autocast=P.nullcontext, **hyperparameters):
+    """generate_experience on `prompts`, with PPOConfig(**hyperparameters)."""
+    device = next(actor.parameters()).device
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(device)
+    hp = P.PPOConfig(max_new_tokens=max_new_tokens, **hyperparameters)
+    return P.generate_experience(actor, critic, ref_model, scorer, tokenizer, encoded.input_ids,
+                                 encoded.attention_mask, hp, kl_ctl=kl_ctl, autocast=autocast,
+                                 eos_token_ids=[tokenizer.eos_token_id])
+
+
+def run_cli(args, cwd, timeout=300, ranks=1):
+    """`python ppo_rlhf.py args` in a subprocess, or with `ranks` > 1 `torchrun args` (args[0]
+    a script or ppo_rlhf.py), offline; returns the CompletedProcess."""
+    if ranks == 1:
+        command = [sys.executable, str(HERE / "ppo_rlhf.py"), *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={ranks}", *args]
+    env = {**os.environ, **NO_HUB, **({"OMP_NUM_THREADS": "1"} if ranks > 1 else {})}
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def final_weights(run_dir):
+    from safetensors.torch import load_file
+    return load_file(str(Path(run_dir) / P.POLICY / "model.safetensors"))
+
+
+def dataclass_replace(cfg, **changes):
+    return P.dataclasses.replace(cfg, **changes)
+
+
+def start_cli(args, cwd):
+    """The command line in a subprocess, not waited for."""
+    return subprocess.Popen([sys.executable, str(HERE / "ppo_rlhf.py"), *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **NO_HUB})
+
+
+def wait_for_rows(metrics, n, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and (not metrics.exists() or
+                                      len(metrics.read_text().splitlines()) < n):
+        time.sleep(0.1)
+
+
+def torchrun(args, cwd, timeout=300):
+    """The command line (or a script: args[0]) under torchrun, 2 ranks, gloo."""
+    return run_cli(args, cwd, timeout, ranks=2)
+
+
+# ------------------------------------------------------------------------------------------------
 # Strategies and plain-Python oracles
 # ------------------------------------------------------------------------------------------------
 
@@ -534,6 +654,7 @@ def test_logprobs_and_entropy_match_log_softmax(batch, length, vocab, seed):
 FOUR = ["compute_rewards", "get_advantages_and_returns", "actor_loss_fn", "critic_loss_fn"]
 
 
+@pytest.mark.slow
 def test_the_four_functions_work_pasted_alone(tmp_path):
     source = "import torch\n\n" + "\n\n".join(inspect.getsource(getattr(P, name))
                                               for name in FOUR)
@@ -553,7 +674,6 @@ def test_the_four_functions_work_pasted_alone(tmp_path):
                          cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     assert all(math.isfinite(float(x)) for x in out.stdout.split())
-
 
 
 PART_ONE_SCRIPT = """
@@ -591,6 +711,7 @@ for row, exp, skipped in P1.ppo_iterations(models, *optimizers, prompts, prompt_
 """
 
 
+@pytest.mark.slow
 def test_part_one_runs_alone(tmp_path, tiny_dirs):
     """Part I, the source up to the `Part II` marker saved as a file by itself, imports only
     torch and transformers (and the standard library), and with it a tiny GPT-2 learns a
@@ -674,84 +795,6 @@ def test_the_property_tests_catch_a_wrong_implementation(slip, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # End to end on tiny models saved to disk and loaded through the real from_pretrained path.
 # ------------------------------------------------------------------------------------------------
-
-NO_HUB = {"HF_HUB_OFFLINE": "1"}  # nothing in the tests may reach for a download
-TIMING_KEYS = ("time/", "throughput/")
-REQUIRED_METRICS = ["step", "objective/scores", "objective/kl", "objective/kl_coef",
-                    "objective/rlhf_reward", "loss/policy", "loss/value", "policy/clipfrac",
-                    "policy/approxkl", "policy/entropy", "val/clipfrac", "val/explained_variance",
-                    "response/length", "time/rollout_s", "time/update_s",
-                    "throughput/tokens_per_s"]
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    for key, value in NO_HUB.items():
-        monkeypatch.setenv(key, value)
-
-
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory):
-    """A tiny causal LM, a 1-label and a 2-label sequence classifier, each with its tokenizer,
-    saved with save_pretrained as a user's local models would be."""
-    from transformers import GPT2ForSequenceClassification
-    root = tmp_path_factory.mktemp("models")
-    policy, tokenizer = P.build_tiny_model(seed=0)
-    policy.save_pretrained(root / "policy")
-    tokenizer.save_pretrained(root / "policy")
-    for labels, name in [(1, "reward"), (2, "sentiment")]:
-        config = policy.config.__class__.from_dict(policy.config.to_dict())
-        config.num_labels = labels
-        if labels == 2:
-            config.id2label, config.label2id = {0: "NEG", 1: "POS"}, {"NEG": 0, "POS": 1}
-        torch.manual_seed(labels)
-        GPT2ForSequenceClassification(config).save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    return {name: str(root / name) for name in ["policy", "reward", "sentiment"]}
-
-
-def tiny_config(tmp_path, **overrides) -> "P.Config":
-    """A fast configuration: ~0.1 s per iteration on 2 cores."""
-    options = dict(output_dir=str(tmp_path / "run"), steps=3, batch_size=8, mini_batch_size=4,
-                   ppo_epochs=2, max_new_tokens=8, samples=0)
-    options.update(overrides)
-    return P.Config(**options)
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / P.METRICS).read_text().splitlines()]
-
-
-def without_timing(rows):
-    return [{k: v for k, v in row.items() if not k.startswith(TIMING_KEYS)} for row in rows]
-
-
-def device_models(tiny_dirs, device):
-    """actor, critic, reference, score_fn (the tiny reward model) and tokenizer on `device`."""
-    cfg = P.Config(model=tiny_dirs["policy"], reward_model=tiny_dirs["reward"], device=device)
-    actor, ref_model, critic, tokenizer, score_fn = P.load_models(cfg, torch.device(device))
-    return actor, critic, ref_model, score_fn, tokenizer
-
-
-def make_models(tiny_dirs):
-    return device_models(tiny_dirs, "cpu")
-
-
-RAGGED_PROMPTS = ["a", "the cat sat on the mat", "hello there", "we went", "x", "my dream is to",
-                  "on a rainy day we stayed in", "ok"]
-
-
-def rollout(actor, critic, ref_model, scorer, tokenizer, prompts=RAGGED_PROMPTS,
-            max_new_tokens=12, kl_ctl=None, autocast=P.nullcontext, **hyperparameters):
-    """generate_experience on `prompts`, with PPOConfig(**hyperparameters)."""
-    device = next(actor.parameters()).device
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(device)
-    hp = P.PPOConfig(max_new_tokens=max_new_tokens, **hyperparameters)
-    return P.generate_experience(actor, critic, ref_model, scorer, tokenizer, encoded.input_ids,
-                                 encoded.attention_mask, hp, kl_ctl=kl_ctl, autocast=autocast,
-                                 eos_token_ids=[tokenizer.eos_token_id])
-
 
 def test_experience_shapes_and_masks(tiny_dirs):
     """[B, T] tensors; the mask covers each response through its first EOS and nothing after,
@@ -1058,6 +1101,7 @@ print(default, page_faults(5))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_keep_freed_memory_stops_page_faults_in_a_training_loop(tmp_path):
     """By default each step's freed 64 MB gradient goes back to the kernel and its 16384 pages
@@ -1076,17 +1120,6 @@ def test_keep_freed_memory_stops_page_faults_in_a_training_loop(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Interruption, resume, bad input and numerical trouble (the command line through subprocess)
 # ------------------------------------------------------------------------------------------------
-
-def run_cli(args, cwd, timeout=300):
-    env = {**os.environ, **NO_HUB}
-    return subprocess.run([sys.executable, str(HERE / "ppo_rlhf.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def final_weights(run_dir):
-    from safetensors.torch import load_file
-    return load_file(str(Path(run_dir) / P.POLICY / "model.safetensors"))
-
 
 def test_resume_equals_uninterrupted_run(tmp_path):
     """N iterations straight == k iterations, then --resume to N: same metrics rows (one per
@@ -1125,24 +1158,7 @@ def test_each_checkpoint_is_written_once(tmp_path, monkeypatch):
     assert P.train(cfg) == 0 and saved == [2]
 
 
-def dataclass_replace(cfg, **changes):
-    return P.dataclasses.replace(cfg, **changes)
-
-
-def start_cli(args, cwd):
-    """The command line in a subprocess, not waited for."""
-    return subprocess.Popen([sys.executable, str(HERE / "ppo_rlhf.py"), *args], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **NO_HUB})
-
-
-def wait_for_rows(metrics, n, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline and (not metrics.exists() or
-                                      len(metrics.read_text().splitlines()) < n):
-        time.sleep(0.1)
-
-
+@pytest.mark.slow
 def test_sigint_saves_and_resumes_and_a_second_run_is_locked_out(tmp_path):
     """Ctrl-C finishes the iteration, saves, exits 130 with a resume hint; --resume continues
     with one metrics row per iteration. While the first run works, a second one on the same
@@ -1176,6 +1192,8 @@ def test_a_second_signal_interrupts_unless_torchrun_forwards_it(forwarded, monke
     copies are the same stop, ignored also after the loop, while the rank leaves."""
     monkeypatch.setattr(P, "world", lambda: (0, 2 if forwarded else 1))
     previous = {s: signal.getsignal(s) for s in P.StopRequest.SIGNALS}
+    # Ctrl-C as a terminal delivers it: a background job starts with SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with P.StopRequest() as stop:
             signal.raise_signal(signal.SIGTERM)
@@ -1190,7 +1208,7 @@ def test_a_second_signal_interrupts_unless_torchrun_forwards_it(forwarded, monke
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             signal.raise_signal(signal.SIGINT)  # a late copy from torchrun: nothing happens
         else:
-            assert signal.getsignal(signal.SIGINT) is previous[signal.SIGINT]
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -1375,6 +1393,7 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, tiny_dirs, chat_dirs, caps
     assert not failures, failures
 
 
+@pytest.mark.slow
 def test_bad_input_through_a_real_process_exits_2_without_a_traceback(tmp_path, tiny_dirs):
     """The same from a shell: the process's exit status is 2 and stderr holds one line."""
     def run_case(args):
@@ -1390,6 +1409,7 @@ def test_bad_input_through_a_real_process_exits_2_without_a_traceback(tmp_path, 
             assert lines[0].startswith("ppo_rlhf: error: ")
 
 
+@pytest.mark.slow
 def test_help_documents_every_option_with_its_default(tmp_path):
     result = run_cli(["--help"], tmp_path)
     assert result.returncode == 0
@@ -1446,13 +1466,6 @@ P.leave_process_group(together=True)  # as main() leaves
 """
 
 
-def torchrun(args, cwd, timeout=300):
-    env = {**os.environ, **NO_HUB, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env)
-
-
 @pytest.mark.parametrize("outcome, status, together", [
     (0, 0, True), (130, 130, True), (P.UsageError("bad input"), 2, False),
     (RuntimeError("bug"), None, False)])
@@ -1480,6 +1493,95 @@ def test_torchrun_ranks_leave_together_after_a_return_not_after_an_error(
     assert calls == (["barrier", "destroy"] if together else ["destroy"])
 
 
+def per_prompt_sampler(actor, prompt_ids, prompt_mask, *, eos_token_ids, pad_token_id,
+                       max_new_tokens, temperature, **_):
+    """A stand-in for `sample_responses` whose draw depends on each prompt alone (its own
+    generator, seeded by its tokens), not on which process samples it or beside which rows:
+    the one random choice that differs between N ranks and one process on their union."""
+    rows = []
+    for ids, mask in zip(prompt_ids, prompt_mask):
+        sequence = ids[mask.bool()]
+        generator = torch.Generator().manual_seed(int(sum(sequence.tolist())) * 31 + len(sequence))
+        response = []
+        for _ in range(max_new_tokens):
+            logits = actor(input_ids=sequence[None]).logits[0, -1].float() / temperature
+            token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            sequence, response = torch.cat([sequence, token]), response + [int(token)]
+            if response[-1] in eos_token_ids:
+                break
+        rows.append(response)
+    length = max(len(r) for r in rows)
+    responses = torch.tensor([r + [pad_token_id] * (length - len(r)) for r in rows])
+    return torch.cat([prompt_ids, responses.to(prompt_ids.device)], dim=1)
+
+
+LOOP_PROMPTS = ["the sea", "a cat", "my dream", "we went", "hello", "the old house", "i think",
+                "once upon"]
+
+
+def run_the_loop(policy_dir, out):
+    """Part I's loop, as the trainer runs it (`DataParallel`), for 2 iterations on the union of
+    what every rank takes; each rank saves its metrics rows, its prompts and the weights."""
+    P.sample_responses = per_prompt_sampler
+    torch.manual_seed(0)
+    actor, ref_model, critic, tokenizer, score_fn = P.load_models(
+        P.Config(model=policy_dir), torch.device("cpu"))
+    models = P.Models(actor, critic, ref_model, score_fn, tokenizer, [tokenizer.eos_token_id])
+    parallel = P.DataParallel(torch.device("cpu"), actor, critic)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (actor, critic)]
+    prompt_ids = [tokenizer(p)["input_ids"] for p in LOOP_PROMPTS]
+    hp = P.PPOConfig(steps=2, batch_size=8, mini_batch_size=8, micro_batch_size=2, ppo_epochs=2,
+                     max_new_tokens=6, recompute_log_probs=True, whiten_rewards=True)
+    rows, prompts = [], []
+    for row, exp, _ in P.ppo_iterations(models, *optimizers, LOOP_PROMPTS, prompt_ids, hp,
+                                        parallel=parallel):
+        rows.append({k: v for k, v in row.items() if not k.startswith(("time/", "through"))})
+        prompts.append(exp.prompts)
+    torch.save({"rows": rows, "prompts": prompts, "actor": actor.state_dict(),
+                "critic": critic.state_dict()}, out)
+
+
+LOOP_WORKER = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import test_ppo_rlhf as T
+torch.distributed.init_process_group("gloo")
+T.run_the_loop({policy!r}, {out!r}.format(T.P.world()[0]))
+T.P.leave_process_group(together=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_rank_loop_equals_one_process_on_the_union_of_their_prompts(tiny_dirs, tmp_path,
+                                                                        monkeypatch):
+    """ppo_iterations under torchrun, 2 ranks, rollout included: each rank takes its own half
+    of every global batch (together: the batch one process takes), whitening and the metrics
+    are the global batch's, and the weights after 2 iterations are one process's. (Sampling
+    is per prompt, so that the draw does not depend on the rank; SGD, as for the update.)"""
+    script = tmp_path / "loop_worker.py"
+    out = str(tmp_path / "rank{}.pt")
+    script.write_text(LOOP_WORKER.format(here=str(HERE), policy=tiny_dirs["policy"], out=out))
+    result = torchrun([str(script)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.setattr(P, "sample_responses", P.sample_responses)  # restored after the test
+    run_the_loop(tiny_dirs["policy"], tmp_path / "one.pt")
+    one, ranks = (torch.load(tmp_path / "one.pt", weights_only=False),
+                  [torch.load(out.format(r), weights_only=False) for r in range(2)])
+    for step, prompts in enumerate(one["prompts"]):
+        assert ranks[0]["prompts"][step] + ranks[1]["prompts"][step] == prompts
+        assert not set(ranks[0]["prompts"][step]) & set(ranks[1]["prompts"][step])
+    assert ranks[0]["rows"] == ranks[1]["rows"]
+    for row, expected in zip(ranks[0]["rows"], one["rows"]):
+        assert row.keys() == expected.keys()
+        for name, value in expected.items():
+            assert row[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    for name in ("actor", "critic"):
+        for key, value in one[name].items():
+            assert torch.equal(ranks[0][name][key], ranks[1][name][key]), key
+            torch.testing.assert_close(ranks[0][name][key], value, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
 def test_two_rank_update_equals_one_process_on_the_concatenated_batch(tiny_dirs, tmp_path):
     """Same experience: 2 ranks x 4 sequences == 1 process x 8, in weights and in metrics
     (update and rollout); both ranks end with identical weights; and generate_experience
@@ -1518,6 +1620,7 @@ def test_two_rank_update_equals_one_process_on_the_concatenated_batch(tiny_dirs,
           sum(whiten_oracle(both["raw_advantages"], lengths), []), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [[], ["--lora-r", "4"]], ids=["full", "lora"])
 def test_torchrun_cli_writes_one_set_of_outputs_and_resumes(tmp_path, lora):
     """Rank 0 alone writes metrics (one row per iteration), the checkpoint and the model (and
@@ -2265,6 +2368,7 @@ def file_bytes(directory):
             if p.is_file() and p.name != P.LOCK_FILE}
 
 
+@pytest.mark.slow
 def test_default_output_dir_is_new_for_every_run(tmp_path):
     """Two default runs started together: each gets its own runs/<model>__<seed>__<time>,
     says where, and keeps its outputs."""
@@ -2281,6 +2385,7 @@ def test_default_output_dir_is_new_for_every_run(tmp_path):
     assert said == [str(run.relative_to(tmp_path)) for run in runs]
 
 
+@pytest.mark.slow
 def test_an_earlier_run_is_refused_without_resume_or_overwrite(tmp_path, capsys):
     """A directory holding a run's results is refused before any model loads (a model that
     cannot load would otherwise be the error) and is left byte for byte; --overwrite starts
@@ -2323,6 +2428,7 @@ def test_an_earlier_run_is_refused_without_resume_or_overwrite(tmp_path, capsys)
                                           if k.startswith(P.POLICY + "/")}
 
 
+@pytest.mark.slow
 def test_unwritable_output_dir_is_reported_before_models_load(tmp_path):
     """A file in the directory's place, a path through a file, a directory that cannot be
     created: exit 2 and one line at start (the model named cannot load, so an error about
@@ -2345,6 +2451,7 @@ def test_unwritable_output_dir_is_reported_before_models_load(tmp_path):
     assert a_file.read_text() == "not a directory"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [[], ["--lora-r", "4"]], ids=["full", "lora"])
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, lora):
     """A run killed with SIGKILL (no handler runs, the lock is left to the kernel) resumes from
@@ -2401,6 +2508,7 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.slow
 def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     """checkpoint.pt is loaded with weights_only=True: a file that would run code when
     unpickled is refused in one line (exit 2), and the code does not run."""
@@ -2472,7 +2580,7 @@ def test_first_minibatch_ratio_under_bf16_autocast(tiny_dirs, device, recompute)
     log-probs to bf16 rounding (recorded while sampling) or to BF16_RATIO_TOLERANCE's bound
     (recomputed, as the update computes them). The log-probs stay fp32."""
     torch.manual_seed(17)
-    models = device_models(tiny_dirs, device)
+    models = make_models(tiny_dirs, device)
     with torch.no_grad():  # away from the reference, so that nothing lines up by chance
         for p in models[0].parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -2603,7 +2711,7 @@ def test_nonfinite_step_is_skipped_by_fused_adamw_on_the_device(tiny_dirs, devic
     the next finite step trains. Under bf16 autocast."""
     torch.manual_seed(18)
     autocast = bf16_autocast(device)
-    models = device_models(tiny_dirs, device)
+    models = make_models(tiny_dirs, device)
     actor, critic = models[0], models[1]
     exp = device_rollout(models, device, autocast)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True) for m in (actor, critic)]
@@ -2659,6 +2767,7 @@ def test_bf16_run_checkpoints_and_resumes(tiny_dirs, tmp_path, monkeypatch, devi
     assert steps[0] == steps[1] and steps[0][0] == 4 * 2 * 2  # 4 iterations x 2 epochs x 2
 
 
+@pytest.mark.slow
 @TWO_GPUS
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_gpu_nccl_run_writes_one_set_of_outputs_and_resumes(tmp_path, engine):
@@ -3031,6 +3140,7 @@ P.leave_process_group(together=True)
 """
 
 
+@pytest.mark.slow
 def test_two_rank_lora_update_equals_one_process(tiny_dirs, tmp_path):
     """LoRA under DDP (`replicate`): each model's DDP averages its own adapter (and value head)
     and ignores the shared base and the other role's adapter; 2 ranks x 4 sequences then equal
@@ -3219,6 +3329,7 @@ def test_reward_fn_receives_the_prompts_as_the_file_held_them(chat_dirs, tmp_pat
                                                        P.load_prompts(chat_dirs["prompts"])))
 
 
+@pytest.mark.slow
 def test_chat_run_trains_resumes_and_refuses_bad_conversations(chat_dirs, tiny_dirs, tmp_path):
     """Through the command line: a chat policy, a chat reward model and conversational
     prompts train and resume; malformed messages, or conversations for a tokenizer without
@@ -3462,6 +3573,7 @@ P.leave_process_group(together=True)  # as main() leaves
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_to_a_sharded_torchrun_run_saves_every_rank_and_resumes(tmp_path):
     """Ctrl-C in a terminal reaches torchrun and both ranks, and torchrun forwards it once
     more: every rank finishes the same iteration, the shards of that step are written, rank 0
@@ -3487,6 +3599,7 @@ def test_ctrl_c_to_a_sharded_torchrun_run_saves_every_rank_and_resumes(tmp_path)
     assert [r["step"] for r in read_metrics(out)] == list(range(1, stopped + 2))
 
 
+@pytest.mark.slow
 def test_two_sharded_ranks_equal_one_process_and_hold_half_each(tiny_dirs, tmp_path):
     """FSDP2 on 2 ranks, same experience: the weights and metrics of one process on the
     concatenated batch; each rank holds about half of actor's and critic's parameters and
@@ -3521,6 +3634,7 @@ def test_two_sharded_ranks_equal_one_process_and_hold_half_each(tiny_dirs, tmp_p
     assert sharded["reduce_scatters"] == 2 * sharded["units"] > 0
 
 
+@pytest.mark.slow
 def test_sharded_cli_run_resumes_on_two_ranks_and_on_one(tmp_path):
     """torchrun --data-parallel fsdp with bf16 mixed precision (on gloo, as FSDP2's
     MixedPrecisionPolicy runs on NCCL): rank 0 alone writes metrics and the policy, every rank
