@@ -10,13 +10,8 @@ takes PPO-clip steps.
 Part I (§0-9, torch and transformers only) holds everything needed to understand and run the
 method; you may stop reading at the line that says `Part II`. Part II (§10-15) loads models
 (and LoRA), rewards and prompts, runs under torchrun (DDP or FSDP2), checkpoints, evaluates,
-logs, and generates the command line from `Config`.
-
-    python ppo_rlhf.py                      # offline demo: a tiny GPT-2 built in memory, ~27 s
-    python ppo_rlhf.py --model gpt2 --reward-model <seq-classifier> --prompts prompts.txt
-    torchrun --nproc_per_node=8 ppo_rlhf.py --data-parallel fsdp --model ...   # sharded
-    python ppo_rlhf.py --help               # every option, grouped, with its default
-    python -m pytest -q test_ppo_rlhf.py    # the property tests against the derivation
+logs, and generates the command line from `Config`: `python ppo_rlhf.py` runs the offline demo,
+`python ppo_rlhf.py --help` lists every option, README.md shows real use.
 
 Reading order is one PPO iteration, in the derivation's order:
     0     the method's hyperparameters (`PPOConfig`), with 004's defaults
@@ -593,13 +588,9 @@ def trained_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 class SingleProcess:
-    """How the update and the loop reach their batch: here one process holds all of it.
-
-    Each method is the single-process case of an operation that a data-parallel trainer
-    (Part II's `DataParallel`) runs over every process, so that N processes compute what one
-    would on the union of their batches: sums and means over all, this process's share of
-    the prompts, gradient reduction on the last micro-batch only, the policy whole while it
-    samples, and an optimizer step that skips a non-finite one without waiting."""
+    """How the update and the loop reach their batch: here one process holds all of it. Each
+    method is the one-process case of what a data-parallel trainer (Part II's `DataParallel`)
+    does over all processes, so that N compute what one would on the union of their batches."""
 
     size = 1  # processes that share one batch
 
@@ -859,12 +850,10 @@ def ppo_iterations(models: Models, actor_optimizer, critic_optimizer, prompts: l
             step 4:    ppo_epochs passes of clipped minibatch updates      (`ppo_update`)
             beta <- the KL controller's rule                (`next_kl_coef`)
 
-    Example, one process (the test `test_part_one_runs_alone` does exactly this):
+    One process, as `test_part_one_runs_alone` does it:
         critic = ValueModel(copy.deepcopy(actor.transformer), hidden_size)
         models = Models(actor, critic, ref_model, reward, tokenizer, [tokenizer.eos_token_id])
-        optimizers = [torch.optim.AdamW(m.parameters(), lr) for m in (actor, critic)]
-        for row, exp, skipped in ppo_iterations(models, *optimizers, prompts, ids, hp):
-            print(row["step"], row["objective/scores"])
+        for row, exp, skipped in ppo_iterations(models, opt_a, opt_c, prompts, ids, hp): ...
     """
     state = state or LoopState(kl_coef=hp.kl_ctl)
     update_actor, update_critic = parallel.trained(models.actor), parallel.trained(models.critic)
@@ -2790,20 +2779,20 @@ def parse_args(argv: list[str] | None = None) -> Config:
     listed in the groups of `GROUPS`."""
     parser = argparse.ArgumentParser(
         usage="%(prog)s [options]",
-        description="RLHF with PPO: actor, critic, reward and reference models in one file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="RLHF with PPO: actor, critic, reward and reference models in one file.")
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for f in dataclasses.fields(Config):
         flag, kind = "--" + f.name.replace("_", "-"), f.type
         if get_origin(kind) is not None and type(None) in get_args(kind):  # X | None
             kind = next(a for a in get_args(kind) if a is not type(None))
-        kwargs = {"default": f.default, "help": f.metadata["help"]}
+        default = "" if f.default is None else f" (default: {f.default})"
+        kwargs = {"default": f.default, "help": f.metadata["help"] + default}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(kind) is Literal:
             kwargs["choices"] = get_args(kind)
         else:
-            kwargs["type"] = kind
+            kwargs.update(type=kind, metavar={int: "N", float: "X"}.get(kind, "S"))
         groups[f.metadata["group"]].add_argument(flag, **kwargs)
     return Config(**vars(parser.parse_args(argv)))
 

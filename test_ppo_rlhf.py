@@ -8,6 +8,7 @@ import inspect
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1417,6 +1418,13 @@ def test_help_documents_every_option_with_its_default(tmp_path):
     for f in P.dataclasses.fields(P.Config):
         assert "--" + f.name.replace("_", "-") in text, f.name
     assert "(default: 0.1)" in text and "(default: 0.95)" in text
+    # grouped as Config is, each option under its own group's heading, the groups in order
+    starts = [result.stdout.index(f"\n{group}:\n") for group in P.GROUPS]
+    assert starts == sorted(starts)
+    for f in P.dataclasses.fields(P.Config):
+        at = re.search(f"\n  --{f.name.replace('_', '-')}[ ,\n]", result.stdout).start()
+        group = P.GROUPS.index(f.metadata["group"])
+        assert starts[group] < at < (starts + [len(result.stdout)])[group + 1], f.name
 
 
 # ------------------------------------------------------------------------------------------------
