@@ -61,6 +61,8 @@ class PPOConfig:
     rollout_micro_batch_size: int | None = option(None, "schedule", "sequences per scoring "
                                                   "forward of each process; default: all")
     ppo_epochs: int = option(4, "schedule", "passes over each batch of experience")
+    critic_warmup_steps: int = option(0, "schedule", "the first N iterations train the critic "
+                                      "alone: the actor takes no step")
     seed: int = option(0, "runtime", "seed of the prompt order and of sampling")
     max_new_tokens: int = option(16, "generation", "response length limit")
     temperature: float = option(1.0, "generation", "sampling temperature; log-probs are "
@@ -85,6 +87,8 @@ class PPOConfig:
     kl_horizon: int = option(10000, "the math", "horizon of the proportional controller")
     clip_reward_value: float = option(5.0, "the math", "scores are clamped to [-v, v]")
     cliprange: float = option(0.2, "the math", "PPO ratio clip epsilon")
+    dual_clip: float | None = option(None, "the math", "dual-clip PPO's c > 1: a token with "
+                                     "A < 0 loses at most -c*A; default off (004's PPO-clip)")
     cliprange_value: float = option(0.2, "the math", "critic value clip epsilon")
     gamma: float = option(1.0, "the math", "discount factor")
     lam: float = option(0.95, "the math", "GAE lambda")
@@ -260,7 +264,8 @@ def get_advantages_and_returns(values, rewards, action_mask, gamma=1.0, lam=0.95
 # 5. PPO losses (004 §4.1(5)-(6) `actor_loss_fn`, §4.2 `critic_loss_fn`).
 # ------------------------------------------------------------------------------------------------
 
-def actor_loss_fn(log_probs, old_log_probs, advantages, action_mask, cliprange=0.2):
+def actor_loss_fn(log_probs, old_log_probs, advantages, action_mask, cliprange=0.2,
+                  dual_clip=None):
     """PPO-clip surrogate, averaged over the batch's real tokens (004 §4.1(6)):
 
         rho_t = pi(a_t|s_t) / pi_old(a_t|s_t) = exp(log_probs - old_log_probs)
@@ -268,6 +273,9 @@ def actor_loss_fn(log_probs, old_log_probs, advantages, action_mask, cliprange=0
 
     Where clipping binds (A > 0 and rho > 1+eps, or A < 0 and rho < 1-eps: figure 10's
     two clipped cases) the min picks a constant and that token's gradient is exactly 0.
+    dual_clip = c > 1 (dual-clip PPO, Ye et al. 2020): for A < 0 the loss above still grows
+    without bound with rho; it is capped at -c * A_t, so a token with A < 0 and rho > c gets
+    no gradient. None: 004's PPO-clip exactly.
     Shapes: all [B, T]; action_mask 1 on real tokens. Returns a scalar.
     """
     mask = action_mask.bool()
@@ -278,6 +286,9 @@ def actor_loss_fn(log_probs, old_log_probs, advantages, action_mask, cliprange=0
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     pg_loss = torch.max(pg_loss1, pg_loss2)  # -min(...) of the formula
+    if dual_clip is not None:
+        pg_loss = torch.where(advantages < 0, torch.min(pg_loss, -dual_clip * advantages),
+                              pg_loss)
     return torch.where(mask, pg_loss, 0.0).sum() / mask.sum().clamp(min=1)
 
 
@@ -442,17 +453,13 @@ class Experience:
 
 class SampledLogProbs:
     """Records log pi(a_t|s_t) and H(pi(.|s_t)) of softmax(logits / temperature) for each token
-    `generate` samples, from the logits generation computes anyway: the rollout then needs no
-    actor forward of its own.
+    `generate` samples, from the logits it computes anyway: the rollout needs no actor forward.
 
-    It is a `generate` logits processor: each step, `generate` hands it the raw logits [B, V]
-    (float32, before its own temperature/top-k/top-p, so top-k never leaks into the policy's
-    log-probs), and the token sampled from them is the last of `input_ids` at the next call.
-    The last step's token comes with `result`. One step's logits are held at a time, not the
-    [B, T, V] of all steps. Versus the update's full forward: float rounding in float32
-    (< 1e-5, tested); ~1e-2 nats under bf16 autocast (KV-cached and full attention round
-    differently; see `recompute_log_probs`).
-    """
+    A `generate` logits processor: each step it gets the raw logits [B, V] (before generate's
+    own temperature/top-k/top-p, which never leak into the policy's log-probs), and the token
+    sampled from them is the last of `input_ids` at the next call (the last step's comes with
+    `result`). Versus the update's full forward: < 1e-5 in float32 (tested), ~1e-2 nats under
+    bf16 autocast (KV-cached and full attention round differently: `recompute_log_probs`)."""
 
     def __init__(self, temperature: float):
         self.temperature = temperature
@@ -475,14 +482,11 @@ class SampledLogProbs:
 def sample_responses(actor, prompt_ids, prompt_mask, *, eos_token_ids, pad_token_id,
                      max_new_tokens, temperature, top_k=0, top_p=1.0,
                      logits_processor=()) -> torch.Tensor:
-    """prompt + sampled response [B, P+T] with HF `generate` (KV cache; stops once every row
-    has emitted EOS, so T <= max_new_tokens).
+    """prompt + sampled response [B, P+T] with HF `generate` (KV cache; T <= max_new_tokens).
 
-    The sampling distribution must be exactly softmax(logits / temperature), the policy whose
-    log-probs PPO uses. transformers fills every unset generation option from the model's own
-    generation_config (a hub model may carry top_k=20 or a repetition penalty, and an unset
-    top_k becomes 50), so the model's config is swapped for a neutral one while sampling.
-    """
+    Sampling must be exactly softmax(logits / temperature), the policy whose log-probs PPO
+    uses; transformers fills every unset option from the model's own generation_config (a hub
+    model's top_k=20, a repetition penalty), so a neutral config stands in while sampling."""
     from transformers import GenerationConfig
     config = GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
                               max_new_tokens=max_new_tokens, eos_token_id=eos_token_ids,
@@ -507,16 +511,13 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
         actor, critic, ref_model: the policy being trained, the `ValueModel`, the frozen copy.
         score_fn: (prompts, responses) -> [B] scores; responses as decoded text (the reward).
         prompt_ids, prompt_mask: [B, P] left-padded prompts.
-        hp: sampling (max_new_tokens, temperature, top_k, top_p, recompute_log_probs: old
-            log-probs from a full actor forward rather than from the logits `generate`
-            sampled from), scoring (rollout_micro_batch_size rows per forward, None: all),
-            and the hyperparameters of `compute_rewards` and `get_advantages_and_returns`.
-        eos_token_ids: token ids that end a response.
-        kl_ctl: beta of this rollout (the controller moves it); default hp.kl_ctl.
-        mean_fn: the masked mean whitening takes its statistics with (over all processes
-            when several share the batch).
-        prompts: the prompts as given (strings, or message lists for conversations), for
-            score_fn and the Experience; default: prompt_ids decoded.
+        hp: sampling (max_new_tokens, temperature, top_k, top_p; recompute_log_probs: the old
+            log-probs from a full actor forward, not from generate's logits), scoring
+            (rollout_micro_batch_size rows per forward), and the hyperparameters of
+            `compute_rewards` and `get_advantages_and_returns`.
+        eos_token_ids: the tokens that end a response. kl_ctl: this rollout's beta.
+        mean_fn: the masked mean whitening uses (over all processes when several share it).
+        prompts: as given (strings, or message lists), for score_fn; default: decoded.
     Returns:
         `Experience` with per-token tensors [B, T], T the longest response in the batch.
     """
@@ -617,9 +618,9 @@ class SingleProcess:
 
     def step(self, optimizers, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip each optimizer's gradients to `max_grad_norm` and step, unless a gradient is
-        not finite: then neither model steps (weights and optimizer state untouched: the
-        critic does not step on a batch whose actor loss failed, nor the reverse). Returns
-        (the norms before clipping [2], skipped: a 0-d bool). Waits for the device once."""
+        not finite: then no model steps (weights and optimizer state untouched: the critic
+        does not step on a batch whose actor loss failed, nor the reverse). Returns (the
+        norms before clipping, one per optimizer; skipped, a 0-d bool). Waits for the device."""
         norms = torch.stack([nn.utils.get_total_norm(
             [p.grad for p in trained_parameters(o) if p.grad is not None]) for o in optimizers])
         skipped = ~torch.isfinite(norms).all()
@@ -634,11 +635,14 @@ class SingleProcess:
 
 
 def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience,
-               hp: PPOConfig, *, autocast=nullcontext, parallel=SingleProcess()):
+               hp: PPOConfig, *, autocast=nullcontext, parallel=SingleProcess(),
+               train_actor=True):
     """Updates actor and critic on one batch of experience; returns (stats, skipped).
 
-    hp: ppo_epochs, mini_batch_size and micro_batch_size (of all processes together, as
-    `parallel` counts them), cliprange, cliprange_value, ent_coef, max_grad_norm, temperature.
+    hp: ppo_epochs, mini_batch_size (of all processes together) and micro_batch_size,
+    cliprange, dual_clip, cliprange_value, ent_coef, max_grad_norm, temperature.
+    train_actor=False (critic warm-up): the critic alone is trained, the actor's weights and
+    optimizer state stay untouched (its losses are still measured).
     stats: {name: 0-d tensor}, token-weighted means over the update like the losses themselves,
     plus each model's gradient norm before clipping (mean over the steps taken) and the first
     minibatch's largest |ratio - 1| (0 in exact arithmetic: nothing has been updated yet).
@@ -655,7 +659,7 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
     mini_batch_size = hp.mini_batch_size // parallel.size
     micro_batch_size = hp.micro_batch_size or mini_batch_size
     length = exp.response_length
-    optimizers = (actor_optimizer, critic_optimizer)
+    optimizers = (actor_optimizer, critic_optimizer) if train_actor else (critic_optimizer,)
     totals: dict[str, torch.Tensor] = {}
     skipped, grad_norms = [], []
     first_ratio_error = torch.zeros((), device=device)  # max |rho - 1| before any step
@@ -671,12 +675,13 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
                 mb = exp.select(micro)
                 weight = mb.action_mask.sum() / mini_tokens  # share of the minibatch's tokens
                 with autocast():
-                    log_probs, entropy = policy_log_probs(actor, mb.input_ids, mb.attention_mask,
-                                                          length, hp.temperature,
-                                                          with_entropy=hp.ent_coef > 0)
+                    with nullcontext() if train_actor else torch.no_grad():
+                        log_probs, entropy = policy_log_probs(
+                            actor, mb.input_ids, mb.attention_mask, length, hp.temperature,
+                            with_entropy=hp.ent_coef > 0)
                     values = critic_values(critic, mb.input_ids, mb.attention_mask, length)
                 pg_loss = actor_loss_fn(log_probs, mb.log_probs, mb.advantages, mb.action_mask,
-                                        cliprange=hp.cliprange)
+                                        cliprange=hp.cliprange, dual_clip=hp.dual_clip)
                 actor_loss = pg_loss
                 if entropy is not None:
                     actor_loss = actor_loss - hp.ent_coef * masked_mean(entropy, mb.action_mask)
@@ -684,9 +689,11 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
                                          cliprange_value=hp.cliprange_value)
                 # actor and critic graphs are disjoint: one backward call serves both
                 with parallel.no_sync(actor, critic, last=i == len(micros) - 1):
-                    ((actor_loss + vf_loss) * weight * parallel.size).backward()
+                    loss = actor_loss + vf_loss if train_actor else vf_loss
+                    (loss * weight * parallel.size).backward()
                 with torch.no_grad():
-                    stats = update_stats(log_probs, values, mb, hp.cliprange, hp.cliprange_value)
+                    stats = update_stats(log_probs, values, mb, hp.cliprange, hp.cliprange_value,
+                                         hp.dual_clip)
                     stats.update({"loss/policy": pg_loss, "loss/value": vf_loss})
                     for name, value in stats.items():
                         totals[name] = totals.get(name, 0.0) + value * weight
@@ -696,17 +703,18 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
                                                           error.exp().sub(1).abs().max())
             norms, was_skipped = parallel.step(optimizers, hp.max_grad_norm)
             skipped.append(was_skipped)
-            grad_norms.append(norms)
+            grad_norms.append(norms if train_actor else torch.cat([norms.new_zeros(1), norms]))
     skipped = torch.stack(skipped)
     stats = {name: parallel.sum(total) / len(skipped) for name, total in totals.items()}
     norms = torch.where(skipped[:, None], 0.0, torch.stack(grad_norms)).sum(0)  # [2]
     norms = norms / (~skipped).sum().clamp(min=1)  # mean over the steps taken
     stats.update({"policy/grad_norm": norms[0], "val/grad_norm": norms[1],
-                  "policy/first_ratio_error": parallel.max(first_ratio_error)})
+                  "policy/first_ratio_error": parallel.max(first_ratio_error),
+                  "updates/actor_frozen": torch.tensor(float(not train_actor), device=device)})
     return stats, skipped
 
 
-def update_stats(log_probs, values, mb: Experience, cliprange, cliprange_value):
+def update_stats(log_probs, values, mb: Experience, cliprange, cliprange_value, dual_clip=None):
     """Diagnostics of one micro-batch, masked means as in the losses (OpenAI-style names).
 
     The terms of `actor_loss_fn` and `critic_loss_fn` are recomputed here (no gradient): those
@@ -717,8 +725,11 @@ def update_stats(log_probs, values, mb: Experience, cliprange, cliprange_value):
     pg_loss1 = -mb.advantages * ratio
     pg_loss2 = -mb.advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     values_clipped = torch.clamp(values, mb.values - cliprange_value, mb.values + cliprange_value)
+    capped = (mb.advantages < 0) & (-(dual_clip or math.inf) * mb.advantages
+                                    < torch.max(pg_loss1, pg_loss2))
     return {
         "policy/clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),
+        "policy/dualclipfrac": masked_mean(capped.float(), mask),
         "policy/approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
         "policy/ratio": masked_mean(ratio, mask),
         "val/clipfrac": masked_mean(((values_clipped - mb.returns) ** 2 >
@@ -865,7 +876,7 @@ def ppo_iterations(models: Models, actor_optimizer, critic_optimizer, prompts: l
         t1 = time.perf_counter()
         stats, skipped = ppo_update(update_actor, update_critic, actor_optimizer,
                                     critic_optimizer, exp, hp, autocast=autocast,
-                                    parallel=parallel)
+                                    parallel=parallel, train_actor=step > hp.critic_warmup_steps)
         rates = {"lr/actor": actor_optimizer.param_groups[0]["lr"],
                  "lr/critic": critic_optimizer.param_groups[0]["lr"]}
         for scheduler in schedulers:
@@ -1031,6 +1042,8 @@ def train(cfg: Config) -> int:
     by SIGINT/SIGTERM."""
     run = setup_run(cfg)
     log, parallel = run.log, run.parallel
+    # the actor's schedule follows the iterations, also while --critic-warmup-steps skip its step
+    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
     consecutive_skips = 0
     log(f"training {cfg.model} on {run.device} x{parallel.size} for {cfg.steps} iterations "
         f"({len(run.prompts)} prompts, batch {cfg.batch_size}, {cfg.ppo_epochs} PPO epochs)")
@@ -1054,7 +1067,8 @@ def train(cfg: Config) -> int:
                 f"pg {row['loss/policy']:7.4f} | vf {row['loss/value']:7.4f} | "
                 f"clip {row['policy/clipfrac']:.3f} | len {row['response/length']:5.1f} | "
                 f"{row['time/rollout_s'] + row['time/update_s']:5.2f}s"
-                + (f" | eval {row['eval/scores']:7.3f}" if "eval/scores" in row else ""),
+                + (f" | eval {row['eval/scores']:7.3f}" if "eval/scores" in row else "")
+                + (" | critic warm-up" if row["updates/actor_frozen"] else ""),
                 flush=True)
             for was_skipped in skipped.tolist():
                 consecutive_skips = consecutive_skips + 1 if was_skipped else 0
@@ -2195,9 +2209,9 @@ class DataParallel(SingleProcess):
         return gathered(actor)
 
     def step(self, optimizers, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-        norms = [gradient_norm(optimizer) for optimizer in optimizers]  # before clipping
-        finite = torch.isfinite(norms[0]) & torch.isfinite(norms[1])
-        self.scaler.scale(norms[0])  # (the scaler's scale of 1 is made where the norms are)
+        norms = torch.stack([gradient_norm(optimizer) for optimizer in optimizers])
+        finite = torch.isfinite(norms).all()
+        self.scaler.scale(norms)  # (the scaler's scale of 1 is made where the norms are)
         for optimizer, norm in zip(optimizers, norms):
             # a non-finite norm in either model makes both clip coefficients NaN: GradScaler
             # then finds NaN in both and skips both steps
@@ -2207,7 +2221,7 @@ class DataParallel(SingleProcess):
             self.scaler.step(optimizer)
             optimizer.zero_grad(set_to_none=True)
         self.scaler.update(1.0)  # keep the scale at 1: a finiteness check, not fp16 scaling
-        return torch.stack(norms), ~finite
+        return norms, ~finite
 
 
 def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -2682,6 +2696,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         (cfg.critic_lr is None or cfg.critic_lr > 0, "--critic-lr must be > 0"),
         (cfg.max_grad_norm > 0, "--max-grad-norm must be > 0"),
         (cfg.cliprange > 0, "--cliprange must be > 0"),
+        (cfg.dual_clip is None or cfg.dual_clip > 1, "--dual-clip must be > 1"),
+        (cfg.critic_warmup_steps >= 0, "--critic-warmup-steps must be >= 0"),
         (cfg.cliprange_value > 0, "--cliprange-value must be > 0"),
         (0 <= cfg.gamma <= 1, "--gamma must be in [0, 1]"),
         (0 <= cfg.lam <= 1, "--lam must be in [0, 1]"),

@@ -425,6 +425,54 @@ def test_actor_loss_is_004_formula_token_mean(r):
                                **tol(r["dtype"]))
 
 
+DUAL_CLIP = st.floats(1.5, 5.0)
+
+
+def dual_clip_loop_oracle(log_probs, old, advantages, lengths, eps, c):
+    """Dual-clip PPO (Ye et al. 2020) token by token, plain Python: 004's max(-A rho,
+    -A clip(rho)), capped at -c A where A < 0, averaged over the real tokens."""
+    total, n = 0.0, 0
+    for b, length in enumerate(lengths):
+        for t in range(length):
+            ratio, a = math.exp(log_probs[b][t] - old[b][t]), advantages[b][t]
+            loss = max(-a * ratio, -a * min(max(ratio, 1 - eps), 1 + eps))
+            total, n = total + (min(loss, -c * a) if a < 0 else loss), n + 1
+    return total / n
+
+
+@given(rollouts(), EPS, DUAL_CLIP)
+def test_dual_clip_equals_plain_loop_oracle(r, eps, c):
+    advantages, log_probs, mask = tensors(r)
+    old = torch.tensor(r["extra"], dtype=r["dtype"])
+    expected = dual_clip_loop_oracle(log_probs.tolist(), old.tolist(), advantages.tolist(),
+                                     r["lengths"], eps, c)
+    loss = P.actor_loss_fn(log_probs, old, advantages, mask, cliprange=eps, dual_clip=c)
+    assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+@given(eps=EPS, c=DUAL_CLIP, over=st.floats(1.01, 3.0), magnitude=st.floats(0.1, 5.0))
+def test_dual_clip_gives_no_gradient_to_a_negative_advantage_past_c(eps, c, over, magnitude):
+    """A < 0 and rho > c: the loss is the constant -c A and the token's gradient exactly 0,
+    where PPO-clip alone would push with -A rho."""
+    ratio = c * over
+    log_probs = torch.tensor([[math.log(ratio)]], dtype=torch.float64, requires_grad=True)
+    args = (torch.zeros(1, 1, dtype=torch.float64),
+            torch.tensor([[-magnitude]], dtype=torch.float64), torch.ones(1, 1))
+    loss = P.actor_loss_fn(log_probs, *args, cliprange=eps, dual_clip=c)
+    loss.backward()
+    assert loss.item() == pytest.approx(c * magnitude) and log_probs.grad.item() == 0.0
+    plain = P.actor_loss_fn(log_probs, *args, cliprange=eps)
+    assert torch.autograd.grad(plain, log_probs)[0].item() == pytest.approx(magnitude * ratio)
+
+
+@given(rollouts(), EPS)
+def test_dual_clip_with_c_to_infinity_is_ppo_clip(r, eps):
+    advantages, log_probs, mask = tensors(r)
+    old = torch.tensor(r["extra"], dtype=r["dtype"])
+    assert torch.equal(P.actor_loss_fn(log_probs, old, advantages, mask, cliprange=eps,
+                                       dual_clip=1e30),
+                       P.actor_loss_fn(log_probs, old, advantages, mask, cliprange=eps))
+
 def test_losses_ignore_nonfinite_padding():
     """Padding holding -inf log-probs or NaN values must not turn a loss or gradient into NaN."""
     mask = torch.tensor([[1, 1, 0]])
@@ -1121,6 +1169,52 @@ def test_keep_freed_memory_stops_page_faults_in_a_training_loop(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Interruption, resume, bad input and numerical trouble (the command line through subprocess)
 # ------------------------------------------------------------------------------------------------
+
+def test_critic_warmup_update_leaves_the_actor_untouched_and_trains_the_critic(tiny_dirs):
+    """ppo_update with train_actor=False: every actor weight bit-identical and its fused AdamW
+    holding no state (no step was taken), the critic moved; the metrics say so."""
+    torch.manual_seed(9)
+    actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
+    exp = rollout(actor, critic, ref_model, scorer, tokenizer)
+    before = [p.detach().clone() for p in [*actor.parameters(), *critic.parameters()]]
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True) for m in (actor, critic)]
+    stats, skipped = P.ppo_update(actor, critic, *optimizers, exp,
+                                  P.PPOConfig(ppo_epochs=2, mini_batch_size=4),
+                                  parallel=P.DataParallel(torch.device("cpu"), actor, critic),
+                                  train_actor=False)
+    n_actor = len(list(actor.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before[:n_actor], actor.parameters()))
+    assert not optimizers[0].state and all(p.grad is None for p in actor.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before[n_actor:], critic.parameters()))
+    assert stats["updates/actor_frozen"].item() == 1 and stats["policy/grad_norm"].item() == 0
+    assert stats["val/grad_norm"].item() > 0 and skipped.tolist() == [False] * 4
+
+
+def test_critic_warmup_run_keeps_the_initial_policy_and_resumes_inside_the_warmup(tmp_path):
+    """--critic-warmup-steps 2: iterations 1-2 train the critic alone (the saved policy after
+    them is the initial one, bit for bit), iteration 3 trains both; stopped after 1 and resumed,
+    the run equals the uninterrupted one."""
+    warm = tiny_config(tmp_path, output_dir=str(tmp_path / "warm"), steps=2,
+                       critic_warmup_steps=2)
+    assert P.train(warm) == 0
+    initial, _ = P.build_tiny_model(seed=warm.seed)
+    initial = initial.state_dict()
+    for name, value in final_weights(warm.output_dir).items():
+        assert torch.equal(value, initial[name]), name
+    straight = dataclass_replace(warm, output_dir=str(tmp_path / "straight"), steps=3)
+    assert P.train(straight) == 0
+    split = dataclass_replace(straight, output_dir=str(tmp_path / "split"), steps=1)
+    assert P.train(split) == 0
+    assert P.train(dataclass_replace(split, steps=3, resume=True)) == 0
+    a, b = read_metrics(straight.output_dir), read_metrics(split.output_dir)
+    assert [row["updates/actor_frozen"] for row in a] == [1, 1, 0]
+    assert [row["policy/grad_norm"] > 0 for row in a] == [False, False, True]
+    assert without_timing(a) == without_timing(b)
+    wa, wb = final_weights(straight.output_dir), final_weights(split.output_dir)
+    assert any(not torch.equal(wa[name], initial[name]) for name in wa)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=1e-6)
+
 
 def test_resume_equals_uninterrupted_run(tmp_path):
     """N iterations straight == k iterations, then --resume to N: same metrics rows (one per
@@ -1915,12 +2009,14 @@ def test_rollout_stats_equal_their_formulas(estimator):
     assert stats == pytest.approx(expected, abs=1e-6)
 
 
-def update_oracle(actor, critic, exp, temperature, cliprange, cliprange_value):
+def update_oracle(actor, critic, exp, temperature, cliprange, cliprange_value,
+                  dual_clip=math.inf):
     """The update's metrics from their definitions: current log-probs and values from one
     forward per prefix, then per-token terms averaged over every real token of the batch."""
     now = per_prefix_oracle(actor, critic, actor, exp, temperature)
-    terms = {name: [] for name in ("loss/policy", "policy/clipfrac", "policy/approxkl",
-                                   "policy/ratio", "loss/value", "val/clipfrac", "val/mean")}
+    terms = {name: [] for name in ("loss/policy", "policy/clipfrac", "policy/dualclipfrac",
+                                   "policy/approxkl", "policy/ratio", "loss/value",
+                                   "val/clipfrac", "val/mean")}
     for b, n in enumerate(exp.action_mask.sum(1).tolist()):
         for t in range(n):
             log_ratio = now["log_probs"][b, t].item() - exp.log_probs[b, t].item()
@@ -1930,8 +2026,10 @@ def update_oracle(actor, critic, exp, temperature, cliprange, cliprange_value):
             v, v_old = now["values"][b, t].item(), exp.values[b, t].item()
             ret = exp.returns[b, t].item()
             v_clip = min(max(v, v_old - cliprange_value), v_old + cliprange_value)
-            terms["loss/policy"].append(max(unclipped, clipped))
+            capped = adv < 0 and -dual_clip * adv < max(unclipped, clipped)
+            terms["loss/policy"].append(-dual_clip * adv if capped else max(unclipped, clipped))
             terms["policy/clipfrac"].append(float(clipped > unclipped))
+            terms["policy/dualclipfrac"].append(float(capped))
             terms["policy/approxkl"].append(0.5 * log_ratio ** 2)
             terms["policy/ratio"].append(ratio)
             terms["loss/value"].append(0.5 * max((v - ret) ** 2, (v_clip - ret) ** 2))
@@ -1954,19 +2052,24 @@ def perturbed_experience(tiny_dirs, seed):
     return actor, critic, exp
 
 
-def test_update_stats_equal_their_formulas(tiny_dirs):
+@pytest.mark.parametrize("dual_clip", [None, 1.1])
+def test_update_stats_equal_their_formulas(tiny_dirs, dual_clip):
     """ppo_update's metrics are token means over the batch of the per-token terms of the
-    losses. With lr = 0 every step sees the rollout's weights, so over 2 epochs of one
-    minibatch in micro-batches of 3 each metric is the plain mean over all real tokens."""
+    losses (PPO-clip, and dual-clip PPO's cap). With lr = 0 every step sees the rollout's
+    weights, so over 2 epochs of one minibatch in micro-batches of 3 each metric is the plain
+    mean over all real tokens."""
     actor, critic, exp = perturbed_experience(tiny_dirs, seed=15)
     hp = P.PPOConfig(ppo_epochs=2, mini_batch_size=8, micro_batch_size=3, cliprange=0.1,
-                     cliprange_value=0.05, temperature=0.8,
+                     cliprange_value=0.05, temperature=0.8, dual_clip=dual_clip,
                      ent_coef=0.05)  # loss/policy is the clipped term alone
     stats, skipped = P.ppo_update(actor, critic, torch.optim.SGD(actor.parameters(), lr=0.0),
                                   torch.optim.SGD(critic.parameters(), lr=0.0), exp, hp)
     assert skipped.tolist() == [False, False]
-    expected = update_oracle(actor, critic, exp, 0.8, cliprange=0.1, cliprange_value=0.05)
+    expected = update_oracle(actor, critic, exp, 0.8, cliprange=0.1, cliprange_value=0.05,
+                             dual_clip=dual_clip or math.inf)
     assert 0 < expected["policy/clipfrac"] < 1 and 0 < expected["val/clipfrac"] < 1
+    assert (0 < expected["policy/dualclipfrac"] < 1) == (dual_clip is not None)
+    assert stats.pop("updates/actor_frozen").item() == 0
     norms = {k: stats.pop(k).item() for k in ("policy/grad_norm", "val/grad_norm")}
     assert {k: v.item() for k, v in stats.items()} == pytest.approx(expected, abs=1e-4)
     assert all(norm > 0 for norm in norms.values())  # their values: the gradient test below
