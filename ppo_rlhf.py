@@ -1253,7 +1253,7 @@ def load_run(cfg: Config, device: torch.device, prompts: list, eval_prompts: lis
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     bf16 = uses_bf16(cfg, device, log)
-    actor, ref_model, critic, tokenizer, score_fn = load_models(cfg, device, bf16)
+    actor, ref_model, critic, tokenizer, score_fn = load_models(cfg, device, bf16, log)
     prompts, prompt_ids = usable_prompts(prompts, tokenizer, score_fn, cfg, "--prompts", log)
     eval_prompts, eval_prompt_ids = usable_prompts(eval_prompts, tokenizer, score_fn, cfg,
                                                    "the held-out prompts", log)
@@ -1528,15 +1528,19 @@ def load_models(cfg: Config, device: torch.device, bf16: bool = False, log: Call
         score_fn = checked_scores(vowel_reward, "the built-in vowel reward")
     if cfg.lora_r:
         base, tokenizer = load_policy(cfg.model, cfg.seed, frozen_dtype)
-        critic_base = (load_critic_backbone(cfg.critic_model, tokenizer, frozen_dtype)
-                       if cfg.critic_model else None)
+        critic_from = critic_source(cfg, tokenizer)
+        critic_base = (load_critic_backbone(critic_from, tokenizer, frozen_dtype)
+                       if critic_from else None)
         actor, ref_model, critic = add_lora(base, critic_base, lora_config(cfg))
     else:
         actor, tokenizer = load_policy(cfg.model, cfg.seed, torch.float32)
         ref_model = copy.deepcopy(actor).requires_grad_(False).eval().to(frozen_dtype)
-        backbone, head = (load_critic_backbone(cfg.critic_model, tokenizer, torch.float32)
-                          if cfg.critic_model else (copy.deepcopy(actor.base_model), None))
+        critic_from = critic_source(cfg, tokenizer)
+        backbone, head = (load_critic_backbone(critic_from, tokenizer, torch.float32)
+                          if critic_from else (copy.deepcopy(actor.base_model), None))
         critic = ValueModel(backbone, backbone.config.hidden_size, head)
+    log(f"critic: starts from {critic_from or 'the policy'}"
+        + (" (the reward model, 004 §3.3)" if critic_from == cfg.reward_model else ""))
     actor.to(device).train()  # train mode with dropout off: gradient checkpointing needs it
     critic.to(device).train()
     if not cfg.lora_r:
@@ -1582,7 +1586,10 @@ def load_critic_backbone(name: str, tokenizer, dtype: torch.dtype):
     policy's (checked against its tokenizer, or its embedding size if it has none)."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
     config = load_pretrained(AutoConfig, name, "--critic-model")
-    check_same_vocabulary(name, config, tokenizer)
+    different = other_vocabulary(name, config, tokenizer)
+    if different:
+        raise UsageError(f"--critic-model {name!r} {different}: the critic reads the policy's "
+                         "token ids; take a critic of the policy's model family")
     head = None
     if is_sequence_classifier(config) and config.num_labels == 1:
         source = load_pretrained(AutoModelForSequenceClassification, name, "--critic-model",
@@ -1597,25 +1604,35 @@ def load_critic_backbone(name: str, tokenizer, dtype: torch.dtype):
     return backbone, head
 
 
-def check_same_vocabulary(name: str, config, tokenizer) -> None:
-    """Refuse a --critic-model whose token ids mean other tokens than the policy's."""
+def other_vocabulary(name: str, config, tokenizer) -> str | None:
+    """How model `name`'s token ids differ from the policy's, or None if they are the same."""
     try:
         own = load_tokenizer(name, "--critic-model").get_vocab()
     except UsageError:  # no tokenizer beside the weights: the embedding must hold every id
         own = None
     policy = tokenizer.get_vocab()
     if own is None:
-        if config.vocab_size < len(policy):
-            raise UsageError(f"--critic-model {name!r} embeds {config.vocab_size} token ids, the "
-                             f"policy's tokenizer has {len(policy)}: the critic reads the "
-                             "policy's token ids; take a critic of the policy's model family")
-        return
+        return (f"embeds {config.vocab_size} token ids, the policy's tokenizer has "
+                f"{len(policy)}") if config.vocab_size < len(policy) else None
     different = [token for token, i in policy.items() if own.get(token) != i]
-    if different:
-        raise UsageError(f"--critic-model {name!r} has another vocabulary than the policy "
-                         f"({len(different)} of the policy's {len(policy)} tokens have another "
-                         f"id there, e.g. {different[0]!r}): the critic reads the policy's "
-                         "token ids; take a critic of the policy's model family")
+    return (f"has another vocabulary than the policy ({len(different)} of the policy's "
+            f"{len(policy)} tokens have another id there, e.g. {different[0]!r})"
+            if different else None)
+
+
+def critic_source(cfg: Config, tokenizer) -> str | None:
+    """What the critic starts from: --critic-model; else, as 004 §3.3 and DeepSpeed-Chat do,
+    the reward model when it is a 1-label classifier reading the policy's token ids (with
+    LoRA only through --critic-model: the default critic is then an adapter on the policy's
+    shared base, which costs no second base); else None, the policy."""
+    if cfg.critic_model or not cfg.reward_model or cfg.lora_r:
+        return cfg.critic_model
+    from transformers import AutoConfig
+    config = load_pretrained(AutoConfig, cfg.reward_model, "--reward-model")
+    one_label = is_sequence_classifier(config) and config.num_labels == 1
+    if one_label and other_vocabulary(cfg.reward_model, config, tokenizer) is None:
+        return cfg.reward_model
+    return None
 
 
 LORA_ACTOR, LORA_CRITIC = "default", "critic"  # adapter names (PEFT's default for the actor)

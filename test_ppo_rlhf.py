@@ -1037,6 +1037,39 @@ def test_critic_initialized_from_reward_model_takes_its_head(tiny_dirs):
     torch.testing.assert_close(critic.backbone.wte.weight, reward_model.transformer.wte.weight)
 
 
+
+def test_default_critic_is_the_reward_model_and_its_values_are_the_scores(tiny_dirs, capsys):
+    """004 §3.3, DeepSpeed-Chat: with a 1-label reward model of the policy's vocabulary and no
+    --critic-model, the critic starts from the reward model: its value head is the score
+    head, and its initial value at a sequence's last token is the reward model's score of
+    that sequence. The run says so in one line."""
+    torch.manual_seed(0)
+    actor, critic, _, score_fn, tokenizer = make_models(tiny_dirs)
+    assert "critic: starts from " + tiny_dirs["reward"] in capsys.readouterr().out
+    torch.testing.assert_close(critic.v_head.weight, score_fn.model.score.weight)
+    texts = ["the cat sat on the mat", "hello there, a fine day"]
+    scores = score_fn(["", ""], texts)
+    for text, score in zip(texts, scores):
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        values = critic(ids, torch.ones_like(ids), P.position_ids_from(torch.ones_like(ids)))
+        torch.testing.assert_close(values[0, -1], score, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("why", ["no reward model", "2 labels", "other vocabulary", "LoRA"])
+def test_default_critic_is_the_policy_otherwise(tiny_dirs, chat_dirs, capsys, why):
+    """No reward model, a multi-label one, one of another vocabulary, or LoRA (whose default
+    critic is an adapter on the policy's shared base): the critic starts from the policy,
+    with a value head at 0, and the run says so."""
+    options = {"no reward model": {}, "2 labels": {"reward_model": tiny_dirs["sentiment"],
+                                                  "reward_label": "POS"},
+               "other vocabulary": {"model": chat_dirs["policy"],
+                                    "reward_model": tiny_dirs["reward"]},
+               "LoRA": {"reward_model": tiny_dirs["reward"], "lora_r": 4}}[why]
+    cfg = P.Config(**{"model": tiny_dirs["policy"], **options})
+    _, _, critic, _, _ = P.load_models(cfg, torch.device("cpu"))
+    assert "critic: starts from the policy" in capsys.readouterr().out
+    assert not critic.v_head.weight.any() and not critic.v_head.bias.any()
+
 def test_fused_gelu_computes_the_same_model(tiny_dirs):
     """The loaded models run PyTorch's one-kernel tanh GELU in place of transformers' seven-op
     `gelu_new`, and the policy's logits are those of the model as saved."""
