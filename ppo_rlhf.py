@@ -61,24 +61,19 @@ class PPOConfig:
     rollout_micro_batch_size: int | None = option(None, "schedule", "sequences per scoring "
                                                   "forward of each process; default: all")
     ppo_epochs: int = option(4, "schedule", "passes over each batch of experience")
-    critic_warmup_steps: int = option(0, "schedule", "the first N iterations train the critic "
-                                      "alone: the actor takes no step")
+    critic_warmup_steps: int = option(0, "schedule", "first N iterations: the critic alone")
     seed: int = option(0, "runtime", "seed of the prompt order and of sampling")
     max_new_tokens: int = option(16, "generation", "response length limit")
-    temperature: float = option(1.0, "generation", "sampling temperature; log-probs are "
-                                "taken from logits / temperature everywhere")
-    top_k: int = option(0, "generation", "top-k sampling, 0 = off (makes the ratio and KL "
-                        "off-policy)")
-    top_p: float = option(1.0, "generation", "nucleus sampling, 1 = off (makes the ratio and "
-                          "KL off-policy)")
+    temperature: float = option(1.0, "generation", "sampling temperature (log-probs too)")
+    top_k: int = option(0, "generation", "top-k sampling, 0 = off (ratio, KL off-policy)")
+    top_p: float = option(1.0, "generation", "nucleus sampling, 1 = off (ratio, KL off-policy)")
     missing_eos_penalty: float | None = option(None, "generation", "subtracted from the score "
                                                "of responses that never emit EOS")
     recompute_log_probs: bool = option(False, "generation", "rollout log-probs from a full "
                                        "actor forward, not from generate's logits")
     max_grad_norm: float = option(1.0, "optimization", "gradient-norm clipping, per model")
     ent_coef: float = option(0.0, "optimization", "entropy bonus in the actor loss")
-    kl_ctl: float = option(0.1, "the math", "KL coefficient beta in r_t = -beta*(log pi - "
-                           "log pi_ref)")
+    kl_ctl: float = option(0.1, "the math", "KL coefficient beta: r_t = -beta*log(pi/pi_ref)")
     kl_estimator: Literal["k1", "k3"] = option("k1", "the math", "per-token KL: k1 = "
                                                "log-ratio, k3 = (r-1) - log r")
     kl_controller: Literal["fixed", "adaptive", "proportional"] = option(
@@ -92,10 +87,9 @@ class PPOConfig:
     cliprange_value: float = option(0.2, "the math", "critic value clip epsilon")
     gamma: float = option(1.0, "the math", "discount factor")
     lam: float = option(0.95, "the math", "GAE lambda")
-    whiten_advantages: bool = option(True, "the math", "normalize advantages over the batch's "
-                                     "real tokens")
-    whiten_rewards: bool = option(False, "the math", "scale per-token rewards to unit "
-                                  "variance before GAE")
+    whiten_advantages: bool = option(True, "the math", "normalize advantages over real tokens")
+    whiten_rewards: bool = option(False, "the math", "per-token rewards to unit variance")
+
 
 # ------------------------------------------------------------------------------------------------
 # 1. Masked helpers. Statistics over real tokens only: padding must never move a mean.
@@ -503,8 +497,8 @@ def sample_responses(actor, prompt_ids, prompt_mask, *, eos_token_ids, pad_token
 
 
 def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_ids, prompt_mask,
-                        hp: PPOConfig, *, eos_token_ids, kl_ctl=None, autocast=nullcontext,
-                        mean_fn=masked_mean, prompts=None) -> Experience:
+                        hp: PPOConfig, *, eos_token_ids, kl_ctl=None, score_norm=(0.0, 1.0),
+                        autocast=nullcontext, mean_fn=masked_mean, prompts=None) -> Experience:
     """004 §4.1(5) steps 1-3: the actor answers, the four models score the answers.
 
     Args:
@@ -516,6 +510,8 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
             (rollout_micro_batch_size rows per forward), and the hyperparameters of
             `compute_rewards` and `get_advantages_and_returns`.
         eos_token_ids: the tokens that end a response. kl_ctl: this rollout's beta.
+        score_norm: (mu0, sigma0): PPO sees each score as (s - mu0) / sigma0 (Part II measures
+            them on the initial policy's answers); the Experience's `scores` stay raw.
         mean_fn: the masked mean whitening uses (over all processes when several share it).
         prompts: as given (strings, or message lists), for score_fn; default: decoded.
     Returns:
@@ -555,9 +551,9 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
                                    skip_special_tokens=True)
     scores = torch.cat([score_fn(prompts[r], texts[r]) for r in rows]).to(log_probs.device)
     ended = torch.isin(responses, torch.tensor(eos_token_ids, device=responses.device)).any(1)
-    reward_score = scores
+    reward_score = (scores - score_norm[0]) / score_norm[1]
     if hp.missing_eos_penalty is not None:  # a response cut at the limit is scored lower
-        reward_score = torch.where(ended, scores, scores - hp.missing_eos_penalty)
+        reward_score = torch.where(ended, reward_score, reward_score - hp.missing_eos_penalty)
 
     rewards = compute_rewards(log_probs, ref_log_probs, reward_score, action_mask, kl_ctl=kl_ctl,
                               clip_reward_value=hp.clip_reward_value,
@@ -756,9 +752,10 @@ class Models:
 
 @dataclass
 class LoopState:
-    """How far the loop is: iterations done, and beta for the next rollout."""
+    """How far the loop is: iterations done, beta for the next rollout, the scores' scale."""
     step: int = 0
     kl_coef: float = 0.1
+    reward_norm: tuple[float, float] = (0.0, 1.0)  # `generate_experience`'s score_norm
 
 
 def prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
@@ -781,8 +778,8 @@ def encode_prompts(tokenizer, prompt_ids: list[list[int]], device: torch.device)
 
 
 def rollout(models: Models, prompts: list, prompt_ids: list[list[int]], hp: PPOConfig,
-            kl_coef: float, *, autocast=nullcontext, parallel=SingleProcess(),
-            mean_fn=None) -> Experience:
+            kl_coef: float, *, score_norm=(0.0, 1.0), autocast=nullcontext,
+            parallel=SingleProcess(), mean_fn=None) -> Experience:
     """`generate_experience` on `prompts` and their token ids (left-padded here), the policy
     whole while it samples; whitening over every process's rollout unless `mean_fn` says."""
     actor = models.actor
@@ -791,8 +788,8 @@ def rollout(models: Models, prompts: list, prompt_ids: list[list[int]], hp: PPOC
         return generate_experience(
             actor, models.critic, models.ref_model, models.score_fn, models.tokenizer,
             batch.input_ids, batch.attention_mask, hp,
-            eos_token_ids=models.eos_token_ids, kl_ctl=kl_coef, autocast=autocast,
-            mean_fn=mean_fn or parallel.mean, prompts=prompts)
+            eos_token_ids=models.eos_token_ids, kl_ctl=kl_coef, score_norm=score_norm,
+            autocast=autocast, mean_fn=mean_fn or parallel.mean, prompts=prompts)
 
 
 def sequence_stats(exp: Experience, kl_coef: float, kl_estimator: str = "k1") -> dict:
@@ -872,7 +869,8 @@ def ppo_iterations(models: Models, actor_optimizer, critic_optimizer, prompts: l
         t0 = time.perf_counter()
         indices = parallel.share(prompt_indices(step, hp.batch_size, len(prompts), hp.seed))
         exp = rollout(models, [prompts[i] for i in indices], [prompt_ids[i] for i in indices],
-                      hp, state.kl_coef, autocast=autocast, parallel=parallel)
+                      hp, state.kl_coef, score_norm=state.reward_norm, autocast=autocast,
+                      parallel=parallel)
         t1 = time.perf_counter()
         stats, skipped = ppo_update(update_actor, update_critic, actor_optimizer,
                                     critic_optimizer, exp, hp, autocast=autocast,
@@ -977,6 +975,10 @@ class Config(PPOConfig):
                                           "backward (actor and critic): less memory")
     frozen_bf16: bool | None = option(None, "optimization", "store the frozen models in bf16; "
                                       "default: when bf16 compute is on")
+    normalize_reward: bool = option(False, "the math", "PPO sees scores as (s - mu0) / sigma0, "
+                                    "measured on the initial policy's answers")
+    normalize_reward_samples: int = option(256, "the math", "answers that measure mu0, sigma0 "
+                                           "(in whole batches)")
     lora_r: int = option(0, "LoRA", "LoRA rank; > 0: actor and critic adapters on one frozen "
                          "base, which is the reference; 0: full fine-tuning")
     lora_alpha: float | None = option(None, "LoRA", "updates scaled by alpha / r; default "
@@ -1048,8 +1050,13 @@ def train(cfg: Config) -> int:
     log(f"training {cfg.model} on {run.device} x{parallel.size} for {cfg.steps} iterations "
         f"({len(run.prompts)} prompts, batch {cfg.batch_size}, {cfg.ppo_epochs} PPO epochs)")
     with run.lock, run.metrics, StopRequest() as stop:
-        if run.eval_prompts and run.state.step == 0:  # the held-out reward before training
-            run.metrics.write({"step": 0, **evaluate(run, 0)})
+        start = {}  # before training: the scores' scale, the held-out reward
+        if cfg.normalize_reward and run.state.step == 0:
+            start.update(measure_reward_norm(run))
+        if run.eval_prompts and run.state.step == 0:
+            start.update(evaluate(run, 0))
+        if start:
+            run.metrics.write({"step": 0, **start})
         for row, exp, skipped in ppo_iterations(
                 run.models, run.actor_optimizer, run.critic_optimizer, run.prompts,
                 run.prompt_ids, cfg, run.state, schedulers=run.schedulers,
@@ -1105,6 +1112,39 @@ def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) 
 
 
 EVAL_SEED_OFFSET = 10 ** 6  # evaluation samples from its own stream: seed + this + rank
+NORM_SEED_OFFSET = 2 * 10 ** 6  # and so does the measuring of --normalize-reward
+
+
+def measure_reward_norm(run: Run) -> dict:
+    """--normalize-reward (as in "The N Implementation Details of RLHF with PPO"): the initial
+    policy answers --normalize-reward-samples training prompts (the stream of iterations 1,
+    2, ... of a run seeded seed + NORM_SEED_OFFSET, each rank its share, its own random
+    stream); mu0 and sigma0 (population) of their raw scores become `state.reward_norm`, so
+    that PPO sees (s - mu0) / sigma0 before the clip and the KL shaping. Kept in checkpoints:
+    a resumed run does not measure again. Returns the metrics reward/mean and reward/std."""
+    cfg = run.cfg
+    sums = torch.zeros(3, dtype=torch.float64, device=run.device)  # count, sum s, sum s^2
+    devices = [run.device] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed + NORM_SEED_OFFSET + run.rank)
+        for step in range(1, -(-cfg.normalize_reward_samples // cfg.batch_size) + 1):
+            indices = run.parallel.share(prompt_indices(step, cfg.batch_size, len(run.prompts),
+                                                        cfg.seed + NORM_SEED_OFFSET))
+            scores = rollout(run.models, [run.prompts[i] for i in indices],
+                             [run.prompt_ids[i] for i in indices], cfg, run.state.kl_coef,
+                             autocast=run.autocast, parallel=run.parallel).scores.double()
+            sums += torch.stack([torch.tensor(float(len(scores))), scores.sum(),
+                                 (scores ** 2).sum()]).to(sums)
+    count, total, squares = run.parallel.sum(sums).tolist()
+    mean = total / count
+    std = math.sqrt(max(squares / count - mean ** 2, 0.0))
+    if not std > 1e-8:
+        raise UsageError(f"--normalize-reward: every one of the {count:.0f} measured answers "
+                         f"scored {mean:.6g}; a constant reward has no scale to normalize")
+    run.state.reward_norm = (mean, std)
+    run.log(f"reward normalization: mu0 {mean:.4f}, sigma0 {std:.4f} over {count:.0f} answers "
+            "of the initial policy")
+    return {"reward/mean": mean, "reward/std": std}
 
 
 def evaluate(run: Run, step: int, kl_coef: float | None = None) -> dict:
@@ -1129,7 +1169,8 @@ def evaluate(run: Run, step: int, kl_coef: float | None = None) -> dict:
             indices = list(share) + [0] * (per_rank - len(share))  # padded to the same size
             exp = rollout(run.models, [run.eval_prompts[i] for i in indices],
                           [run.eval_prompt_ids[i] for i in indices], cfg, kl_coef,
-                          autocast=run.autocast, parallel=run.parallel, mean_fn=masked_mean)
+                          score_norm=run.state.reward_norm, autocast=run.autocast,
+                          parallel=run.parallel, mean_fn=masked_mean)
             per_sequence = sequence_stats(exp, kl_coef, cfg.kl_estimator)
             real = torch.arange(per_rank, device=run.device) < len(share)  # [B] not padding
             for k, name in enumerate(names):
@@ -1306,7 +1347,8 @@ def finish_run(run: Run) -> None:
         # every rank (a sharded model's forward is collective), each with its own statistics
         final = rollout(run.models, [run.prompts[i] for i in first],
                         [run.prompt_ids[i] for i in first], cfg, run.state.kl_coef,
-                        autocast=run.autocast, parallel=run.parallel, mean_fn=masked_mean)
+                        score_norm=run.state.reward_norm, autocast=run.autocast,
+                        parallel=run.parallel, mean_fn=masked_mean)
         print_samples("samples after training:", final, cfg.samples, run.log)
     held = memory_bytes(run)
     run.log("memory held for the models (this rank, before activations): " + ", ".join(
@@ -2573,6 +2615,7 @@ def save_checkpoint(run, step: int) -> None:
     value head), optimizers, schedules, beta, the checks, the step, every rank's random state.
     fsdp: every rank writes its shards (any number of ranks resumes); else rank 0 one file."""
     meta = {"step": step, "steps": run.cfg.steps, "kl_coef": run.state.kl_coef,
+            "reward_norm": list(run.state.reward_norm),
             "fingerprint": resume_fingerprint(run.cfg),
             "schedulers": [scheduler.state_dict() for scheduler in run.schedulers],
             "checks": run.checks.state_dict(),
@@ -2673,7 +2716,8 @@ def restore_checkpoint(run) -> None:
     for scheduler, scheduler_state in zip(run.schedulers, state["schedulers"]):
         scheduler.load_state_dict(scheduler_state)
     run.checks.load_state_dict(state["checks"])
-    run.state = LoopState(step=state["step"], kl_coef=state["kl_coef"])
+    run.state = LoopState(step=state["step"], kl_coef=state["kl_coef"],
+                          reward_norm=tuple(state.get("reward_norm", (0.0, 1.0))))
     run.saved_step = run.state.step
     if len(state["rng"]) == run.parallel.size:
         set_rng_state(state["rng"][run.rank])
@@ -2715,6 +2759,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         (cfg.cliprange > 0, "--cliprange must be > 0"),
         (cfg.dual_clip is None or cfg.dual_clip > 1, "--dual-clip must be > 1"),
         (cfg.critic_warmup_steps >= 0, "--critic-warmup-steps must be >= 0"),
+        (cfg.normalize_reward_samples >= 1, "--normalize-reward-samples must be >= 1"),
         (cfg.cliprange_value > 0, "--cliprange-value must be > 0"),
         (0 <= cfg.gamma <= 1, "--gamma must be in [0, 1]"),
         (0 <= cfg.lam <= 1, "--lam must be in [0, 1]"),

@@ -1249,6 +1249,39 @@ def test_critic_warmup_run_keeps_the_initial_policy_and_resumes_inside_the_warmu
         torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=1e-6)
 
 
+def test_normalized_reward_has_mean_0_std_1_on_its_sample_and_resumes(tmp_path, monkeypatch):
+    """--normalize-reward: the measuring rollouts' raw scores, mapped with the logged mu0 and
+    sigma0, have mean 0 and std 1; PPO then sees clip((s - mu0) / sigma0) while
+    objective/scores stays the raw mean and objective/rlhf_reward what PPO maximizes; the
+    checkpoint holds mu0, sigma0, and a run resumed from it does not measure again and
+    equals the uninterrupted one."""
+    cfg = tiny_config(tmp_path, output_dir=str(tmp_path / "straight"), steps=3,
+                      normalize_reward=True, normalize_reward_samples=12, clip_reward_value=1.0)
+    rollouts = spy_on(monkeypatch, "generate_experience")
+    assert P.train(cfg) == 0
+    rows = read_metrics(cfg.output_dir)
+    mu, sigma = rows[0]["reward/mean"], rows[0]["reward/std"]
+    assert rows[0]["step"] == 0 and len(rollouts) == 2 + 3  # 12 answers: 2 batches of 8
+    measured = torch.cat([exp.scores for _, exp in rollouts[:2]]).double()
+    normalized = (measured - mu) / sigma
+    assert normalized.mean().item() == pytest.approx(0, abs=1e-6)
+    assert normalized.std(correction=0).item() == pytest.approx(1, abs=1e-6)
+    for (_, exp), row in zip(rollouts[2:], rows[1:]):
+        torch.testing.assert_close(exp.reward_score, ((exp.scores - mu) / sigma).clamp(-1, 1))
+        assert row["objective/scores"] == pytest.approx(exp.scores.mean().item(), abs=1e-5)
+        assert row["objective/rlhf_reward"] == pytest.approx(
+            (exp.reward_score - row["objective/kl_coef"] * P.sequence_stats(
+                exp, row["objective/kl_coef"])["kl"]).mean().item(), abs=1e-5)
+    state = torch.load(Path(cfg.output_dir) / P.CHECKPOINT, weights_only=True)
+    assert state["reward_norm"] == pytest.approx([mu, sigma])
+    split = dataclass_replace(cfg, output_dir=str(tmp_path / "split"), steps=1)
+    assert P.train(split) == 0
+    del rollouts[:]
+    assert P.train(dataclass_replace(split, steps=3, resume=True)) == 0
+    assert len(rollouts) == 2  # iterations 2 and 3, no measuring
+    assert without_timing(read_metrics(split.output_dir)) == without_timing(rows)
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     """N iterations straight == k iterations, then --resume to N: same metrics rows (one per
     iteration, no duplicates or gaps) and the same final weights."""
