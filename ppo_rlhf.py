@@ -950,10 +950,18 @@ class Config(PPOConfig):
     reward_fn: str | None = option(None, "models and data", "rule-based reward "
                                    "'module:function' or 'file.py:function', f(prompts, "
                                    "responses) -> floats")
-    prompts: str | None = option(None, "models and data", "prompts: text (one per line) or "
-                                 ".jsonl ('prompt' or 'messages'); default: a built-in set")
+    prompts: str | None = option(None, "models and data", "prompts: .txt (one per line), "
+                                 ".jsonl, .parquet/.csv/.json, a dataset directory or Hub id; "
+                                 "default: a built-in set")
+    prompts_split: str = option("train", "models and data", "the split of a --prompts dataset")
+    prompts_column: str | None = option(None, "models and data", "its column of prompts or "
+                                        "conversations; default: 'prompt', else 'messages'")
     eval_prompts: str | None = option(None, "models and data", "held-out prompts (same "
                                       "formats), answered every --eval-every iterations")
+    eval_prompts_split: str = option("train", "models and data", "the split of an "
+                                     "--eval-prompts dataset (e.g. test)")
+    eval_prompts_column: str | None = option(None, "models and data", "its column, as "
+                                             "--prompts-column")
     eval_fraction: float = option(0.0, "models and data", "hold out this fraction of "
                                   "--prompts (seeded) for evaluation")
     eval_every: int = option(10, "models and data", "evaluate every N iterations, before the "
@@ -2075,8 +2083,9 @@ def checked_scores(fn: Callable, name: str) -> Callable[[list, list[str]], torch
 def load_prompt_sets(cfg: Config) -> tuple[list, list]:
     """(training prompts, held-out prompts): --prompts, less a seeded --eval-fraction of it,
     which joins --eval-prompts."""
-    prompts = load_prompts(cfg.prompts)
-    held_out = load_prompts(cfg.eval_prompts, "--eval-prompts") if cfg.eval_prompts else []
+    prompts = load_prompts(cfg.prompts, "--prompts", cfg.prompts_split, cfg.prompts_column)
+    held_out = (load_prompts(cfg.eval_prompts, "--eval-prompts", cfg.eval_prompts_split,
+                             cfg.eval_prompts_column) if cfg.eval_prompts else [])
     if cfg.eval_fraction > 0:
         n = max(1, round(cfg.eval_fraction * len(prompts)))
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed))
@@ -2088,18 +2097,27 @@ def load_prompt_sets(cfg: Config) -> tuple[list, list]:
     return prompts, held_out
 
 
-def load_prompts(path: str | None, option: str = "--prompts") -> list:
-    """Prompts from a text file (one per line) or JSONL; default: a built-in set.
+DATASET_FILES = {".parquet": "parquet", ".csv": "csv", ".json": "json"}  # loaded by `datasets`
+
+
+def load_prompts(path: str | None, option: str = "--prompts", split: str = "train",
+                 column: str | None = None) -> list:
+    """Prompts from a text file (one per line) or JSONL; from a dataset (a .parquet, .csv or
+    .json file, a `save_to_disk` directory, another directory of data files, or a Hub
+    dataset id, through `datasets`: its `split`, its `column`); default: a built-in set.
 
     A JSONL line holds "prompt": a string, or a conversation in TRL's format, a list of
     {"role", "content"} messages; or "messages", such a list, whose last message is dropped
-    when it is the assistant's (a reference answer is not part of the prompt). Strings stay
-    strings; conversations stay message lists, rendered later with the chat template."""
+    when it is the assistant's (a reference answer is not part of the prompt). A dataset's
+    column (default: "prompt", else "messages") follows the same rules, row by row. Strings
+    stay strings; conversations stay message lists, rendered later with the chat template."""
     if path is None:
         return list(BUILTIN_PROMPTS)
     file = Path(path)
-    if not file.is_file():
+    if not file.exists() and file.suffix in (".txt", ".jsonl", *DATASET_FILES):
         raise UsageError(f"{option} {path!r}: no such file")
+    if file.suffix in DATASET_FILES or not file.is_file():
+        return dataset_prompts(path, option, split, column)
     prompts = []
     lines = file.read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(lines, 1):
@@ -2116,14 +2134,70 @@ def load_prompts(path: str | None, option: str = "--prompts") -> list:
         if not isinstance(record, dict) or not ({"prompt", "messages"} & set(record)):
             raise UsageError(f"{where}: each JSONL line needs a field 'prompt' (a string or a "
                              "list of messages) or 'messages'")
-        prompt = record["prompt"] if "prompt" in record else record["messages"]
-        if not isinstance(prompt, str):
-            prompt = checked_messages(prompt, where)
-            if "prompt" not in record and len(prompt) > 1 and prompt[-1]["role"] == "assistant":
-                prompt = prompt[:-1]
-        prompts.append(prompt)
+        name = "prompt" if "prompt" in record else "messages"
+        prompts.append(prompt_from(record[name], name, where))
     if not prompts:
         raise UsageError(f"{option} {path!r} holds no prompt")
+    return prompts
+
+
+def prompt_from(value, column: str, where: str):
+    """One prompt: a string as it is, or a conversation (from "messages": without a trailing
+    assistant message)."""
+    if isinstance(value, str):
+        return value
+    messages = checked_messages(value, where)
+    if column == "messages" and len(messages) > 1 and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return messages
+
+
+def dataset_prompts(path: str, option: str, split: str, column: str | None) -> list:
+    """The prompts of a dataset's `split` and `column`, through `datasets` (see `load_prompts`).
+    Only the column's values are kept: the dataset itself (memory-mapped Arrow) is dropped."""
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    local = Path(path).exists()
+    try:
+        if Path(path).suffix in DATASET_FILES:
+            dataset = datasets.load_dataset(DATASET_FILES[Path(path).suffix], data_files=path,
+                                            split=split)
+        elif local and any((Path(path) / name).exists() for name in (
+                "dataset_dict.json", "dataset_info.json", "state.json")):  # save_to_disk
+            dataset = datasets.load_from_disk(path)
+            if isinstance(dataset, datasets.DatasetDict):
+                if split not in dataset:
+                    raise ValueError(f"Unknown split {split!r}. Should be one of "
+                                     f"{list(dataset)}.")
+                dataset = dataset[split]
+            elif split != "train":
+                raise ValueError(f"Unknown split {split!r}: a single dataset, saved without "
+                                 "splits, counts as 'train'")
+        else:  # a directory of data files, or a Hub id
+            dataset = datasets.load_dataset(path, split=split)
+    except (ValueError, KeyError) as e:
+        if "corresponds to no data" in str(e):  # how `datasets` says a data file is empty
+            raise UsageError(f"{option} {path!r} holds no prompt") from e
+        raise UsageError(f"{option} {path!r}: {first_line(e)}") from e
+    except (OSError, datasets.exceptions.DatasetNotFoundError) as e:
+        where = "" if local else " (offline? pass a local file or directory)"
+        raise UsageError(f"{option} {path!r}: cannot load it{where}: {first_line(e)}") from e
+    names = dataset.column_names
+    column = column or next((name for name in ("prompt", "messages") if name in names), None)
+    if column not in names:
+        wanted = repr(column) if column else "'prompt' or 'messages'"
+        raise UsageError(f"{option} {path!r} (split {split!r}) has no column {wanted}; its "
+                         f"columns: {', '.join(names)} (pick one with {option}-column)")
+    if len(dataset) == 0:
+        raise UsageError(f"{option} {path!r} (split {split!r}) holds no prompt")
+    prompts = []
+    for row, value in enumerate(dataset.select_columns([column]).to_dict()[column]):
+        if not isinstance(value, (str, list)):
+            raise UsageError(f"{option} {path!r} column {column!r} holds "
+                             f"{type(value).__name__} values (row {row}), not strings or lists "
+                             "of messages")
+        prompts.append(prompt_from(value, column, f"{option} {path} row {row}"))
     return prompts
 
 

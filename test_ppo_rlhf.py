@@ -1537,6 +1537,17 @@ def bad_input_cases(tmp_path, tiny_dirs, chat_dirs):
         "eval fraction of 1": (["--eval-fraction", "1"], "--eval-fraction"),
         "negative warm-up": (["--warmup-steps", "-1"], "--warmup-steps"),
         "every prompt too long": (["--max-prompt-length", "2"], "none is left"),
+        "dataset without the column": (["--prompts",
+                                        datasets_of(tmp_path)["no-column.parquet"]],
+                                       "its columns: text, id"),
+        "dataset without the split": (["--prompts", datasets_of(tmp_path)["splits"],
+                                       "--prompts-split", "validation"], "['train', 'test']"),
+        "empty dataset": (["--prompts", datasets_of(tmp_path)["empty.parquet"]],
+                          "holds no prompt"),
+        "column of another type": (["--prompts", datasets_of(tmp_path)["no-column.parquet"],
+                                    "--prompts-column", "id"], "holds int values"),
+        "Hub dataset while offline": (["--prompts", "no-such-org/no-such-dataset"],
+                                      "pass a local file or directory"),
     }
 
 
@@ -3491,6 +3502,77 @@ def test_chat_reward_model_reads_the_templated_conversation(chat_dirs, tiny_dirs
     assert plain.texts(["the cat", CONVERSATION], [" sat", "ok"]) == [
         "the cat sat", "be kind\nhi there\nok"]
 
+
+
+PLAIN_PROMPTS = ["the sea is", "a cat", "my dream is to", "we went to the market"]
+CHATS = [[{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}],
+         [{"role": "system", "content": "be kind"}, {"role": "user", "content": "tell me"}]]
+PROMPTS_OF_CHATS = [CHATS[0][:1], CHATS[1]]  # from 'messages': a last assistant turn dropped
+
+
+def datasets_of(root: Path) -> dict:
+    """Prompt sets as the ecosystem keeps them, written with `datasets`: {name: path}."""
+    import datasets
+    datasets.disable_progress_bars()
+    root = root / "datasets"
+    if root.exists():
+        return {p.name: str(p) for p in root.iterdir()}
+    root.mkdir()
+    plain = datasets.Dataset.from_dict({"prompt": PLAIN_PROMPTS, "id": [1, 2, 3, 4]})
+    chats = datasets.Dataset.from_dict({"messages": CHATS})
+    plain.to_parquet(root / "plain.parquet")
+    chats.to_parquet(root / "chats.parquet")
+    plain.to_csv(root / "plain.csv", index=False)
+    plain.to_json(root / "plain.json")
+    chats.to_json(root / "chats.json")
+    plain.save_to_disk(root / "plain-saved")
+    chats.save_to_disk(root / "chats-saved")
+    datasets.DatasetDict({"train": plain, "test": datasets.Dataset.from_dict(
+        {"query": ["a test prompt", "another"]})}).save_to_disk(root / "splits")
+    (root / "parquet-dir").mkdir()
+    plain.to_parquet(root / "parquet-dir" / "data.parquet")
+    datasets.Dataset.from_dict({"text": ["x"], "id": [1]}).to_parquet(root / "no-column.parquet")
+    datasets.Dataset.from_dict({"prompt": []}).to_parquet(root / "empty.parquet")
+    return datasets_of(root.parent)
+
+
+def test_prompts_load_from_every_dataset_format(tmp_path):
+    """Parquet, CSV, JSON, save_to_disk, a directory of data files: the 'prompt' column's
+    strings, or the 'messages' column's conversations without a last assistant turn."""
+    sets = datasets_of(tmp_path)
+    for name in ("plain.parquet", "plain.csv", "plain.json", "plain-saved", "parquet-dir"):
+        assert P.load_prompts(sets[name]) == PLAIN_PROMPTS, name
+    for name in ("chats.parquet", "chats.json", "chats-saved"):
+        assert P.load_prompts(sets[name]) == PROMPTS_OF_CHATS, name
+
+
+def test_dataset_split_and_column_options_pick_what_is_loaded(tmp_path):
+    sets = datasets_of(tmp_path)
+    assert P.load_prompts(sets["splits"]) == PLAIN_PROMPTS
+    assert P.load_prompts(sets["splits"], split="test", column="query") == ["a test prompt",
+                                                                            "another"]
+    assert P.load_prompts(sets["chats.parquet"], column="messages") == PROMPTS_OF_CHATS
+    cfg = P.Config(prompts=sets["splits"], eval_prompts=sets["splits"],
+                   eval_prompts_split="test", eval_prompts_column="query")
+    assert P.load_prompt_sets(cfg) == (PLAIN_PROMPTS, ["a test prompt", "another"])
+
+
+@pytest.mark.parametrize("name", ["plain.parquet", "plain.csv", "plain.json", "plain-saved",
+                                  "chats.parquet", "chats.json", "chats-saved", "splits"])
+def test_a_dataset_of_prompts_trains_from_the_command_line(tmp_path, chat_dirs, name):
+    """Each format, plain and conversational, through the command line: a chat model (for
+    its template) trains on it for an iteration; the held-out split evaluates."""
+    path = datasets_of(tmp_path)[name]
+    out = tmp_path / "run"
+    args = ["--model", chat_dirs["policy"], "--prompts", path, "--output-dir", str(out),
+            "--steps", "1", "--batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens",
+            "4", "--samples", "0", "--no-tensorboard"]
+    if name == "splits":
+        args += ["--eval-prompts", path, "--eval-prompts-split", "test",
+                 "--eval-prompts-column", "query"]
+    assert P.main(args) == 0
+    rows = read_metrics(out)
+    assert rows[-1]["step"] == 1 and ("eval/scores" in rows[-1]) == (name == "splits")
 
 def test_reward_fn_receives_the_prompts_as_the_file_held_them(chat_dirs, tmp_path,
                                                               monkeypatch):
