@@ -2010,9 +2010,11 @@ class RewardModelScorer:
         ids = self.tokenizer(texts, add_special_tokens=not self.tokenizer.chat_template)
         return [len(row) for row in ids["input_ids"]]
 
-    def fits(self, prompt, max_new_tokens: int) -> bool:
-        """Whether `prompt` leaves room for a response of `max_new_tokens` tokens."""
-        return self.lengths(self.texts([prompt], [""]))[0] + max_new_tokens <= self.context
+    def fits(self, prompts: list, max_new_tokens: int) -> list[bool]:
+        """Whether each prompt leaves room for a response of `max_new_tokens` tokens (one
+        batched tokenizer call for all)."""
+        lengths = self.lengths(self.texts(prompts, [""] * len(prompts)))
+        return [n + max_new_tokens <= self.context for n in lengths]
 
     @torch.no_grad()  # not inference_mode: a sharded (FSDP) model reuses its buffers
     def __call__(self, prompts: list, responses: list[str]) -> torch.Tensor:
@@ -2226,6 +2228,9 @@ def prompt_token_ids(tokenizer, prompt) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+PROMPT_CHUNK = 1024
+
+
 def usable_prompts(prompts: list, tokenizer, score_fn, cfg: Config, what: str,
                    log: Callable) -> tuple[list, list[list[int]]]:
     """The prompts both the policy and the reward can read whole, and their policy tokens.
@@ -2235,13 +2240,25 @@ def usable_prompts(prompts: list, tokenizer, score_fn, cfg: Config, what: str,
     --max-new-tokens. None is cut instead: a prompt cut from the left loses its chat header
     and BOS, and the reward model would score the answer to another prompt than the policy
     saw (or cut the response it scores)."""
-    ids = [prompt_token_ids(tokenizer, prompt) for prompt in prompts]  # tokenized once
+    # tokenized once: plain prompts in batched calls of PROMPT_CHUNK (a tokenizer's output
+    # holds offsets and masks besides the ids: one call for 100k prompts would hold them all),
+    # conversations through the chat template
+    plain = [i for i, prompt in enumerate(prompts) if isinstance(prompt, str)]
+    ids = [None if isinstance(p, str) else prompt_token_ids(tokenizer, p) for p in prompts]
+    for start in range(0, len(plain), PROMPT_CHUNK):
+        chunk = plain[start:start + PROMPT_CHUNK]
+        for i, row in zip(chunk, tokenizer([prompts[i] for i in chunk])["input_ids"]):
+            ids[i] = row
     if any(len(row) == 0 for row in ids):
         raise UsageError(f"{what} holds a prompt with no token; remove empty prompts")
     too_long = [len(row) > cfg.max_prompt_length for row in ids]
     fits = getattr(score_fn, "fits", None)
-    no_room = [not long and fits is not None and not fits(prompt, cfg.max_new_tokens)
-               for prompt, long in zip(prompts, too_long)]
+    short = [i for i, long in enumerate(too_long) if not long]
+    no_room = [False] * len(prompts)
+    for start in range(0, len(short) if fits is not None else 0, PROMPT_CHUNK):
+        chunk = short[start:start + PROMPT_CHUNK]
+        for i, ok in zip(chunk, fits([prompts[i] for i in chunk], cfg.max_new_tokens)):
+            no_room[i] = not ok
     keep = [i for i in range(len(prompts)) if not (too_long[i] or no_room[i])]
     if len(keep) < len(prompts):
         reasons = [f"{sum(too_long)} longer than --max-prompt-length {cfg.max_prompt_length}",

@@ -3546,6 +3546,28 @@ def test_prompts_load_from_every_dataset_format(tmp_path):
         assert P.load_prompts(sets[name]) == PROMPTS_OF_CHATS, name
 
 
+
+def test_prompts_are_tokenized_once_in_chunks_equal_to_one_at_a_time(tiny_dirs, monkeypatch):
+    """usable_prompts in chunks of 3 (a large set's 1024): every plain prompt given to the
+    tokenizer once, the ids those of one prompt at a time, and the reward model's room check
+    the same as prompt by prompt."""
+    monkeypatch.setattr(P, "PROMPT_CHUNK", 3)
+    _, _, _, score_fn, tokenizer = make_models(tiny_dirs)
+    prompts = RAGGED_PROMPTS + ["x " * 40, "the end"]
+    given, call = [], type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, text, *a, **k: (
+        given.extend(text if isinstance(text, list) else [text]), call(self, text, *a, **k))[1])
+    cfg = P.Config(max_prompt_length=30, max_new_tokens=118)  # the reward model reads 128
+    kept, ids = P.usable_prompts(prompts, tokenizer, score_fn, cfg, "--prompts", print)
+    assert sorted(given[:len(prompts)]) == sorted(prompts)
+    monkeypatch.undo()
+    one_by_one = [tokenizer(p)["input_ids"] for p in prompts]
+    room = [score_fn.fits([p], 118)[0] for p in prompts]
+    expected = [i for i, row in enumerate(one_by_one) if len(row) <= 30 and room[i]]
+    assert 0 < len(expected) and any(len(one_by_one[i]) <= 30 and not room[i]
+                                     for i in range(len(prompts)))
+    assert kept == [prompts[i] for i in expected] and ids == [one_by_one[i] for i in expected]
+
 def test_dataset_split_and_column_options_pick_what_is_loaded(tmp_path):
     sets = datasets_of(tmp_path)
     assert P.load_prompts(sets["splits"]) == PLAIN_PROMPTS
