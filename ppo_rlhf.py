@@ -1590,7 +1590,8 @@ def load_models(cfg: Config, device: torch.device, bf16: bool = False, log: Call
                           if critic_from else (copy.deepcopy(actor.base_model), None))
         critic = ValueModel(backbone, backbone.config.hidden_size, head)
     log(f"critic: starts from {critic_from or 'the policy'}"
-        + (" (the reward model, 004 §3.3)" if critic_from == cfg.reward_model else ""))
+        + (" (the reward model, 004 §3.3)" if critic_from and critic_from == cfg.reward_model
+           else ""))
     actor.to(device).train()  # train mode with dropout off: gradient checkpointing needs it
     critic.to(device).train()
     if not cfg.lora_r:

@@ -1045,7 +1045,8 @@ def test_default_critic_is_the_reward_model_and_its_values_are_the_scores(tiny_d
     that sequence. The run says so in one line."""
     torch.manual_seed(0)
     actor, critic, _, score_fn, tokenizer = make_models(tiny_dirs)
-    assert "critic: starts from " + tiny_dirs["reward"] in capsys.readouterr().out
+    assert (f"critic: starts from {tiny_dirs['reward']} (the reward model, 004 §3.3)\n"
+            in capsys.readouterr().out)
     torch.testing.assert_close(critic.v_head.weight, score_fn.model.score.weight)
     texts = ["the cat sat on the mat", "hello there, a fine day"]
     scores = score_fn(["", ""], texts)
@@ -1067,7 +1068,7 @@ def test_default_critic_is_the_policy_otherwise(tiny_dirs, chat_dirs, capsys, wh
                "LoRA": {"reward_model": tiny_dirs["reward"], "lora_r": 4}}[why]
     cfg = P.Config(**{"model": tiny_dirs["policy"], **options})
     _, _, critic, _, _ = P.load_models(cfg, torch.device("cpu"))
-    assert "critic: starts from the policy" in capsys.readouterr().out
+    assert "critic: starts from the policy\n" in capsys.readouterr().out
     assert not critic.v_head.weight.any() and not critic.v_head.bias.any()
 
 def test_fused_gelu_computes_the_same_model(tiny_dirs):
