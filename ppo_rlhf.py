@@ -2196,6 +2196,10 @@ def dataset_prompts(path: str, option: str, split: str, column: str | None) -> l
         raise UsageError(f"{option} {path!r} (split {split!r}) holds no prompt")
     prompts = []
     for row, value in enumerate(dataset.select_columns([column]).to_dict()[column]):
+        if column == "messages" and isinstance(value, str):  # a CSV cell, say: not a list
+            raise UsageError(f"{option} {path!r} column 'messages' holds strings (row {row}); "
+                             "a conversation is a list of messages: keep it in Parquet, JSON "
+                             "or JSONL, or name the column of plain prompts 'prompt'")
         if not isinstance(value, (str, list)):
             raise UsageError(f"{option} {path!r} column {column!r} holds "
                              f"{type(value).__name__} values (row {row}), not strings or lists "

@@ -24,6 +24,9 @@ from hypothesis import strategies as st
 
 import ppo_rlhf as P
 
+# before anything imports huggingface_hub or datasets, which read it once, at import
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=60,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", deadline=None, max_examples=100,
@@ -1547,6 +1550,8 @@ def bad_input_cases(tmp_path, tiny_dirs, chat_dirs):
                           "holds no prompt"),
         "column of another type": (["--prompts", datasets_of(tmp_path)["no-column.parquet"],
                                     "--prompts-column", "id"], "holds int values"),
+        "conversations as CSV strings": (["--prompts", datasets_of(tmp_path)["chats.csv"]],
+                                         "holds strings"),
         "Hub dataset while offline": (["--prompts", "no-such-org/no-such-dataset"],
                                       "pass a local file or directory"),
     }
@@ -3524,6 +3529,7 @@ def datasets_of(root: Path) -> dict:
     plain.to_parquet(root / "plain.parquet")
     chats.to_parquet(root / "chats.parquet")
     plain.to_csv(root / "plain.csv", index=False)
+    chats.to_csv(root / "chats.csv", index=False)  # CSV cells are strings: no conversations
     plain.to_json(root / "plain.json")
     chats.to_json(root / "chats.json")
     plain.save_to_disk(root / "plain-saved")
