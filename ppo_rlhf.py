@@ -332,7 +332,6 @@ def proportional_kl_coef(kl_coef: float, kl: float, target: float, n_steps: int,
     return kl_coef * (1.0 + error * n_steps / horizon)
 
 
-
 # ------------------------------------------------------------------------------------------------
 # 7. Experience (004 §4.1(5), steps 1-3): sample, then score with all four models.
 # ------------------------------------------------------------------------------------------------
@@ -573,8 +572,6 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
                       ended=ended, entropy=entropy, prompts=prompts, responses=texts)
 
 
-
-
 # ------------------------------------------------------------------------------------------------
 # 8. The PPO update (004 §4.1(5) step 4): ppo_epochs passes of minibatch steps.
 # ------------------------------------------------------------------------------------------------
@@ -582,6 +579,12 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
 def trained_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The parameters an optimizer updates (Part II: with LoRA, the adapters, not the base)."""
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The L2 norm of the gradients of the optimizer's parameters; inf/NaN if any is."""
+    return nn.utils.get_total_norm([p.grad for p in trained_parameters(optimizer)
+                                    if p.grad is not None])
 
 
 class SingleProcess:
@@ -617,8 +620,7 @@ class SingleProcess:
         not finite: then no model steps (weights and optimizer state untouched: the critic
         does not step on a batch whose actor loss failed, nor the reverse). Returns (the
         norms before clipping, one per optimizer; skipped, a 0-d bool). Waits for the device."""
-        norms = torch.stack([nn.utils.get_total_norm(
-            [p.grad for p in trained_parameters(o) if p.grad is not None]) for o in optimizers])
+        norms = torch.stack([gradient_norm(optimizer) for optimizer in optimizers])
         skipped = ~torch.isfinite(norms).all()
         if not skipped:
             for optimizer, norm in zip(optimizers, norms):
@@ -1072,7 +1074,8 @@ def train(cfg: Config) -> int:
             step = row["step"]
             if step == 1:
                 print_samples("samples before training:", exp, cfg.samples, log)
-            stopping = parallel.sum(torch.tensor(float(stop.signum is not None))).item() > 0
+            stopping = parallel.sum(torch.tensor(float(stop.signum is not None),
+                                                 device=run.device)).item() > 0
             row.update(run.checks(row, first=step == 1))
             if run.eval_prompts and (step % cfg.eval_every == 0 or step == cfg.steps):
                 row.update(evaluate(run, step, row["objective/kl_coef"]))
@@ -1123,6 +1126,15 @@ EVAL_SEED_OFFSET = 10 ** 6  # evaluation samples from its own stream: seed + thi
 NORM_SEED_OFFSET = 2 * 10 ** 6  # and so does the measuring of --normalize-reward
 
 
+@contextmanager
+def own_random_stream(run: Run, offset: int):
+    """Sampling from the stream seed + offset + rank, the same every time; afterwards the
+    training stream is where it was."""
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        torch.manual_seed(run.cfg.seed + offset + run.rank)
+        yield
+
+
 def measure_reward_norm(run: Run) -> dict:
     """--normalize-reward (as in "The N Implementation Details of RLHF with PPO"): the initial
     policy answers --normalize-reward-samples training prompts (the stream of iterations 1,
@@ -1132,17 +1144,15 @@ def measure_reward_norm(run: Run) -> dict:
     a resumed run does not measure again. Returns the metrics reward/mean and reward/std."""
     cfg = run.cfg
     sums = torch.zeros(3, dtype=torch.float64, device=run.device)  # count, sum s, sum s^2
-    devices = [run.device] if run.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(cfg.seed + NORM_SEED_OFFSET + run.rank)
+    with own_random_stream(run, NORM_SEED_OFFSET):
         for step in range(1, -(-cfg.normalize_reward_samples // cfg.batch_size) + 1):
             indices = run.parallel.share(prompt_indices(step, cfg.batch_size, len(run.prompts),
                                                         cfg.seed + NORM_SEED_OFFSET))
             scores = rollout(run.models, [run.prompts[i] for i in indices],
                              [run.prompt_ids[i] for i in indices], cfg, run.state.kl_coef,
                              autocast=run.autocast, parallel=run.parallel).scores.double()
-            sums += torch.stack([torch.tensor(float(len(scores))), scores.sum(),
-                                 (scores ** 2).sum()]).to(sums)
+            sums += torch.stack([scores.new_tensor(len(scores)), scores.sum(),
+                                 scores.square().sum()]).to(sums)
     count, total, squares = run.parallel.sum(sums).tolist()
     mean = total / count
     std = math.sqrt(max(squares / count - mean ** 2, 0.0))
@@ -1168,9 +1178,7 @@ def evaluate(run: Run, step: int, kl_coef: float | None = None) -> dict:
     per_rank = cfg.batch_size // size
     names = ("scores", "kl", "rlhf_reward", "length")
     sums, mine = torch.zeros(len(names) + 1, device=run.device), []  # the last: a count
-    devices = [run.device] if run.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(cfg.seed + EVAL_SEED_OFFSET + run.rank)
+    with own_random_stream(run, EVAL_SEED_OFFSET):
         for start in range(0, len(run.eval_prompts), cfg.batch_size):
             share = range(start + run.rank * per_rank,
                           min(start + (run.rank + 1) * per_rank, len(run.eval_prompts)))
@@ -1473,7 +1481,6 @@ class MetricsWriter:
                                         config=dataclasses.asdict(self.cfg))
 
 
-
 # ------------------------------------------------------------------------------------------------
 # 11. Models: the four of 004 §3. Errors a user can fix are `UsageError`s: one line, exit 2.
 # ------------------------------------------------------------------------------------------------
@@ -1568,6 +1575,7 @@ def load_models(cfg: Config, device: torch.device, bf16: bool = False, log: Call
     plus an adapter, the reference the base with adapters off, the critic the base plus a
     second adapter and the value head (or, with --critic-model, another base and adapter)."""
     frozen_dtype = torch.bfloat16 if frozen_bf16(cfg, bf16) else torch.float32
+    scorer = None
     if cfg.reward_model:
         scorer = RewardModelScorer(cfg.reward_model, cfg.reward_label, device, frozen_dtype,
                                    log)
@@ -1578,14 +1586,14 @@ def load_models(cfg: Config, device: torch.device, bf16: bool = False, log: Call
         score_fn = checked_scores(vowel_reward, "the built-in vowel reward")
     if cfg.lora_r:
         base, tokenizer = load_policy(cfg.model, cfg.seed, frozen_dtype)
-        critic_from = critic_source(cfg, tokenizer)
+        critic_from = critic_source(cfg, tokenizer, scorer)
         critic_base = (load_critic_backbone(critic_from, tokenizer, frozen_dtype)
                        if critic_from else None)
         actor, ref_model, critic = add_lora(base, critic_base, lora_config(cfg))
     else:
         actor, tokenizer = load_policy(cfg.model, cfg.seed, torch.float32)
         ref_model = copy.deepcopy(actor).requires_grad_(False).eval().to(frozen_dtype)
-        critic_from = critic_source(cfg, tokenizer)
+        critic_from = critic_source(cfg, tokenizer, scorer)
         backbone, head = (load_critic_backbone(critic_from, tokenizer, torch.float32)
                           if critic_from else (copy.deepcopy(actor.base_model), None))
         critic = ValueModel(backbone, backbone.config.hidden_size, head)
@@ -1599,7 +1607,7 @@ def load_models(cfg: Config, device: torch.device, bf16: bool = False, log: Call
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(actor, critic)
     if cfg.data_parallel == "fsdp" and world()[1] > 1:
-        for model in (actor, critic, ref_model, scorer.model if cfg.reward_model else None):
+        for model in (actor, critic, ref_model, scorer.model if scorer else None):
             if model is not None:
                 shard_model(model, bf16)
     return actor, ref_model, critic, tokenizer, score_fn
@@ -1637,7 +1645,11 @@ def load_critic_backbone(name: str, tokenizer, dtype: torch.dtype):
     policy's (checked against its tokenizer, or its embedding size if it has none)."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
     config = load_pretrained(AutoConfig, name, "--critic-model")
-    different = other_vocabulary(name, config, tokenizer)
+    try:
+        own = load_tokenizer(name, "--critic-model").get_vocab()
+    except UsageError:  # no tokenizer beside the weights: the embedding must hold every id
+        own = None
+    different = other_vocabulary(own, config.vocab_size, tokenizer)
     if different:
         raise UsageError(f"--critic-model {name!r} {different}: the critic reads the policy's "
                          "token ids; take a critic of the policy's model family")
@@ -1655,35 +1667,29 @@ def load_critic_backbone(name: str, tokenizer, dtype: torch.dtype):
     return backbone, head
 
 
-def other_vocabulary(name: str, config, tokenizer) -> str | None:
-    """How model `name`'s token ids differ from the policy's, or None if they are the same."""
-    try:
-        own = load_tokenizer(name, "--critic-model").get_vocab()
-    except UsageError:  # no tokenizer beside the weights: the embedding must hold every id
-        own = None
+def other_vocabulary(own: dict | None, vocab_size: int, tokenizer) -> str | None:
+    """How a model's token ids (its tokenizer's vocabulary `own`, or without one its embedding
+    size) differ from the policy's, or None if they are the same."""
     policy = tokenizer.get_vocab()
     if own is None:
-        return (f"embeds {config.vocab_size} token ids, the policy's tokenizer has "
-                f"{len(policy)}") if config.vocab_size < len(policy) else None
+        return (f"embeds {vocab_size} token ids, the policy's tokenizer has "
+                f"{len(policy)}") if vocab_size < len(policy) else None
     different = [token for token, i in policy.items() if own.get(token) != i]
     return (f"has another vocabulary than the policy ({len(different)} of the policy's "
             f"{len(policy)} tokens have another id there, e.g. {different[0]!r})"
             if different else None)
 
 
-def critic_source(cfg: Config, tokenizer) -> str | None:
+def critic_source(cfg: Config, tokenizer, scorer) -> str | None:
     """What the critic starts from: --critic-model; else, as 004 §3.3 and DeepSpeed-Chat do,
-    the reward model when it is a 1-label classifier reading the policy's token ids (with
-    LoRA only through --critic-model: the default critic is then an adapter on the policy's
-    shared base, which costs no second base); else None, the policy."""
-    if cfg.critic_model or not cfg.reward_model or cfg.lora_r:
+    the reward model (`scorer`, loaded) when it is a 1-label classifier reading the policy's
+    token ids (with LoRA only through --critic-model: the default critic is then an adapter
+    on the policy's shared base, which costs no second base); else None, the policy."""
+    if cfg.critic_model or scorer is None or cfg.lora_r:
         return cfg.critic_model
-    from transformers import AutoConfig
-    config = load_pretrained(AutoConfig, cfg.reward_model, "--reward-model")
-    one_label = is_sequence_classifier(config) and config.num_labels == 1
-    if one_label and other_vocabulary(cfg.reward_model, config, tokenizer) is None:
-        return cfg.reward_model
-    return None
+    config = scorer.model.config
+    same = other_vocabulary(scorer.tokenizer.get_vocab(), config.vocab_size, tokenizer) is None
+    return cfg.reward_model if config.num_labels == 1 and same else None
 
 
 LORA_ACTOR, LORA_CRITIC = "default", "critic"  # adapter names (PEFT's default for the actor)
@@ -2329,7 +2335,7 @@ class DataParallel(SingleProcess):
         return self.replicas.get(id(model), model)
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return reduced(tensor.to(self.device), "SUM")
+        return reduced(tensor, "SUM")
 
     def max(self, tensor: torch.Tensor) -> torch.Tensor:
         return reduced(tensor, "MAX")
@@ -2364,7 +2370,9 @@ class DataParallel(SingleProcess):
         return gathered(actor)
 
     def step(self, optimizers, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-        norms = torch.stack([gradient_norm(optimizer) for optimizer in optimizers])
+        # a sharded model's norm is a DTensor: gathered into one plain tensor (all ranks')
+        norms = torch.stack([(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                             for norm in map(gradient_norm, optimizers)])
         finite = torch.isfinite(norms).all()
         self.scaler.scale(norms)  # (the scaler's scale of 1 is made where the norms are)
         for optimizer, norm in zip(optimizers, norms):
@@ -2377,14 +2385,6 @@ class DataParallel(SingleProcess):
             optimizer.zero_grad(set_to_none=True)
         self.scaler.update(1.0)  # keep the scale at 1: a finiteness check, not fp16 scaling
         return norms, ~finite
-
-
-def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """The L2 norm of the gradients of the optimizer's parameters, over all ranks (a sharded
-    model's norm is gathered into one plain tensor); inf/NaN if any gradient is."""
-    grads = [p.grad for p in trained_parameters(optimizer) if p.grad is not None]
-    norm = nn.utils.get_total_norm(grads)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def reduced(tensor: torch.Tensor, op: str) -> torch.Tensor:
@@ -2609,8 +2609,8 @@ def lock_output_dir(cfg: Config) -> OutputLock:
     except FileExistsError:  # a run started in the same second took that name
         return lock_output_dir(cfg)
     except OSError as e:
-        raise UsageError(f"--output-dir {out} cannot be written: "
-                         f"{e.strerror or first_line(e)}") from e
+        where = f"--output-dir {out}" if cfg.output_dir else f"the output directory {out}"
+        raise UsageError(f"{where} cannot be written: {e.strerror or first_line(e)}") from e
     if fcntl is not None:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
