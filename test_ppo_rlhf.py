@@ -878,6 +878,47 @@ def test_experience_shapes_and_masks(tiny_dirs):
     assert torch.isfinite(exp.rewards).all() and (exp.rewards[~exp.action_mask] == 0).all()
 
 
+
+def test_a_model_whose_pad_is_not_its_eos_rolls_out_and_trains(tmp_path):
+    """pad != eos (Pythia, TRL's setups): prompts left-padded with pad, each response masked
+    through its first EOS and padded with pad after it, the ratio 1 before any step, the score
+    on the EOS; the command line trains such a model and saves it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    tokenizer = P.build_tiny_tokenizer(separate_pad=True)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    assert pad != eos
+    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos,
+                        pad_token_id=pad, **P.TINY_GPT2)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    cfg = P.Config(model=str(tmp_path / "policy"))
+    actor, ref_model, critic, tokenizer, score_fn = P.load_models(cfg, torch.device("cpu"))
+    torch.manual_seed(3)
+    exp = rollout(actor, critic, ref_model, score_fn, tokenizer, max_new_tokens=16)
+    length = exp.response_length
+    prompt = exp.input_ids[:, :-length]
+    assert (prompt[exp.attention_mask[:, :-length] == 0] == pad).all()
+    assert (exp.attention_mask[:, 0] == 0).any()
+    ended = 0
+    score_slots = exp.rewards - P.compute_rewards(exp.log_probs, exp.ref_log_probs,
+                                                  torch.zeros(len(exp.scores)), exp.action_mask)
+    for b, (row, n) in enumerate(zip(exp.input_ids[:, -length:].tolist(),
+                                     exp.action_mask.sum(1).tolist())):
+        if eos in row:
+            ended += 1
+            assert n == row.index(eos) + 1 and set(row[n:]) <= {pad}
+        else:
+            assert n == length
+        assert score_slots[b].nonzero().flatten().tolist() in ([n - 1], [])
+    assert ended > 0
+    stats, _ = P.ppo_update(actor, critic, torch.optim.SGD(actor.parameters(), lr=0.0),
+                            torch.optim.SGD(critic.parameters(), lr=0.0), exp,
+                            P.PPOConfig(ppo_epochs=1, mini_batch_size=8))
+    assert stats["policy/first_ratio_error"].item() < 1e-4
+    assert P.train(tiny_config(tmp_path, model=str(tmp_path / "policy"), steps=2)) == 0
+    assert (tmp_path / "run" / P.POLICY / "model.safetensors").exists()
+
 def test_first_minibatch_ratio_is_one(tiny_dirs):
     """The update's full forward reproduces the log-probs recorded while sampling to ~1e-5 on
     a ragged, left-padded batch (position_ids, temperature and no dropout all agree)."""
@@ -1284,6 +1325,21 @@ def test_normalized_reward_has_mean_0_std_1_on_its_sample_and_resumes(tmp_path, 
     assert P.train(dataclass_replace(split, steps=3, resume=True)) == 0
     assert len(rollouts) == 2  # iterations 2 and 3, no measuring
     assert without_timing(read_metrics(split.output_dir)) == without_timing(rows)
+
+
+def test_normalized_scores_reach_every_rollout_after_the_measuring(tmp_path, monkeypatch):
+    """With --normalize-reward, every rollout after the measuring ones (training, held-out
+    evaluation, the final samples) sees the scores with the run's mu0 and sigma0; the
+    measuring rollouts themselves see them raw."""
+    cfg = tiny_config(tmp_path, steps=2, normalize_reward=True, normalize_reward_samples=8,
+                      eval_fraction=0.25, eval_every=1, samples=2)
+    rollouts = spy_on(monkeypatch, "generate_experience")
+    assert P.train(cfg) == 0
+    start = read_metrics(cfg.output_dir)[0]
+    seen = [arguments.get("score_norm", (0.0, 1.0)) for arguments, _ in rollouts]
+    # measuring, the evaluation before training, 2 x (rollout, evaluation), the final samples
+    assert seen[0] == (0.0, 1.0) and len(seen) == 1 + 1 + 2 * 2 + 1
+    assert all(norm == (start["reward/mean"], start["reward/std"]) for norm in seen[1:])
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
