@@ -109,7 +109,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
 def masked_var(values: torch.Tensor, mask: torch.Tensor, mean_fn=masked_mean) -> torch.Tensor:
     """Population variance of `values` over the real positions: E[(x - E[x])^2].
 
-    `mean_fn` computes the masked means; pass a global one to take them over all ranks."""
+    `mean_fn` computes the masked means; pass a global one to take them over all processes."""
     mean = mean_fn(values, mask)
     return mean_fn((values - mean) ** 2, mask)
 
@@ -384,8 +384,8 @@ class ValueModel(nn.Module):
     from `head`, a 1-label reward model's score head (DeepSpeed-Chat's critic, 004 §3.3). It
     computes in fp32 from fp32 weights, also under bf16 autocast: values are regression
     targets of the size of the rewards, and bf16 keeps only 8 bits of them. `context`, if
-    given, is entered around each backbone forward (Part II: the critic's LoRA adapter on a
-    base shared with the actor)."""
+    given, is entered around each backbone forward (Part II: the critic's adapter on a base
+    shared with the actor)."""
 
     def __init__(self, backbone: nn.Module, hidden_size: int, head: nn.Linear | None = None,
                  context: Callable | None = None):
@@ -518,8 +518,8 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
     """
     kl_ctl = hp.kl_ctl if kl_ctl is None else kl_ctl
     temperature, micro_batch_size = hp.temperature, hp.rollout_micro_batch_size
-    # no_grad, not inference_mode: FSDP's all-gather buffers made here are reused by the
-    # update, and an inference tensor cannot be written outside inference mode
+    # no_grad, not inference_mode: a sharded policy's all-gather buffers made here are reused
+    # by the update, and an inference tensor cannot be written outside inference mode
     with torch.no_grad(), autocast():
         recorder = None if hp.recompute_log_probs else SampledLogProbs(temperature)
         sequences = sample_responses(actor, prompt_ids, prompt_mask, eos_token_ids=eos_token_ids,
@@ -577,7 +577,7 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
 # ------------------------------------------------------------------------------------------------
 
 def trained_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The parameters an optimizer updates (Part II: with LoRA, the adapters, not the base)."""
+    """The parameters an optimizer updates (Part II: with adapters, those, not the base)."""
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
