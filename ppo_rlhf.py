@@ -902,7 +902,6 @@ import argparse
 import copy
 import ctypes
 import functools
-import importlib
 import importlib.util
 import itertools
 import json
@@ -934,56 +933,53 @@ CRITIC_LR_FACTOR = 5.0  # the critic learns a fresh head: a larger step than the
 # 10x full fine-tuning's, in supervised and RL fine-tuning alike (Schulman et al., "LoRA
 # Without Regret", Thinking Machines 2025)
 LORA_LR_FACTOR = 10.0
-GROUPS = ("models and data", "schedule", "generation", "optimization", "LoRA", "the math",
-          "runtime")  # --help lists the options in these groups, in this order
+DATA, OPTIMIZE, RUNTIME = "models and data", "optimization", "runtime"
+GROUPS = (DATA, "schedule", "generation", OPTIMIZE, "LoRA", "the math", RUNTIME)  # --help's order
 
 
 @dataclass
 class Config(PPOConfig):
-    model: str = option(BUILTIN_MODEL, "models and data", "policy: a causal-LM hub name or "
-                        "directory, or builtin:tiny-gpt2 (in memory, no download)")
-    critic_model: str | None = option(None, "models and data", "critic initialization (hub "
-                                      "name or directory, the policy's vocabulary); default: "
-                                      "the policy")
-    reward_model: str | None = option(None, "models and data", "frozen reward model: an "
+    model: str = option(BUILTIN_MODEL, DATA, "policy: a causal-LM hub name or directory, or "
+                        "builtin:tiny-gpt2 (in memory, no download)")
+    critic_model: str | None = option(None, DATA, "critic initialization (hub name or "
+                                      "directory, the policy's vocabulary); default: the policy")
+    reward_model: str | None = option(None, DATA, "frozen reward model: an "
                                       "AutoModelForSequenceClassification name or directory")
-    reward_label: str | None = option(None, "models and data", "for a multi-class reward "
-                                      "model, the label (name or index) scored")
-    reward_fn: str | None = option(None, "models and data", "rule-based reward "
-                                   "'module:function' or 'file.py:function', f(prompts, "
-                                   "responses) -> floats")
-    prompts: str | None = option(None, "models and data", "prompts: .txt (one per line), "
-                                 ".jsonl, .parquet/.csv/.json, a dataset directory or Hub id; "
-                                 "default: a built-in set")
-    prompts_split: str = option("train", "models and data", "the split of a --prompts dataset")
-    prompts_column: str | None = option(None, "models and data", "its column of prompts or "
-                                        "conversations; default: 'prompt', else 'messages'")
-    eval_prompts: str | None = option(None, "models and data", "held-out prompts (same "
-                                      "formats), answered every --eval-every iterations")
-    eval_prompts_split: str = option("train", "models and data", "the split of an "
-                                     "--eval-prompts dataset (e.g. test)")
-    eval_prompts_column: str | None = option(None, "models and data", "its column, as "
-                                             "--prompts-column")
-    eval_fraction: float = option(0.0, "models and data", "hold out this fraction of "
-                                  "--prompts (seeded) for evaluation")
-    eval_every: int = option(10, "models and data", "evaluate every N iterations, before the "
-                             "first and after the last")
-    output_dir: str | None = option(None, "models and data", "where outputs go; default: a new "
+    reward_label: str | None = option(None, DATA, "for a multi-class reward model, the label "
+                                      "(name or index) scored")
+    reward_fn: str | None = option(None, DATA, "rule-based reward 'module:function' or "
+                                   "'file.py:function', f(prompts, responses) -> floats")
+    prompts: str | None = option(None, DATA, "prompts: .txt (one per line), .jsonl, "
+                                 ".parquet/.csv/.json, a dataset directory or Hub id; default: "
+                                 "a built-in set")
+    prompts_split: str = option("train", DATA, "the split of a --prompts dataset")
+    prompts_column: str | None = option(None, DATA, "its column of prompts or conversations; "
+                                        "default: 'prompt', else 'messages'")
+    eval_prompts: str | None = option(None, DATA, "held-out prompts (same formats), answered "
+                                      "every --eval-every iterations")
+    eval_prompts_split: str = option("train", DATA, "the split of an --eval-prompts dataset "
+                                     "(e.g. test)")
+    eval_prompts_column: str | None = option(None, DATA, "its column, as --prompts-column")
+    eval_fraction: float = option(0.0, DATA, "hold out this fraction of --prompts (seeded) for "
+                                  "evaluation")
+    eval_every: int = option(10, DATA, "evaluate every N iterations, before the first and after "
+                             "the last")
+    output_dir: str | None = option(None, DATA, "where outputs go; default: a new "
                                     "runs/<model>__<seed>__<date-time>")
     max_prompt_length: int = option(64, "generation", "prompts longer than this (policy "
                                     "tokens) are left out, with a warning, never cut")
-    actor_lr: float | None = option(None, "optimization", f"actor AdamW learning rate; default "
+    actor_lr: float | None = option(None, OPTIMIZE, f"actor AdamW learning rate; default "
                                     f"{BUILTIN_ACTOR_LR} built-in, {PRETRAINED_ACTOR_LR} "
                                     f"pretrained, x{LORA_LR_FACTOR:g} with LoRA")
-    critic_lr: float | None = option(None, "optimization", "critic AdamW learning rate; "
-                                     f"default {CRITIC_LR_FACTOR:g} x actor_lr")
+    critic_lr: float | None = option(None, OPTIMIZE, "critic AdamW learning rate; default "
+                                     f"{CRITIC_LR_FACTOR:g} x actor_lr")
     lr_schedule: Literal["constant", "linear", "cosine"] = option(
-        "constant", "optimization", "learning rates over --steps after the warm-up")
-    warmup_steps: int = option(0, "optimization", "iterations of linear learning-rate warm-up")
-    weight_decay: float = option(0.0, "optimization", "AdamW weight decay")
-    gradient_checkpointing: bool = option(False, "optimization", "recompute activations in "
-                                          "backward (actor and critic): less memory")
-    frozen_bf16: bool | None = option(None, "optimization", "store the frozen models in bf16; "
+        "constant", OPTIMIZE, "learning rates over --steps after the warm-up")
+    warmup_steps: int = option(0, OPTIMIZE, "iterations of linear learning-rate warm-up")
+    weight_decay: float = option(0.0, OPTIMIZE, "AdamW weight decay")
+    gradient_checkpointing: bool = option(False, OPTIMIZE, "recompute activations in backward "
+                                          "(actor and critic): less memory")
+    frozen_bf16: bool | None = option(None, OPTIMIZE, "store the frozen models in bf16; "
                                       "default: when bf16 compute is on")
     normalize_reward: bool = option(False, "the math", "PPO sees scores as (s - mu0) / sigma0, "
                                     "measured on the initial policy's answers")
@@ -991,29 +987,27 @@ class Config(PPOConfig):
                                            "(in whole batches)")
     lora_r: int = option(0, "LoRA", "LoRA rank; > 0: actor and critic adapters on one frozen "
                          "base, which is the reference; 0: full fine-tuning")
-    lora_alpha: float | None = option(None, "LoRA", "updates scaled by alpha / r; default "
-                                      "2 x --lora-r")
+    lora_alpha: float | None = option(None, "LoRA", "updates scaled by alpha / r; default 2 x "
+                                      "--lora-r")
     lora_dropout: float = option(0.0, "LoRA", "dropout on the LoRA path; keep 0 (pi/pi_old "
                                  "must be 1 before an update)")
     lora_target_modules: str = option("all-linear", "LoRA", "modules with adapters: "
                                       "comma-separated names, or all-linear")
-    device: str = option("auto", "runtime", "auto (CUDA if present, else CPU), cpu, cuda, "
-                         "cuda:N")
+    device: str = option("auto", RUNTIME, "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
     data_parallel: Literal["ddp", "fsdp"] = option(
-        "ddp", "runtime", "under torchrun: ddp, a full copy per rank; fsdp, sharded (FSDP2)")
-    bf16: bool | None = option(None, "runtime", "bf16 autocast, fp32 master weights; default: "
-                               "on on a CUDA GPU with bf16")
-    save_every: int = option(0, "runtime", "checkpoint every N iterations (0: at the end)")
-    resume: bool = option(False, "runtime", "continue the run in --output-dir from its "
-                          "checkpoint")
-    overwrite: bool = option(False, "runtime", "delete an earlier run's outputs in "
-                             "--output-dir and start afresh")
-    max_skipped_updates: int = option(5, "runtime", "stop after this many consecutive "
-                                      "non-finite updates")
-    samples: int = option(3, "runtime", "sample responses printed before and after training")
-    tensorboard: bool = option(True, "runtime", "TensorBoard event files in --output-dir")
-    wandb: bool = option(False, "runtime", "also log to Weights & Biases (pip install wandb)")
-    wandb_project: str = option("ppo_rlhf", "runtime", "the W&B project")
+        "ddp", RUNTIME, "under torchrun: ddp, a full copy per rank; fsdp, sharded (FSDP2)")
+    bf16: bool | None = option(None, RUNTIME, "bf16 autocast, fp32 master weights; default: on "
+                               "on a CUDA GPU with bf16")
+    save_every: int = option(0, RUNTIME, "checkpoint every N iterations (0: at the end)")
+    resume: bool = option(False, RUNTIME, "continue the run in --output-dir from its checkpoint")
+    overwrite: bool = option(False, RUNTIME, "delete an earlier run's outputs in --output-dir "
+                             "and start afresh")
+    max_skipped_updates: int = option(5, RUNTIME, "stop after this many consecutive non-finite "
+                                      "updates")
+    samples: int = option(3, RUNTIME, "sample responses printed before and after training")
+    tensorboard: bool = option(True, RUNTIME, "TensorBoard event files in --output-dir")
+    wandb: bool = option(False, RUNTIME, "also log to Weights & Biases (pip install wandb)")
+    wandb_project: str = option("ppo_rlhf", RUNTIME, "the W&B project")
 
 
 @dataclass
@@ -1030,12 +1024,11 @@ class Run:
     prompt_ids: list[list[int]]  # each prompt's tokens (chat template applied)
     eval_prompts: list  # held-out prompts (empty: no evaluation), and their tokens
     eval_prompt_ids: list[list[int]]
-    bf16: bool  # bf16 compute (autocast; FSDP's mixed precision)
     autocast: Callable  # () -> context manager: bf16 autocast, or nothing
     log: Callable  # print on rank 0, silent elsewhere
     state: LoopState  # the step done and beta; a resumed run's from its checkpoint
     checks: "InvariantChecks"
-    lock: "OutputLock"  # rank 0's lock on `out`, held until the run ends
+    lock: "OutputLock"  # the output directory, and rank 0's lock on it until the run ends
     metrics: "MetricsWriter"  # metrics.jsonl, samples.jsonl, TensorBoard, W&B (rank 0 writes)
     saved_step: int = -1  # the step of the checkpoint on disk (-1: none yet)
 
@@ -1052,10 +1045,13 @@ def train(cfg: Config) -> int:
     """Runs RLHF-PPO as configured (Part I's loop, with outputs, evaluation, checks, signals);
     returns the exit status: 0, 1 after too many skipped updates, 128 + signal when stopped
     by SIGINT/SIGTERM."""
+    # the actor's schedule follows the iterations, also while --critic-warmup-steps skip its
+    # step; and torch.distributed.checkpoint in one process is not worth a warning
+    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
+    warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
     run = setup_run(cfg)
     log, parallel = run.log, run.parallel
-    # the actor's schedule follows the iterations, also while --critic-warmup-steps skip its step
-    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
+    checkpoint = run.out / (SHARDED_CHECKPOINT if cfg.data_parallel == "fsdp" else CHECKPOINT)
     consecutive_skips = 0
     log(f"training {cfg.model} on {run.device} x{parallel.size} for {cfg.steps} iterations "
         f"({len(run.prompts)} prompts, batch {cfg.batch_size}, {cfg.ppo_epochs} PPO epochs)")
@@ -1086,14 +1082,13 @@ def train(cfg: Config) -> int:
                 f"clip {row['policy/clipfrac']:.3f} | len {row['response/length']:5.1f} | "
                 f"{row['time/rollout_s'] + row['time/update_s']:5.2f}s"
                 + (f" | eval {row['eval/scores']:7.3f}" if "eval/scores" in row else "")
-                + (" | critic warm-up" if row["updates/actor_frozen"] else ""),
-                flush=True)
+                + (" | critic warm-up" if row["updates/actor_frozen"] else ""), flush=True)
             for was_skipped in skipped.tolist():
                 consecutive_skips = consecutive_skips + 1 if was_skipped else 0
             if consecutive_skips >= cfg.max_skipped_updates:
                 save_checkpoint(run, step)  # skipped steps left weights and optimizers intact
                 log(f"stopping: {consecutive_skips} consecutive updates had a non-finite loss "
-                    f"or gradient; the last good state is in {checkpoint_path(run)}. Lower the "
+                    f"or gradient; the last good state is in {checkpoint}. Lower the "
                     "learning rates or check the reward scale.", file=sys.stderr)
                 return 1
             if stopping or (cfg.save_every and step % cfg.save_every == 0):
@@ -1101,8 +1096,8 @@ def train(cfg: Config) -> int:
             if stopping:
                 signum = stop.signum or signal.SIGTERM  # a rank that got none follows the others
                 log(f"{signal.Signals(signum).name}: stopped after step {step}; checkpoint "
-                    f"saved in {checkpoint_path(run)}. Resume with the same options plus "
-                    f"--resume --output-dir {run.out}", file=sys.stderr)
+                    f"saved in {checkpoint}. Resume with the same options plus --resume "
+                    f"--output-dir {run.out}", file=sys.stderr)
                 return 128 + signum
         finish_run(run)
     return 0
@@ -1137,11 +1132,11 @@ def own_random_stream(run: Run, offset: int):
 
 def measure_reward_norm(run: Run) -> dict:
     """--normalize-reward (as in "The N Implementation Details of RLHF with PPO"): the initial
-    policy answers --normalize-reward-samples training prompts (the stream of iterations 1,
-    2, ... of a run seeded seed + NORM_SEED_OFFSET, each rank its share, its own random
-    stream); mu0 and sigma0 (population) of their raw scores become `state.reward_norm`, so
-    that PPO sees (s - mu0) / sigma0 before the clip and the KL shaping. Kept in checkpoints:
-    a resumed run does not measure again. Returns the metrics reward/mean and reward/std."""
+    policy answers --normalize-reward-samples training prompts (the prompt stream of a run
+    seeded seed + NORM_SEED_OFFSET, each rank its share, from its own random stream); mu0 and
+    sigma0 (population) of their raw scores become `state.reward_norm`, so that PPO sees
+    (s - mu0) / sigma0 before the clip and the KL shaping. Kept in checkpoints. Returns the
+    metrics reward/mean and reward/std."""
     cfg = run.cfg
     sums = torch.zeros(3, dtype=torch.float64, device=run.device)  # count, sum s, sum s^2
     with own_random_stream(run, NORM_SEED_OFFSET):
@@ -1215,16 +1210,13 @@ CRITIC_WARMUP, CRITIC_WINDOW, EXPLAINED_VARIANCE_FLOOR = 30, 10, 0.05
 
 
 class InvariantChecks:
-    """PPO's invariants, checked on each iteration's metrics row (on the host already). A check
-    that fails warns once with its likely causes; check/<name> counts the iterations failed.
-
-        first_ratio         pi/pi_old = 1 on the first minibatch, before any optimizer step
-        kl_at_start         the first rollout's KL is 0: the reference is the initial policy
-        no_eos              most responses end with an EOS (watched when a reward model scores
-                            and no --missing-eos-penalty says what a cut response is worth)
-        explained_variance  after CRITIC_WARMUP iterations, its mean over the last
-                            CRITIC_WINDOW is at least EXPLAINED_VARIANCE_FLOOR
-    Entropy and clip fraction are not checked: their healthy range depends on the task."""
+    """PPO's invariants, checked on each iteration's metrics row (on the host already): the
+    first minibatch's ratio is 1, the first rollout's KL is 0, most responses end with an EOS
+    (watched when a reward model scores them and no --missing-eos-penalty prices a cut one),
+    and after CRITIC_WARMUP iterations the critic explains the returns (docs/watching.md). A
+    check that fails warns once with its likely causes; check/<name> counts the iterations
+    failed. Entropy and clip fraction are not checked: their healthy range depends on the
+    task."""
 
     ADVICE = {
         "first_ratio": "pi/pi_old should be 1 before any update. Likely: dropout left on, "
@@ -1242,8 +1234,8 @@ class InvariantChecks:
 
     def __init__(self, precision: str, watch_eos: bool, log: Callable):
         self.precision, self.watch_eos, self.log = precision, watch_eos, log
-        self.counts = dict.fromkeys(self.ADVICE, 0)
-        self.explained_variance, self.warned = [], set()  # the last CRITIC_WINDOW iterations'
+        self.counts, self.explained_variance = dict.fromkeys(self.ADVICE, 0), []
+        self.warned = set()  # warnings of this process: once each
 
     def state_dict(self) -> dict:
         return {"counts": dict(self.counts), "explained_variance": list(self.explained_variance)}
@@ -1257,22 +1249,21 @@ class InvariantChecks:
                                    + [row["val/explained_variance"]])[-CRITIC_WINDOW:]
         per_token_kl = abs(row["objective/kl"]) / max(row["response/length"], 1.0)
         critic = sum(self.explained_variance) / len(self.explained_variance)
-        ratio = row["policy/first_ratio_error"]
+        ratio, no_eos = row["policy/first_ratio_error"], row["response/no_eos"]
         measured = {  # name: (value, failed)
             "first_ratio": (ratio, not ratio <= FIRST_RATIO_TOLERANCE[self.precision]),
             "kl_at_start": (per_token_kl,
                             first and not per_token_kl <= START_KL_TOLERANCE[self.precision]),
-            "no_eos": (row["response/no_eos"],
-                       self.watch_eos and row["response/no_eos"] > NO_EOS_LIMIT),
+            "no_eos": (no_eos, self.watch_eos and no_eos > NO_EOS_LIMIT),
             "explained_variance": (critic, row["step"] >= CRITIC_WARMUP
                                    and not critic >= EXPLAINED_VARIANCE_FLOOR),
         }
         for name, (value, failed) in measured.items():
-            self.counts[name] += failed
             if failed and name not in self.warned:
                 self.warned.add(name)
                 self.log(f"warning: check {name} failed at step {row['step']} (measured "
                          f"{value:.4g}): {self.ADVICE[name]}", file=sys.stderr)
+            self.counts[name] += failed
         return {f"check/{name}": float(count) for name, count in self.counts.items()}
 
 
@@ -1314,28 +1305,31 @@ def load_run(cfg: Config, device: torch.device, prompts: list, eval_prompts: lis
     prompts, prompt_ids = usable_prompts(prompts, tokenizer, score_fn, cfg, "--prompts", log)
     eval_prompts, eval_prompt_ids = usable_prompts(eval_prompts, tokenizer, score_fn, cfg,
                                                    "the held-out prompts", log)
-    check_prompt_lengths(prompt_ids + eval_prompt_ids, actor, cfg)
+    context, longest = context_length(actor.config), max(map(len, prompt_ids + eval_prompt_ids))
+    if context is not None and longest + cfg.max_new_tokens > context:
+        raise UsageError(f"prompts of up to {longest} tokens + --max-new-tokens "
+                         f"{cfg.max_new_tokens} exceed the model's context of {context}; "
+                         "lower --max-new-tokens or --max-prompt-length")
     # separate optimizers over what each model trains (with LoRA, its adapter only). Fused
     # AdamW lets GradScaler skip a non-finite step without waiting for the device.
-    actor_lr, critic_lr = learning_rates(cfg)
     optimizers = [torch.optim.AdamW(trainable_parameters(model), lr=lr,
                                     weight_decay=cfg.weight_decay, fused=True)
-                  for model, lr in ((actor, actor_lr), (critic, critic_lr))]
+                  for model, lr in zip((actor, critic), learning_rates(cfg))]
     schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: lr_factor(
         done + 1, schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
         total_steps=cfg.steps)) for optimizer in optimizers]
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16
-                else nullcontext)
-    models = Models(actor, critic, ref_model, score_fn, tokenizer,
-                    end_of_response_ids(actor.generation_config, tokenizer))
+    precision = "bf16" if bf16 or frozen_bf16(cfg, bf16) else "fp32"
     run = Run(cfg=cfg, device=device, parallel=DataParallel(device, actor, critic),
-              models=models, actor_optimizer=optimizers[0], critic_optimizer=optimizers[1],
+              models=Models(actor, critic, ref_model, score_fn, tokenizer,
+                            end_of_response_ids(actor.generation_config, tokenizer)),
+              actor_optimizer=optimizers[0], critic_optimizer=optimizers[1],
               schedulers=schedulers, prompts=prompts, prompt_ids=prompt_ids,
-              eval_prompts=eval_prompts, eval_prompt_ids=eval_prompt_ids, bf16=bf16,
-              autocast=autocast, log=log, state=LoopState(kl_coef=cfg.kl_ctl),
-              checks=InvariantChecks("bf16" if bf16 or frozen_bf16(cfg, bf16) else "fp32",
-                                     bool(cfg.reward_model) and cfg.missing_eos_penalty is None,
-                                     log),
+              eval_prompts=eval_prompts, eval_prompt_ids=eval_prompt_ids,
+              autocast=((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16
+                        else nullcontext),
+              log=log, state=LoopState(kl_coef=cfg.kl_ctl),
+              checks=InvariantChecks(precision, bool(cfg.reward_model)
+                                     and cfg.missing_eos_penalty is None, log),
               lock=lock, metrics=MetricsWriter(cfg, lock.out, enabled=world()[0] == 0))
     torch.manual_seed(cfg.seed + run.rank)  # ranks sample different responses
     if cfg.resume:
@@ -1366,9 +1360,8 @@ def finish_run(run: Run) -> None:
                         score_norm=run.state.reward_norm, autocast=run.autocast,
                         parallel=run.parallel, mean_fn=masked_mean)
         print_samples("samples after training:", final, cfg.samples, run.log)
-    held = memory_bytes(run)
     run.log("memory held for the models (this rank, before activations): " + ", ".join(
-        f"{name} {size / 2**20:.1f} MiB" for name, size in held.items()))
+        f"{name} {size / 2**20:.1f} MiB" for name, size in memory_bytes(run).items()))
     where = save_final_policy(run)  # last: with LoRA, merging the adapter changes the base
     run.log(f"saved the policy to {where} (AutoModelForCausalLM.from_pretrained({str(where)!r}))")
 
@@ -1381,8 +1374,7 @@ def memory_bytes(run: Run) -> dict[str, int]:
     def local(tensor):  # a sharded parameter's own shard
         return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
-    storages = {}
-    models = run.models
+    storages, models = {}, run.models
     for module in (models.actor, models.critic,
                    getattr(models.ref_model, "model", models.ref_model), models.score_fn.model):
         for tensor in module.parameters() if module is not None else ():
@@ -1408,16 +1400,13 @@ class MetricsWriter:
     """Each iteration's row to metrics.jsonl, and the same scalars to TensorBoard event files
     and to W&B when enabled; each evaluation's samples to samples.jsonl (and as TensorBoard
     text). Only rank 0's writer is `enabled`. Files open with the first row: a run that fails
-    before its first iteration writes nothing.
-
-    After a resume, the first write drops the rows of steps after `start_step` that the
-    interrupted run wrote after its last checkpoint (metrics.jsonl and samples.jsonl keep one
-    set per step; TensorBoard is told to purge them from its earlier event files)."""
+    before its first iteration writes nothing. After a resume, the first write drops the rows
+    of steps after `start_step` that the interrupted run wrote after its last checkpoint
+    (TensorBoard is told to purge them from its earlier event files)."""
 
     def __init__(self, cfg: Config, out: Path, enabled: bool, start_step: int = 0):
         self.cfg, self.out, self.enabled, self.start_step = cfg, out, enabled, start_step
-        self.started = False
-        self.tensorboard = self.wandb_run = None
+        self.started, self.tensorboard, self.wandb_run = False, None, None
 
     def __enter__(self) -> "MetricsWriter":
         return self
@@ -1429,51 +1418,48 @@ class MetricsWriter:
             self.wandb_run.finish()
 
     def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        self.append(METRICS, [row])
-        scalars = {k: v for k, v in row.items() if k != "step"}
-        if self.tensorboard is not None:
-            for name, value in scalars.items():
-                self.tensorboard.add_scalar(name, value, row["step"])
-            self.tensorboard.flush()  # curves follow the run, not its end
-        if self.wandb_run is not None:
-            self.wandb_run.log(scalars, step=row["step"])
+        if self.enabled:
+            self.append(METRICS, [row])
+            scalars = {k: v for k, v in row.items() if k != "step"}
+            if self.tensorboard is not None:
+                for name, value in scalars.items():
+                    self.tensorboard.add_scalar(name, value, row["step"])
+                self.tensorboard.flush()  # curves follow the run, not its end
+            if self.wandb_run is not None:
+                self.wandb_run.log(scalars, step=row["step"])
 
     def write_samples(self, step: int, samples: list[dict]) -> None:
         """One evaluation's prompts, responses and scores: a JSON line each."""
-        if not self.enabled:
-            return
-        self.append(SAMPLES, [{"step": step, **sample} for sample in samples])
-        if self.tensorboard is not None:
-            table = "| score | prompt | response |\n|---|---|---|\n" + "".join(
-                f"| {s['score']:+.3f} | {json.dumps(s['prompt'])} | {json.dumps(s['response'])}"
-                " |\n" for s in samples)
-            self.tensorboard.add_text("eval/samples", table, step)
+        if self.enabled:
+            self.append(SAMPLES, [{"step": step, **sample} for sample in samples])
+            if self.tensorboard is not None:
+                rows = "".join(f"| {s['score']:+.3f} | {json.dumps(s['prompt'])} | "
+                               f"{json.dumps(s['response'])} |\n" for s in samples)
+                self.tensorboard.add_text("eval/samples", "| score | prompt | response |\n"
+                                          "|---|---|---|\n" + rows, step)
 
     def append(self, name: str, rows: list[dict]) -> None:
-        """Rows to one of the run's JSONL files; the first time, after dropping any rows the
-        interrupted run wrote after its checkpoint."""
         if not self.started:
-            self.open()
-            for kept_name in (METRICS, SAMPLES):
-                path = self.out / kept_name
-                if path.exists():
-                    kept = [r for r in path.read_text().splitlines()
-                            if json.loads(r)["step"] <= self.start_step]
-                    path.write_text("".join(r + "\n" for r in kept))
+            self.start()
         with (self.out / name).open("a") as f:
             f.write("".join(json.dumps(dict(sorted(row.items()))) + "\n" for row in rows))
 
-    def open(self) -> None:
+    def start(self) -> None:
+        """Drop the rows after `start_step`; open TensorBoard's and W&B's runs (a resumed run
+        continues its W&B run)."""
         self.started = True
+        for path in (self.out / METRICS, self.out / SAMPLES):
+            if path.exists():
+                kept = [r for r in path.read_text().splitlines()
+                        if json.loads(r)["step"] <= self.start_step]
+                path.write_text("".join(r + "\n" for r in kept))
         if self.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(
                 log_dir=str(self.out), purge_step=self.start_step + 1 if self.start_step else None)
         if self.cfg.wandb:
             import wandb
-            id_file = self.out / WANDB_ID_FILE  # a resumed run continues its W&B run
+            id_file = self.out / WANDB_ID_FILE
             run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
             id_file.write_text(run_id)
             self.wandb_run = wandb.init(project=self.cfg.wandb_project, name=self.out.name,
@@ -1489,15 +1475,13 @@ class UsageError(Exception):
     """A problem with the user's input (options, files, models): reported in one line."""
 
 
-def is_sequence_classifier(config) -> bool:
-    """Whether a model config names an ...ForSequenceClassification architecture."""
-    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?'"
-TINY_EOS, TINY_UNK, TINY_PAD = "<|endoftext|>", "<unk>", "<pad>"
 TINY_GPT2 = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128)  # ~0.1M parameters
-
 BUILTIN_PROMPTS = [
     "the weather today is", "my favourite food is", "once upon a time", "the best way to learn",
     "i think that", "in the morning i", "a good friend is", "the city at night",
@@ -1516,22 +1500,20 @@ def build_tiny_tokenizer(separate_pad: bool = False):
     PPOTrainer, in the benchmark, needs them apart)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    specials = [TINY_EOS, TINY_UNK] + ([TINY_PAD] if separate_pad else [])
-    vocab = {token: i for i, token in enumerate(specials + list(TINY_ALPHABET))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=TINY_UNK))
+    eos, unk, pad = "<|endoftext|>", "<unk>", "<pad>"
+    specials = [eos, unk] + ([pad] if separate_pad else [])
+    backend = Tokenizer(models.WordLevel(
+        {token: i for i, token in enumerate(specials + list(TINY_ALPHABET))}, unk_token=unk))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=TINY_EOS,
-                                   bos_token=TINY_EOS, unk_token=TINY_UNK,
-                                   pad_token=TINY_PAD if separate_pad else TINY_EOS)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, bos_token=eos,
+                                   unk_token=unk, pad_token=pad if separate_pad else eos)
 
 
 def build_tiny_model(seed: int):
     """A randomly initialized 2-layer GPT-2 and its character tokenizer, built in memory."""
     from transformers import GPT2Config, GPT2LMHeadModel
-
     tokenizer = build_tiny_tokenizer()
     config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -1541,9 +1523,9 @@ def build_tiny_model(seed: int):
 
 
 def uses_bf16(cfg: Config, device: torch.device, log: Callable = print) -> bool:
-    """bf16 compute (autocast, FSDP's mixed precision) on the run's device: by default on a
-    CUDA GPU that has bf16, off on a CPU; --bf16 asks for it on either. A GPU without bf16 is
-    refused; a CPU without bf16 units is warned about (PyTorch emulates bf16 there)."""
+    """bf16 compute (autocast, FSDP's mixed precision): by default on a CUDA GPU that has it,
+    off on a CPU; --bf16 asks for it on either. Refused on a GPU without bf16; warned about on
+    a CPU without bf16 units (PyTorch emulates it there, usually slower than fp32)."""
     if cfg.bf16 is None:
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
     if cfg.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -1555,9 +1537,8 @@ def uses_bf16(cfg: Config, device: torch.device, log: Callable = print) -> bool:
 
 
 def cpu_has_bf16_units() -> bool:
-    capabilities = torch.cpu.get_capabilities()
-    return any(capabilities.get(unit) for unit in ("amx_bf16", "avx512_bf16", "bf16",
-                                                   "sve_bf16"))
+    units = torch.cpu.get_capabilities()
+    return any(units.get(unit) for unit in ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16"))
 
 
 def frozen_bf16(cfg: Config, bf16: bool) -> bool:
@@ -1567,50 +1548,80 @@ def frozen_bf16(cfg: Config, bf16: bool) -> bool:
 
 
 def load_models(cfg: Config, device: torch.device, bf16: bool = False, log: Callable = print):
-    """The four models of 004 §3 and the policy's tokenizer, on `device`, dropout off.
+    """(actor, reference, critic, tokenizer, score_fn): the four models of 004 §3 and the
+    policy's tokenizer, on `device`, dropout off.
 
     Trained weights are fp32 whatever dtype the checkpoint was saved in (master weights: a
     1e-5 AdamW step mostly rounds away in bf16); frozen ones in bf16 with `frozen_bf16`, else
-    fp32. With --lora-r one frozen base serves three roles (`add_lora`): the actor is the base
-    plus an adapter, the reference the base with adapters off, the critic the base plus a
-    second adapter and the value head (or, with --critic-model, another base and adapter)."""
-    frozen_dtype = torch.bfloat16 if frozen_bf16(cfg, bf16) else torch.float32
-    scorer = None
-    if cfg.reward_model:
-        scorer = RewardModelScorer(cfg.reward_model, cfg.reward_label, device, frozen_dtype,
-                                   log)
+    fp32. With --lora-r one frozen base serves three roles (`add_lora`)."""
+    frozen = torch.bfloat16 if frozen_bf16(cfg, bf16) else torch.float32
+    scorer = (RewardModelScorer(cfg.reward_model, cfg.reward_label, device, frozen, log)
+              if cfg.reward_model else None)
+    if scorer:
         score_fn = checked_scores(scorer, f"--reward-model {cfg.reward_model}")
     elif cfg.reward_fn:
         score_fn = checked_scores(load_reward_fn(cfg.reward_fn), f"--reward-fn {cfg.reward_fn}")
     else:
         score_fn = checked_scores(vowel_reward, "the built-in vowel reward")
+    base_dtype = frozen if cfg.lora_r else torch.float32  # with LoRA the bases are frozen
+    actor, tokenizer = load_policy(cfg.model, cfg.seed, base_dtype)
+    critic_from = critic_source(cfg, tokenizer, scorer)
+    backbone, head = (load_critic_backbone(critic_from, tokenizer, base_dtype) if critic_from
+                      else (None, None))
     if cfg.lora_r:
-        base, tokenizer = load_policy(cfg.model, cfg.seed, frozen_dtype)
-        critic_from = critic_source(cfg, tokenizer, scorer)
-        critic_base = (load_critic_backbone(critic_from, tokenizer, frozen_dtype)
-                       if critic_from else None)
-        actor, ref_model, critic = add_lora(base, critic_base, lora_config(cfg))
+        actor, ref_model, critic = add_lora(actor, (backbone, head) if critic_from else None,
+                                            lora_config(cfg))
     else:
-        actor, tokenizer = load_policy(cfg.model, cfg.seed, torch.float32)
-        ref_model = copy.deepcopy(actor).requires_grad_(False).eval().to(frozen_dtype)
-        critic_from = critic_source(cfg, tokenizer, scorer)
-        backbone, head = (load_critic_backbone(critic_from, tokenizer, torch.float32)
-                          if critic_from else (copy.deepcopy(actor.base_model), None))
+        ref_model = copy.deepcopy(actor).requires_grad_(False).eval().to(frozen).to(device)
+        backbone = backbone or copy.deepcopy(actor.base_model)
         critic = ValueModel(backbone, backbone.config.hidden_size, head)
     log(f"critic: starts from {critic_from or 'the policy'}"
         + (" (the reward model, 004 §3.3)" if critic_from and critic_from == cfg.reward_model
            else ""))
     actor.to(device).train()  # train mode with dropout off: gradient checkpointing needs it
     critic.to(device).train()
-    if not cfg.lora_r:
-        ref_model.to(device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(actor, critic)
     if cfg.data_parallel == "fsdp" and world()[1] > 1:
-        for model in (actor, critic, ref_model, scorer.model if scorer else None):
+        for model in (actor, critic, ref_model, scorer and scorer.model):
             if model is not None:
                 shard_model(model, bf16)
     return actor, ref_model, critic, tokenizer, score_fn
+
+
+def load_pretrained(loader, name: str, option: str, **kwargs):
+    """`loader.from_pretrained(name)` for a hub name or a directory; failures become one line.
+    Local files (a directory, the cache) come first: offline, transformers would retry the hub
+    for about a minute before failing. HF_HUB_OFFLINE=1 skips the hub."""
+    try:
+        return loader.from_pretrained(name, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        error = e
+    if not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true"):
+        try:
+            return loader.from_pretrained(name, **kwargs)
+        except (OSError, ValueError, KeyError) as e:
+            error = e
+    raise UsageError(f"cannot load {option} {name!r} with {loader.__name__}: "
+                     f"{first_line(error)}") from error
+
+
+def load_tokenizer(name: str, option: str):
+    """AutoTokenizer for `name`, refusing the empty tokenizer transformers builds for a
+    directory of weights without tokenizer files. Without a pad token (GPT-2, SmolLM...) it
+    pads with EOS: the attention and action masks tell the two apart."""
+    from transformers import AutoTokenizer
+    tokenizer = load_pretrained(AutoTokenizer, name, option)
+    if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+        raise UsageError(f"{option} {name!r} has no usable tokenizer (no tokenizer files?); "
+                         "save one beside the weights with tokenizer.save_pretrained")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def is_sequence_classifier(config) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
 
 
 def load_policy(name: str, seed: int, dtype: torch.dtype = torch.float32):
@@ -1649,8 +1660,7 @@ def load_critic_backbone(name: str, tokenizer, dtype: torch.dtype):
         own = load_tokenizer(name, "--critic-model").get_vocab()
     except UsageError:  # no tokenizer beside the weights: the embedding must hold every id
         own = None
-    different = other_vocabulary(own, config.vocab_size, tokenizer)
-    if different:
+    if different := other_vocabulary(own, config.vocab_size, tokenizer):
         raise UsageError(f"--critic-model {name!r} {different}: the critic reads the policy's "
                          "token ids; take a critic of the policy's model family")
     head = None
@@ -1683,13 +1693,34 @@ def other_vocabulary(own: dict | None, vocab_size: int, tokenizer) -> str | None
 def critic_source(cfg: Config, tokenizer, scorer) -> str | None:
     """What the critic starts from: --critic-model; else, as 004 §3.3 and DeepSpeed-Chat do,
     the reward model (`scorer`, loaded) when it is a 1-label classifier reading the policy's
-    token ids (with LoRA only through --critic-model: the default critic is then an adapter
-    on the policy's shared base, which costs no second base); else None, the policy."""
+    token ids (not with LoRA: the default critic is then an adapter on the policy's shared
+    base, which costs no second base); else None, the policy."""
     if cfg.critic_model or scorer is None or cfg.lora_r:
         return cfg.critic_model
     config = scorer.model.config
     same = other_vocabulary(scorer.tokenizer.get_vocab(), config.vocab_size, tokenizer) is None
     return cfg.reward_model if config.num_labels == 1 and same else None
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """p = 0 in every dropout layer. PPO's ratio compares two evaluations of the same policy:
+    with dropout on, pi/pi_old != 1 before any update and the clip fires on noise."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout"):  # attention modules that pass p to SDPA
+            module.attention_dropout = 0.0
+
+
+def fuse_gelu(model: nn.Module) -> None:
+    """transformers' `NewGELUActivation` (GPT-2, GPT-J, Phi...) swapped for PyTorch's fused
+    `nn.GELU(approximate="tanh")`: the same function to rounding (< 1e-6), in one kernel where
+    transformers runs seven passes over the MLP's [B, L, 4d] activations (and in backward)."""
+    from transformers.activations import NewGELUActivation
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, nn.GELU(approximate="tanh"))
 
 
 LORA_ACTOR, LORA_CRITIC = "default", "critic"  # adapter names (PEFT's default for the actor)
@@ -1707,41 +1738,39 @@ def lora_config(cfg: Config):
 
 def add_lora(base: nn.Module, critic_base: tuple | None, config):
     """(actor, reference, critic) on one frozen base, with PEFT: the actor is `base` plus
-    adapter LORA_ACTOR; the reference is the same object with the adapters off (`AdaptersOff`:
-    no copy, no memory); the critic is the base's backbone plus adapter LORA_CRITIC and a value
-    head, or with `critic_base` (a --critic-model backbone and head) that backbone plus
-    its own adapter. Adapters are fp32 whatever the base's dtype (PEFT's default); every
-    adapter weight is trainable, and `trainable_parameters` gives each model its own."""
+    adapter LORA_ACTOR; the reference the same object with the adapters off (`AdaptersOff`: no
+    copy, no memory); the critic the base's backbone plus adapter LORA_CRITIC and a value
+    head, or with `critic_base` (a --critic-model backbone and head) that backbone plus its
+    own adapter. Adapters are fp32 whatever the base's dtype (PEFT's default);
+    `trainable_parameters` gives each model its own."""
     from peft import get_peft_model
     from transformers.pytorch_utils import Conv1D
-    # before PEFT resolves "all-linear" into the actor's module names, which another backbone
-    # does not have
-    critic_config = copy.deepcopy(config)
-    # GPT-2's Conv1D stores its weight transposed (PEFT would fix this itself, with a warning)
-    config.fan_in_fan_out = any(isinstance(m, Conv1D) for m in base.modules())
-    config.task_type = "CAUSAL_LM"
+
+    def fitted(model, task_type=None):  # a copy each: PEFT resolves "all-linear" in place
+        fitted = copy.deepcopy(config)
+        fitted.task_type = task_type  # and GPT-2's Conv1D stores its weight transposed:
+        fitted.fan_in_fan_out = any(isinstance(m, Conv1D) for m in model.modules())
+        return fitted
+
     targets = config.target_modules  # "all-linear", or the names (PEFT keeps them as a set)
     targets = targets if isinstance(targets, str) else ",".join(sorted(targets))
     with warnings.catch_warnings():  # PEFT calls a transformers property deprecated in v5
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
-                                category=FutureWarning)
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
         try:
-            actor = get_peft_model(base, config, adapter_name=LORA_ACTOR)
+            actor = get_peft_model(base, fitted(base, "CAUSAL_LM"), adapter_name=LORA_ACTOR)
         except ValueError as e:  # PEFT's NoMatchingPeftModuleError: no such module here
             raise UsageError(f"--lora-target-modules {targets}: {first_line(e)}") from e
         if critic_base is None:
-            actor.add_adapter(LORA_CRITIC, config)
+            actor.add_adapter(LORA_CRITIC, fitted(base, "CAUSAL_LM"))
             backbone = actor.get_base_model().base_model  # the transformer without its LM head
             critic = ValueModel(backbone, backbone.config.hidden_size,
                                 context=functools.partial(use_adapter, actor, LORA_CRITIC))
         else:
             backbone, head = critic_base
-            critic_config.fan_in_fan_out = any(isinstance(m, Conv1D) for m in backbone.modules())
-            critic = ValueModel(get_peft_model(backbone, critic_config,
+            critic = ValueModel(get_peft_model(backbone, fitted(backbone),
                                                adapter_name=LORA_CRITIC),
                                 backbone.config.hidden_size, head)
-    actor.lora_adapter = LORA_ACTOR
-    critic.lora_adapter = LORA_CRITIC
+    actor.lora_adapter, critic.lora_adapter = LORA_ACTOR, LORA_CRITIC
     for model in (actor, critic):
         for name, parameter in model.named_parameters():
             parameter.requires_grad_("lora_" in name or name.startswith("v_head."))
@@ -1766,10 +1795,10 @@ def use_adapter(model: nn.Module, name: str | None):
     PEFT's switches also set requires_grad: set_adapter(name) freezes every other adapter,
     and disabling the adapters freezes them all. Autograd skips a leaf whose requires_grad is
     off when backward reaches it: after the critic's forward switched away from the actor's
-    adapter, the one backward of actor and critic losses would silently leave the actor's
-    adapter untrained. So every adapter weight that was trainable is made trainable again, on
-    the way out too when an exception leaves the block: gradient checkpointing's recompute,
-    run inside this context during backward, stops early by raising."""
+    adapter, the one backward of both losses would silently leave the actor's adapter
+    untrained. So every adapter weight that was trainable is made trainable again, also when
+    an exception leaves the block: gradient checkpointing's recompute, run inside this context
+    during backward, stops early by raising."""
     trainable = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
     previous = model.active_adapter
     try:
@@ -1787,9 +1816,9 @@ def use_adapter(model: nn.Module, name: str | None):
 
 
 class AdaptersOff:
-    """The reference policy with LoRA: the actor's own frozen base, run with its adapters off.
-    Not a copy (it costs no memory) and not an nn.Module (moving or freezing it must not touch
-    the actor): it is called like the model."""
+    """The reference policy with LoRA: the actor's frozen base, run with its adapters off. Not
+    a copy (it costs no memory) and not an nn.Module (moving or freezing it must not touch the
+    actor): it is called like the model."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -1797,29 +1826,6 @@ class AdaptersOff:
     def __call__(self, *args, **kwargs):
         with use_adapter(self.model, None):
             return self.model(*args, **kwargs)
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """p = 0 in every dropout layer. PPO's ratio compares two evaluations of the same policy:
-    with dropout on, pi/pi_old != 1 before any update and the clip fires on noise."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if hasattr(module, "attention_dropout"):  # attention modules that pass p to SDPA
-            module.attention_dropout = 0.0
-
-
-def fuse_gelu(model: nn.Module) -> None:
-    """Swap transformers' `NewGELUActivation` (`gelu_new`: GPT-2, GPT-J, Phi, CodeGen) for
-    PyTorch's `nn.GELU(approximate="tanh")`. Both compute 0.5 x (1 + tanh(sqrt(2/pi) (x +
-    0.044715 x^3))), but transformers writes it as seven tensor operations, each a pass over the
-    MLP's [B, L, 4d] activations (and as many again in backward), where PyTorch runs one fused
-    kernel. No parameters change; results agree to float rounding (< 1e-6)."""
-    from transformers.activations import NewGELUActivation
-    for module in model.modules():
-        for name, child in module.named_children():
-            if isinstance(child, NewGELUActivation):
-                setattr(module, name, nn.GELU(approximate="tanh"))
 
 
 def enable_gradient_checkpointing(actor, critic: ValueModel) -> None:
@@ -1831,49 +1837,11 @@ def enable_gradient_checkpointing(actor, critic: ValueModel) -> None:
     if getattr(actor, "lora_adapter", None):
         checkpointing["context_fn"] = lambda: (nullcontext(),
                                                use_adapter(actor, actor.active_adapter))
-        actor.get_base_model().activation_checkpointing_enable(
-            activation_checkpointing_kwargs=checkpointing)
-    else:
-        actor.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+    unwrap = lambda m: m.get_base_model() if hasattr(m, "get_base_model") else m  # noqa: E731
+    unwrap(actor).activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
     if critic.context is None:  # a backbone of its own (else it is the actor's, done above)
-        backbone = critic.backbone
-        backbone = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
-        backbone.activation_checkpointing_enable(
+        unwrap(critic.backbone).activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False})
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def load_pretrained(loader, name: str, option: str, **kwargs):
-    """`loader.from_pretrained(name)` for a hub name or a directory; failures become one line.
-
-    Local files (a directory, the cache) are tried first: offline, transformers would retry
-    the hub for about a minute before failing. HF_HUB_OFFLINE=1 skips the hub."""
-    try:
-        return loader.from_pretrained(name, local_files_only=True, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        error = e
-    if not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true"):
-        try:
-            return loader.from_pretrained(name, **kwargs)
-        except (OSError, ValueError, KeyError) as e:
-            error = e
-    raise UsageError(f"cannot load {option} {name!r} with {loader.__name__}: "
-                     f"{first_line(error)}") from error
-
-
-def save_policy(model: nn.Module, tokenizer, out: Path, state_dict: dict) -> None:
-    """`save_pretrained` of the policy and its tokenizer, from its whole `state_dict`. The
-    config names the model's own class: FSDP2 subclasses it (FSDPGPT2LMHeadModel), and
-    save_pretrained writes the class name it sees."""
-    model.save_pretrained(out, state_dict=state_dict)
-    if is_sharded(model):
-        model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
-        model.config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
 
 
 def save_final_policy(run) -> Path:
@@ -1881,7 +1849,8 @@ def save_final_policy(run) -> Path:
     AutoModelForCausalLM.from_pretrained loads. With LoRA the actor's adapter alone goes to
     <out>/adapter first (PeftModel.from_pretrained(base, <out>/adapter) puts it back on the
     base); then it is merged into the base for <out>/policy, in place: nothing runs after.
-    Each directory is written under a temporary name, then renamed into place."""
+    The config names the model's own class (FSDP2 subclasses it, and save_pretrained writes
+    the class name it sees). Each directory is written under a temporary name, then renamed."""
     model = run.models.actor
     if getattr(model, "lora_adapter", None):
         if run.rank == 0:
@@ -1889,9 +1858,16 @@ def save_final_policy(run) -> Path:
                 tmp, selected_adapters=[LORA_ACTOR]))
         model = model.merge_and_unload(adapter_names=[LORA_ACTOR])
     state = full_state_dict(model)  # sharded: gathered by all ranks to rank 0
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp, state_dict=state)
+        if is_sharded(model):
+            model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
+            model.config.save_pretrained(tmp)
+        run.models.tokenizer.save_pretrained(tmp)
+
     if run.rank == 0:
-        write_directory(run.out / POLICY, lambda tmp: save_policy(model, run.models.tokenizer, tmp,
-                                                                 state))
+        write_directory(run.out / POLICY, save)
     return run.out / POLICY
 
 
@@ -1906,42 +1882,24 @@ def end_of_response_ids(generation_config, tokenizer) -> list[int]:
     return ids
 
 
-def load_tokenizer(name: str, option: str):
-    """AutoTokenizer for `name`, refusing the empty tokenizer transformers builds for a
-    directory that holds weights but no tokenizer files. Without a pad token (GPT-2, SmolLM...)
-    it pads with EOS: the attention and action masks tell the two apart."""
-    from transformers import AutoTokenizer
-    tokenizer = load_pretrained(AutoTokenizer, name, option)
-    if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
-        raise UsageError(f"{option} {name!r} has no usable tokenizer (no tokenizer files?); "
-                         "save one beside the weights with tokenizer.save_pretrained")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 # ------------------------------------------------------------------------------------------------
 # 12. Rewards and prompts. A reward is a callable (prompts, responses: list[str]) -> scores
 # [B] on the CPU, the prompts as the prompts file holds them (strings, or message lists for
 # conversations): a frozen sequence classifier, a Python function or the built-in rule.
 # ------------------------------------------------------------------------------------------------
 
-VOWELS = "aeiou"
-VOWEL_POINTS = 0.5  # per letter: 10 more vowels than consonants reach the default clip of 5
-
-
 def vowel_reward(prompts: list, responses: list[str]) -> list[float]:
     """The built-in task: +0.5 per vowel and -0.5 per consonant in the response.
 
     Readable at a glance ("strk" scores -2, "aia eo" +2.5), it needs no download and works on
     the decoded text of any model. Spaces and punctuation score 0, and a longer vowel-rich
-    answer beats a short one, so stopping early is not a way to win.
-    """
+    answer beats a short one, so stopping early is not a way to win. 10 more vowels than
+    consonants reach the default clip of 5."""
     scores = []
     for response in responses:
         letters = [c for c in response.lower() if "a" <= c <= "z"]
-        vowels = sum(c in VOWELS for c in letters)
-        scores.append(VOWEL_POINTS * (vowels - (len(letters) - vowels)))
+        vowels = sum(c in "aeiou" for c in letters)
+        scores.append(0.5 * (vowels - (len(letters) - vowels)))
     return scores
 
 
@@ -1949,17 +1907,16 @@ class RewardModelScorer:
     """Scores prompt and response with a frozen `AutoModelForSequenceClassification`, through
     the reward model's own tokenizer (it need not share the policy's vocabulary).
 
-    A reward model whose tokenizer has a chat template reads the conversation as it was
-    trained to: the prompt's messages (a plain-text prompt as one user message) plus
-    {"role": "assistant", "content": response}, rendered by its template, whose special
-    tokens are not added twice. A plain classifier reads prompt + response as one string (a
-    conversation's message contents, one per line, then the response).
+    With a chat template it reads the conversation as it was trained to: the prompt's messages
+    (a plain prompt as one user message) plus {"role": "assistant", "content": response},
+    rendered by its template, whose special tokens are not added twice. A plain classifier
+    reads prompt + response as one string (a conversation's contents, one per line, first).
 
-    Its context (`self.context` tokens, the smaller of its tokenizer's and its model's limit)
-    must hold prompt + response: prompts that cannot leave room for --max-new-tokens are left
-    out at the start (`fits`). Should a text still be longer (its tokenizer splits a response
-    into more tokens than the policy's), it is cut from the left, in the prompt, with one
-    warning; a response it could not read whole is an error, never a score."""
+    Its context (`self.context`, the smaller of its tokenizer's and its model's limit) must
+    hold prompt + response: prompts without room for --max-new-tokens are left out at the
+    start (`fits`). Should a text still be longer (its tokenizer splits a response into more
+    tokens than the policy's), it is cut from the left, in the prompt, with one warning; a
+    response it could not read whole is an error, never a score."""
 
     def __init__(self, name: str, label: str | None, device: torch.device,
                  dtype: torch.dtype = torch.float32, log: Callable = print):
@@ -1978,48 +1935,36 @@ class RewardModelScorer:
         fuse_gelu(self.model)
         self.model.to(device).eval().requires_grad_(False)
         self.device, self.log, self.warned = device, log, False
-        self.label = self._label_index(label, self.model.config)
         self.context = min(self.tokenizer.model_max_length, context_length(config) or 10 ** 9)
+        labels, n = config.label2id, config.num_labels
+        if label is None and n > 1:
+            raise UsageError(f"the reward model has {n} labels {list(config.id2label.values())}"
+                             "; pick one with --reward-label")
+        self.label = (0 if label is None else int(label) if label.isdigit() and int(label) < n
+                      else labels.get(label))
+        if self.label is None:
+            raise UsageError(f"--reward-label {label!r} is not one of {list(labels)} or an "
+                             f"index below {n}")
 
-    @staticmethod
-    def _label_index(label: str | None, config) -> int:
-        if label is None:
-            if config.num_labels == 1:
-                return 0
-            raise UsageError(f"the reward model has {config.num_labels} labels "
-                             f"{list(config.id2label.values())}; pick one with --reward-label")
-        if label.isdigit() and int(label) < config.num_labels:
-            return int(label)
-        if label in config.label2id:
-            return config.label2id[label]
-        raise UsageError(f"--reward-label {label!r} is not one of "
-                         f"{list(config.label2id)} or an index below {config.num_labels}")
-
-    def texts(self, prompts: list, responses: list[str]) -> list[str]:
-        """What the reward model reads, one string per response."""
-        if self.tokenizer.chat_template:
-            return [self.tokenizer.apply_chat_template(
-                (p if isinstance(p, list) else [{"role": "user", "content": p}])
-                + [{"role": "assistant", "content": r}], tokenize=False)
-                for p, r in zip(prompts, responses)]
-        return [(p if isinstance(p, str) else "".join(m["content"] + "\n" for m in p)) + r
-                for p, r in zip(prompts, responses)]
-
-    def prefixes(self, prompts: list) -> list[str]:
-        """What the reward model reads before each response."""
-        if self.tokenizer.chat_template:
-            return [self.tokenizer.apply_chat_template(
-                p if isinstance(p, list) else [{"role": "user", "content": p}],
-                tokenize=False, add_generation_prompt=True) for p in prompts]
-        return self.texts(prompts, [""] * len(prompts))
+    def texts(self, prompts: list, responses: list[str] | None = None) -> list[str]:
+        """What the reward model reads: each prompt and its response; without `responses`,
+        what it reads before the response."""
+        replies = [""] * len(prompts) if responses is None else responses
+        if not self.tokenizer.chat_template:
+            return [(p if isinstance(p, str) else "".join(m["content"] + "\n" for m in p)) + r
+                    for p, r in zip(prompts, replies)]
+        return [self.tokenizer.apply_chat_template(
+            (p if isinstance(p, list) else [{"role": "user", "content": p}])
+            + ([] if responses is None else [{"role": "assistant", "content": r}]),
+            tokenize=False, add_generation_prompt=responses is None)
+            for p, r in zip(prompts, replies)]
 
     def lengths(self, texts: list[str]) -> list[int]:
         ids = self.tokenizer(texts, add_special_tokens=not self.tokenizer.chat_template)
         return [len(row) for row in ids["input_ids"]]
 
     def fits(self, prompts: list, max_new_tokens: int) -> list[bool]:
-        """Whether each prompt leaves room for a response of `max_new_tokens` tokens (one
-        batched tokenizer call for all)."""
+        """Whether each prompt leaves room for a response of `max_new_tokens` tokens."""
         lengths = self.lengths(self.texts(prompts, [""] * len(prompts)))
         return [n + max_new_tokens <= self.context for n in lengths]
 
@@ -2029,7 +1974,7 @@ class RewardModelScorer:
         lengths = self.lengths(texts)
         over = [b for b, n in enumerate(lengths) if n > self.context]
         if over:  # the cut must stay inside what precedes the response
-            room = self.lengths(self.prefixes([prompts[b] for b in over]))
+            room = self.lengths(self.texts([prompts[b] for b in over]))
             if any(lengths[b] - self.context > n for b, n in zip(over, room)):
                 raise UsageError(f"the reward model cannot read a whole response: prompt + "
                                  f"response exceed its context of {self.context} tokens by more "
@@ -2053,10 +1998,10 @@ def load_reward_fn(spec: str) -> Callable[[list, list[str]], list[float]]:
                          "'file.py:function'")
     try:
         if module_name.endswith(".py"):
+            if not Path(module_name).is_file():
+                raise ImportError(f"no file {module_name}")
             module_spec = importlib.util.spec_from_file_location(Path(module_name).stem,
                                                                  module_name)
-            if module_spec is None or not Path(module_name).is_file():
-                raise ImportError(f"no file {module_name}")
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         else:
@@ -2074,8 +2019,7 @@ def checked_scores(fn: Callable, name: str) -> Callable[[list, list[str]], torch
     """Wraps a scorer so a wrong count, a non-finite score or an exception is a UsageError."""
     def score(prompts: list, responses: list[str]) -> torch.Tensor:
         try:
-            raw = fn(prompts, responses)
-            scores = torch.as_tensor(raw, dtype=torch.float32).flatten().cpu()
+            scores = torch.as_tensor(fn(prompts, responses), dtype=torch.float32).flatten().cpu()
         except Exception as e:  # user code: any failure is the user's to fix, in one line
             raise UsageError(f"{name} failed: {type(e).__name__}: {first_line(e)}") from e
         if scores.numel() != len(responses):
@@ -2128,34 +2072,36 @@ def load_prompts(path: str | None, option: str = "--prompts", split: str = "trai
     if file.suffix in DATASET_FILES or not file.is_file():
         return dataset_prompts(path, option, split, column)
     prompts = []
-    lines = file.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if file.suffix != ".jsonl":
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip() and file.suffix != ".jsonl":
             prompts.append(line)
-            continue
-        where = f"{option} {path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{where}: not JSON ({e.msg})") from e
-        if not isinstance(record, dict) or not ({"prompt", "messages"} & set(record)):
-            raise UsageError(f"{where}: each JSONL line needs a field 'prompt' (a string or a "
-                             "list of messages) or 'messages'")
-        name = "prompt" if "prompt" in record else "messages"
-        prompts.append(prompt_from(record[name], name, where))
+        elif line.strip():
+            where = f"{option} {path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{where}: not JSON ({e.msg})") from e
+            if not isinstance(record, dict) or not ({"prompt", "messages"} & set(record)):
+                raise UsageError(f"{where}: each JSONL line needs a field 'prompt' (a string or "
+                                 "a list of messages) or 'messages'")
+            name = "prompt" if "prompt" in record else "messages"
+            prompts.append(prompt_from(record[name], name, where))
     if not prompts:
         raise UsageError(f"{option} {path!r} holds no prompt")
     return prompts
 
 
 def prompt_from(value, column: str, where: str):
-    """One prompt: a string as it is, or a conversation (from "messages": without a trailing
-    assistant message)."""
+    """One prompt: a string as it is, or a conversation, a non-empty list of {"role": str,
+    "content": str} messages (from "messages": without a trailing assistant message)."""
     if isinstance(value, str):
         return value
-    messages = checked_messages(value, where)
+    if not (isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in value)):
+        raise UsageError(f"{where}: a conversation must be a non-empty list of "
+                         '{"role": ..., "content": ...} messages with string values')
+    messages = [{"role": m["role"], "content": m["content"]} for m in value]
     if column == "messages" and len(messages) > 1 and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     return messages
@@ -2167,22 +2113,17 @@ def dataset_prompts(path: str, option: str, split: str, column: str | None) -> l
     import datasets
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
-    local = Path(path).exists()
+    local, suffix = Path(path).exists(), Path(path).suffix
     try:
-        if Path(path).suffix in DATASET_FILES:
-            dataset = datasets.load_dataset(DATASET_FILES[Path(path).suffix], data_files=path,
-                                            split=split)
+        if suffix in DATASET_FILES:
+            dataset = datasets.load_dataset(DATASET_FILES[suffix], data_files=path, split=split)
         elif local and any((Path(path) / name).exists() for name in (
                 "dataset_dict.json", "dataset_info.json", "state.json")):  # save_to_disk
             dataset = datasets.load_from_disk(path)
-            if isinstance(dataset, datasets.DatasetDict):
-                if split not in dataset:
-                    raise ValueError(f"Unknown split {split!r}. Should be one of "
-                                     f"{list(dataset)}.")
-                dataset = dataset[split]
-            elif split != "train":
-                raise ValueError(f"Unknown split {split!r}: a single dataset, saved without "
-                                 "splits, counts as 'train'")
+            splits = dataset if isinstance(dataset, datasets.DatasetDict) else {"train": dataset}
+            if split not in splits:  # a dataset saved without splits counts as 'train'
+                raise ValueError(f"Unknown split {split!r}. Should be one of {list(splits)}.")
+            dataset = splits[split]
         else:  # a directory of data files, or a Hub id
             dataset = datasets.load_dataset(path, split=split)
     except (ValueError, KeyError) as e:
@@ -2214,22 +2155,11 @@ def dataset_prompts(path: str, option: str, split: str, column: str | None) -> l
     return prompts
 
 
-def checked_messages(messages, where: str) -> list[dict]:
-    """A conversation: a non-empty list of {"role": str, "content": str} messages."""
-    if not (isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str) for m in messages)):
-        raise UsageError(f"{where}: a conversation must be a non-empty list of "
-                         '{"role": ..., "content": ...} messages with string values')
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
 def prompt_token_ids(tokenizer, prompt) -> list[int]:
     """The policy's tokens for one prompt. A string is tokenized as is (with the tokenizer's
-    own special tokens, as before chat models). A conversation is rendered by the tokenizer's
-    chat template with add_generation_prompt=True (ending where the assistant's reply
-    begins) and tokenized with add_special_tokens=False: the template already wrote BOS and
-    every other special token, and adding them again doubles the BOS."""
+    own special tokens, as before chat models). A conversation is rendered by the chat
+    template with add_generation_prompt=True (ending where the assistant's reply begins) and
+    tokenized without adding special tokens: the template wrote them (a second BOS otherwise)."""
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"]
     if not tokenizer.chat_template:
@@ -2239,7 +2169,7 @@ def prompt_token_ids(tokenizer, prompt) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-PROMPT_CHUNK = 1024
+PROMPT_CHUNK = 1024  # prompts per batched call (a tokenizer's output holds offsets and masks)
 
 
 def usable_prompts(prompts: list, tokenizer, score_fn, cfg: Config, what: str,
@@ -2250,34 +2180,30 @@ def usable_prompts(prompts: list, tokenizer, score_fn, cfg: Config, what: str,
     prompts that leave a reward model too little of its context for a response of
     --max-new-tokens. None is cut instead: a prompt cut from the left loses its chat header
     and BOS, and the reward model would score the answer to another prompt than the policy
-    saw (or cut the response it scores)."""
-    # tokenized once: plain prompts in batched calls of PROMPT_CHUNK (a tokenizer's output
-    # holds offsets and masks besides the ids: one call for 100k prompts would hold them all),
-    # conversations through the chat template
+    saw (or cut the response it scores). Plain prompts are tokenized in chunks."""
+    def chunked(fn, indices):  # fn(items) for PROMPT_CHUNK of `indices` at a time
+        return [out for start in range(0, len(indices), PROMPT_CHUNK)
+                for out in fn([prompts[i] for i in indices[start:start + PROMPT_CHUNK]])]
+
     plain = [i for i, prompt in enumerate(prompts) if isinstance(prompt, str)]
     ids = [None if isinstance(p, str) else prompt_token_ids(tokenizer, p) for p in prompts]
-    for start in range(0, len(plain), PROMPT_CHUNK):
-        chunk = plain[start:start + PROMPT_CHUNK]
-        for i, row in zip(chunk, tokenizer([prompts[i] for i in chunk])["input_ids"]):
-            ids[i] = row
+    for i, row in zip(plain, chunked(lambda chunk: tokenizer(chunk)["input_ids"], plain)):
+        ids[i] = row
     if any(len(row) == 0 for row in ids):
         raise UsageError(f"{what} holds a prompt with no token; remove empty prompts")
     too_long = [len(row) > cfg.max_prompt_length for row in ids]
-    fits = getattr(score_fn, "fits", None)
     short = [i for i, long in enumerate(too_long) if not long]
-    no_room = [False] * len(prompts)
-    for start in range(0, len(short) if fits is not None else 0, PROMPT_CHUNK):
-        chunk = short[start:start + PROMPT_CHUNK]
-        for i, ok in zip(chunk, fits([prompts[i] for i in chunk], cfg.max_new_tokens)):
+    no_room, fits = [False] * len(prompts), getattr(score_fn, "fits", None)
+    if fits is not None:
+        for i, ok in zip(short, chunked(lambda chunk: fits(chunk, cfg.max_new_tokens), short)):
             no_room[i] = not ok
     keep = [i for i in range(len(prompts)) if not (too_long[i] or no_room[i])]
     if len(keep) < len(prompts):
-        reasons = [f"{sum(too_long)} longer than --max-prompt-length {cfg.max_prompt_length}",
-                   f"{sum(no_room)} too long for the reward model to read with a response of "
-                   f"--max-new-tokens {cfg.max_new_tokens}"]
+        reasons = [(sum(too_long), f"longer than --max-prompt-length {cfg.max_prompt_length}"),
+                   (sum(no_room), "too long for the reward model to read with a response of "
+                    f"--max-new-tokens {cfg.max_new_tokens}")]
         message = (f"{len(prompts) - len(keep)} of the {len(prompts)} prompts of {what} ("
-                   + "; ".join(r for r, n in zip(reasons, (sum(too_long), sum(no_room))) if n)
-                   + ")")
+                   + "; ".join(f"{n} {reason}" for n, reason in reasons if n) + ")")
         if not keep:
             raise UsageError(f"{message}: none is left; raise --max-prompt-length or lower "
                              "--max-new-tokens")
@@ -2294,19 +2220,9 @@ def context_length(config) -> int | None:
                                                            None)
 
 
-def check_prompt_lengths(prompt_ids: list[list[int]], actor, cfg: Config) -> None:
-    """The longest prompt + a response of --max-new-tokens must fit the policy's context."""
-    context, longest = context_length(actor.config), max(len(ids) for ids in prompt_ids)
-    if context is not None and longest + cfg.max_new_tokens > context:
-        raise UsageError(f"prompts of up to {longest} tokens + --max-new-tokens "
-                         f"{cfg.max_new_tokens} exceed the model's context of {context}; "
-                         "lower --max-new-tokens or --max-prompt-length")
-
-
 # ------------------------------------------------------------------------------------------------
 # 13. Data parallelism (torchrun): DDP replicas, or FSDP2 shards (--data-parallel fsdp). The
-# only code that knows other ranks exist; with a single process every function here is the
-# identity or its local twin.
+# only code that knows other ranks exist; in one process each function is the identity.
 # ------------------------------------------------------------------------------------------------
 
 def world() -> tuple[int, int]:
@@ -2317,15 +2233,13 @@ def world() -> tuple[int, int]:
 
 
 class DataParallel(SingleProcess):
-    """Part I's `SingleProcess` operations over every rank of a torchrun job (the identity in
-    one process), and an optimizer step that skips a non-finite step on the device: GradScaler
-    at scale 1 finds inf/NaN where the gradients are and the fused AdamW skips itself, where
-    `SingleProcess.step` waits for the device to decide. FSDP: GradScaler's inf/NaN flag on
-    DTensor gradients is reduced over the ranks, so all skip or step together."""
+    """Part I's `SingleProcess` operations over every rank of a torchrun job, and an optimizer
+    step that skips a non-finite step on the device: GradScaler at scale 1 finds inf/NaN where
+    the gradients are and the fused AdamW skips itself, where `SingleProcess.step` waits for
+    the device to decide. FSDP reduces GradScaler's flag over the ranks: all skip together."""
 
     def __init__(self, device: torch.device, actor: nn.Module, critic: nn.Module):
-        self.device = device
-        self.rank, self.size = world()
+        self.device, (self.rank, self.size) = device, world()
         # DDP averages the gradients of the trained models over ranks (FSDP's are sharded)
         self.replicas = ({id(m): replicate(m, device) for m in (actor, critic)}
                          if self.size > 1 and not is_sharded(actor) else {})
@@ -2352,16 +2266,13 @@ class DataParallel(SingleProcess):
         return indices[self.rank * per_rank:(self.rank + 1) * per_rank]
 
     def no_sync(self, actor, critic, last: bool):
-        """Skip the gradient reduction on all but the last micro-batch of a minibatch: DDP's
+        """No gradient reduction on all but the last micro-batch of a minibatch: DDP's
         all-reduce, or FSDP's reduce-scatter (gradients accumulate unsharded until the last)."""
         stack = ExitStack()
-        if last:
-            return stack
-        if isinstance(actor, nn.parallel.DistributedDataParallel):
-            stack.enter_context(actor.no_sync())
-            stack.enter_context(critic.no_sync())
-        elif is_sharded(actor):
-            for model in (actor, critic):
+        for model in (actor, critic) if not last else ():
+            if isinstance(model, nn.parallel.DistributedDataParallel):
+                stack.enter_context(model.no_sync())
+            elif is_sharded(model):
                 model.set_requires_gradient_sync(False)
                 stack.callback(model.set_requires_gradient_sync, True)
         return stack
@@ -2420,7 +2331,6 @@ def replicate(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether `model` is sharded with FSDP2 (`fully_shard`)."""
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
 
@@ -2462,17 +2372,20 @@ def full_state_dict(model: nn.Module) -> dict:
                                                                cpu_offload=True))
 
 
-def init_distributed(device_name: str) -> torch.device:
-    """Under torchrun join the process group: NCCL with one GPU per rank, or gloo on CPUs."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return resolve_device(device_name)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    device = resolve_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+def init_distributed(name: str) -> torch.device:
+    """The run's device; under torchrun, after joining the process group: NCCL with one GPU
+    per rank, or gloo on CPUs."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
 
 
@@ -2487,15 +2400,6 @@ def leave_process_group(together: bool) -> None:
         torch.distributed.destroy_process_group()
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
-
-
 # ------------------------------------------------------------------------------------------------
 # 14. The output directory (one run each, locked) and checkpoints: everything needed to
 # continue exactly, written atomically, loaded without running code.
@@ -2503,36 +2407,31 @@ def resolve_device(name: str) -> torch.device:
 
 CHECKPOINT = "checkpoint.pt"
 SHARDED_CHECKPOINT = "checkpoint"  # a directory: torch.distributed.checkpoint, files per rank
-METRICS = "metrics.jsonl"
-SAMPLES = "samples.jsonl"  # each evaluation's prompts, responses and scores
+METRICS, SAMPLES = "metrics.jsonl", "samples.jsonl"  # each iteration's row; evaluations' answers
 POLICY = "policy"  # the trained policy, a save_pretrained directory
 ADAPTER = "adapter"  # with LoRA: the actor's adapter alone, a PEFT directory
-# options that may change between a run and its resumption; any other difference is refused
-RESUMABLE_OPTIONS = {"steps", "resume", "overwrite", "save_every", "output_dir", "device",
-                     "samples", "tensorboard", "wandb", "wandb_project", "eval_every",
-                     "max_skipped_updates",
-                     # memory knobs, to resume a run that ran out of memory: they move results
-                     # by float rounding only
-                     "micro_batch_size", "rollout_micro_batch_size", "gradient_checkpointing"}
-
-
-LOCK_FILE = ".ppo_rlhf.lock"
-WANDB_ID_FILE = ".wandb_run_id"
-# what a run writes: its presence marks a directory as holding an earlier run's results, and
-# --overwrite deletes all of it (with the TensorBoard event files and W&B's local files)
+LOCK_FILE, WANDB_ID_FILE = ".ppo_rlhf.lock", ".wandb_run_id"
+# what a run writes: its presence marks an earlier run's results, and --overwrite deletes it
+# all (with the TensorBoard event files and W&B's local files)
 RUN_FILES = (CHECKPOINT, SHARDED_CHECKPOINT, SHARDED_CHECKPOINT + ".old", METRICS, SAMPLES,
              POLICY, ADAPTER)
 SCRATCH = (CHECKPOINT + ".tmp", SHARDED_CHECKPOINT + ".tmp", POLICY + ".tmp", ADAPTER + ".tmp",
            WANDB_ID_FILE, "wandb")
+# options that may change between a run and its resumption (the last three are memory knobs,
+# to go on after running out of memory: they move results by float rounding only)
+RESUMABLE_OPTIONS = {"steps", "resume", "overwrite", "save_every", "output_dir", "device",
+                     "samples", "tensorboard", "wandb", "wandb_project", "eval_every",
+                     "max_skipped_updates", "micro_batch_size", "rollout_micro_batch_size",
+                     "gradient_checkpointing"}
 
 
+@dataclass
 class OutputLock:
-    """An exclusive `flock` on <out>/.ppo_rlhf.lock, held by rank 0 while a run uses `out`. The
-    kernel drops it when the process ends, however it ends: a crash or SIGKILL leaves nothing
-    stuck. (No `fcntl` on Windows: there the lock is not taken.)"""
-
-    def __init__(self, out: Path, file=None, created: bool = False):
-        self.out, self.file, self.created = out, file, created
+    """The run's output directory and rank 0's exclusive `flock` on its lock file, which the
+    kernel drops when the process ends, however it ends (no `fcntl` on Windows: no lock)."""
+    out: Path
+    file: object = None  # the open lock file; None on the other ranks
+    created: bool = False  # this run made the directory
 
     def __enter__(self) -> "OutputLock":
         return self
@@ -2541,42 +2440,40 @@ class OutputLock:
         self.release(remove_created=exc_type is not None)
 
     def discard_earlier_run(self) -> None:
-        """--overwrite: delete all the earlier run wrote, once the new run has loaded (a start
-        that fails destroys nothing)."""
+        """--overwrite, once the new run has loaded (a start that fails destroys nothing)."""
         if self.file is not None:
             for path in [*(self.out / name for name in RUN_FILES + SCRATCH),
                          *self.out.glob("events.out.tfevents.*")]:
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
     def release(self, remove_created: bool = False) -> None:
-        """Unlock; with `remove_created`, also remove the directory if this run created it and
+        """Unlock; with `remove_created`, also remove the directory if this run made it and
         wrote nothing there but the lock (a run that failed at its start)."""
-        if self.file is None:
-            return
-        self.file.close()
-        self.file = None
-        if remove_created and self.created and [p.name for p in self.out.iterdir()] == [
-                LOCK_FILE]:
-            (self.out / LOCK_FILE).unlink()
-            self.out.rmdir()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            if remove_created and self.created and [p.name for p in self.out.iterdir()] == [
+                    LOCK_FILE]:
+                (self.out / LOCK_FILE).unlink()
+                self.out.rmdir()
 
 
 def claim_output_dir(cfg: Config, rank: int) -> OutputLock:
     """The run's output directory, checked and locked by rank 0 before anything loads; every
-    rank gets its answer. By default a new runs/<model>__<seed>__<date-time> (CleanRL's
-    name; -2, -3... taken by atomic mkdir when runs start together). Refused (UsageError): an
-    earlier run's results without --resume or --overwrite, --resume without a checkpoint, a
-    directory that cannot be written or that a live run holds."""
+    rank gets its answer. By default a new runs/<model>__<seed>__<date-time> (CleanRL's name;
+    -2, -3... taken by atomic mkdir when runs start together). Refused: an earlier run's
+    results without --resume or --overwrite, --resume without a checkpoint, a directory that
+    cannot be written or that a live run holds."""
     lock, error = None, None
     if rank == 0:
         try:
             lock = lock_output_dir(cfg)
         except UsageError as e:
             error = str(e)
-    out_name, error = gather_objects((str(lock.out) if lock else None, error))[0]
+    out, error = gather_objects((lock and str(lock.out), error))[0]
     if error:
         raise UsageError(error)
-    return lock or OutputLock(Path(out_name))  # other ranks: the path, no lock
+    return lock or OutputLock(Path(out))
 
 
 def lock_output_dir(cfg: Config) -> OutputLock:
@@ -2585,11 +2482,8 @@ def lock_output_dir(cfg: Config) -> OutputLock:
         model = "tiny-gpt2" if cfg.model == BUILTIN_MODEL else Path(cfg.model.rstrip("/")).name
         model = "".join(c if c.isalnum() or c in "._-" else "_" for c in model)
         base = Path("runs") / f"{model}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-        for n in itertools.count(1):
-            out = base if n == 1 else base.with_name(f"{base.name}-{n}")
-            if not out.exists():
-                break
-        created = True
+        numbered = (base.with_name(f"{base.name}-{n}") for n in itertools.count(2))
+        out = next(path for path in itertools.chain([base], numbered) if not path.exists())
     else:
         out = Path(cfg.output_dir)
         earlier = [name for name in RUN_FILES if (out / name).exists()]
@@ -2601,25 +2495,24 @@ def lock_output_dir(cfg: Config) -> OutputLock:
             raise UsageError(f"--resume: no checkpoint in {out}; start without --resume")
         if out.exists() and not out.is_dir():
             raise UsageError(f"--output-dir {out} cannot be written: it is a file")
-        created = not out.exists()
+    created = cfg.output_dir is None or not out.exists()
     try:
         if created:
             out.mkdir(parents=True, exist_ok=cfg.output_dir is not None)
         file = open(out / LOCK_FILE, "a+")
+        if fcntl is not None:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except FileExistsError:  # a run started in the same second took that name
         return lock_output_dir(cfg)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "unknown"
+        file.close()
+        raise UsageError(f"--output-dir {out} is in use by another run (pid {holder}); "
+                         "wait for it to end or pass another --output-dir") from None
     except OSError as e:
         where = f"--output-dir {out}" if cfg.output_dir else f"the output directory {out}"
         raise UsageError(f"{where} cannot be written: {e.strerror or first_line(e)}") from e
-    if fcntl is not None:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip() or "unknown"
-            file.close()
-            raise UsageError(f"--output-dir {out} is in use by another run (pid {holder}); "
-                             "wait for it to end or pass another --output-dir") from None
     file.seek(0)
     file.truncate()
     file.write(f"{os.getpid()}\n")
@@ -2644,21 +2537,6 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def rng_state() -> dict:
-    """This process's random state: Python, torch CPU and, if used, the CUDA device."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def resume_fingerprint(cfg: Config) -> dict:
     """The options a checkpoint must agree with, and the number of ranks that wrote it."""
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_OPTIONS}
@@ -2667,15 +2545,15 @@ def resume_fingerprint(cfg: Config) -> dict:
 
 def find_checkpoint(out: Path) -> Path | None:
     """checkpoint/meta.pt (sharded), checkpoint.old/meta.pt (a kill between
-    `save_sharded_checkpoint`'s two renames left it), or checkpoint.pt in `out`; or None."""
+    `save_checkpoint`'s two renames left it), or checkpoint.pt in `out`; or None."""
     candidates = [out / SHARDED_CHECKPOINT / "meta.pt",
                   out / (SHARDED_CHECKPOINT + ".old") / "meta.pt", out / CHECKPOINT]
     return next((path for path in candidates if path.is_file()), None)
 
 
 def load_checkpoint(out: Path, cfg: Config) -> dict:
-    """What `save_checkpoint` wrote (sharded: meta.pt; `restore_checkpoint` reads the shards),
-    its options checked against `cfg`; tensors and plain containers only (weights_only)."""
+    """What `save_checkpoint` wrote (sharded: meta.pt, and the shards' "directory"), its
+    options checked against `cfg`; tensors and plain containers only (weights_only)."""
     path = find_checkpoint(out)
     if path is None:
         raise UsageError(f"--resume: no checkpoint in {out}; start without --resume")
@@ -2686,12 +2564,10 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
         raise UsageError(f"--resume: {path} is not a checkpoint this program wrote, or is "
                          f"damaged; refusing to load it ({type(e).__name__}: "
                          f"{first_line(e)[:200]})") from e
-    saved = state["fingerprint"]
-    now = resume_fingerprint(cfg)
+    saved, now = state["fingerprint"], resume_fingerprint(cfg)
     if directory:  # sharded checkpoints are resharded to any number of ranks
         saved, now = ({k: v for k, v in d.items() if k != "world_size"} for d in (saved, now))
-    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if differ:
+    if differ := sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)):
         changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
         raise UsageError(f"--resume: {path} was written with other options ({changes}); "
                          "resume with the same options or use another --output-dir")
@@ -2706,47 +2582,17 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
     return {**state, "directory": directory}
 
 
-def save_checkpoint(run, step: int) -> None:
-    """All `--resume` needs to continue exactly: what the models train (with LoRA: adapters and
-    value head), optimizers, schedules, beta, the checks, the step, every rank's random state.
-    fsdp: every rank writes its shards (any number of ranks resumes); else rank 0 one file."""
-    meta = {"step": step, "steps": run.cfg.steps, "kl_coef": run.state.kl_coef,
-            "reward_norm": list(run.state.reward_norm),
-            "fingerprint": resume_fingerprint(run.cfg),
-            "schedulers": [scheduler.state_dict() for scheduler in run.schedulers],
-            "checks": run.checks.state_dict(),
-            "rng": gather_objects(rng_state())}  # every rank's sampler state
-    if run.cfg.data_parallel == "fsdp":
-        save_sharded_checkpoint(run, meta)
-    elif run.rank == 0:
-        state = dict(meta)
-        for name, model, optimizer in trained_models(run):
-            state[name], state[name + "_optimizer"] = trained_state(model), optimizer.state_dict()
-        atomic_save(state, run.out / CHECKPOINT)
-        for name in (SHARDED_CHECKPOINT, SHARDED_CHECKPOINT + ".old"):  # superseded
-            shutil.rmtree(run.out / name, ignore_errors=True)
-    run.saved_step = step
-
-
 def trained_state(model: nn.Module) -> dict:
     """{name: tensor} of the parameters `model` trains: with LoRA, megabytes, not the base."""
     trained = {id(p) for p in trainable_parameters(model)}
     return {name: p.detach() for name, p in model.named_parameters() if id(p) in trained}
 
 
-def load_trained_state(model: nn.Module, state: dict) -> None:
-    parameters = dict(model.named_parameters())
-    expected = trained_state(model).keys()
-    if state.keys() != expected:
-        raise UsageError(f"the checkpoint's trained weights ({len(state)}) are not those this "
-                         f"model trains ({len(expected)}): it was written by another model")
-    with torch.no_grad():
-        for name, value in state.items():
-            parameters[name].copy_(value)
-
-
-def checkpoint_path(run) -> Path:
-    return run.out / (SHARDED_CHECKPOINT if run.cfg.data_parallel == "fsdp" else CHECKPOINT)
+def training_state(run) -> dict:
+    """Models and optimizers as `torch.distributed.checkpoint` state dicts (sharded: DTensors)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    return {name: state for name, model, optimizer in trained_models(run)
+            for name, state in zip((name, name + "_optimizer"), get_state_dict(model, optimizer))}
 
 
 def trained_models(run) -> tuple:
@@ -2754,42 +2600,42 @@ def trained_models(run) -> tuple:
             ("critic", run.models.critic, run.critic_optimizer))
 
 
-def training_state(run) -> dict:
-    """Models and optimizers as `torch.distributed.checkpoint` state dicts (sharded: DTensors)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    state = {}
-    for name, model, optimizer in trained_models(run):
-        state[name], state[name + "_optimizer"] = get_state_dict(model, optimizer)
-    return state
-
-
-def save_sharded_checkpoint(run, meta: dict) -> None:
-    """Every rank writes its shards into checkpoint.tmp/ (`torch.distributed.checkpoint`);
-    then rank 0 adds meta.pt and renames it over checkpoint/, the old one moved aside first."""
-    import torch.distributed.checkpoint as dcp
-    tmp, final, old = (run.out / (SHARDED_CHECKPOINT + suffix) for suffix in (".tmp", "", ".old"))
-    if run.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
-    with single_process_dcp_quiet():  # returns when every rank has written
-        dcp.save(training_state(run), checkpoint_id=str(tmp))
-    if run.rank == 0:
-        torch.save(meta, tmp / "meta.pt")
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        (run.out / CHECKPOINT).unlink(missing_ok=True)  # superseded
-    barrier()
-
-
-@contextmanager
-def single_process_dcp_quiet():
-    """No warning that `torch.distributed.checkpoint` assumes one process: so it does."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        yield
+def save_checkpoint(run, step: int) -> None:
+    """All `--resume` needs to continue exactly: what the models train (with LoRA: adapters and
+    value head), optimizers, schedules, beta, the checks, the step, every rank's random state.
+    fsdp: every rank writes its shards into checkpoint.tmp/ (any number of ranks resumes),
+    then rank 0 adds meta.pt and renames it over checkpoint/, the old one moved aside first;
+    else rank 0 writes one file."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
+    meta = {"step": step, "steps": run.cfg.steps, "kl_coef": run.state.kl_coef,
+            "reward_norm": list(run.state.reward_norm), "fingerprint": resume_fingerprint(run.cfg),
+            "schedulers": [scheduler.state_dict() for scheduler in run.schedulers],
+            "checks": run.checks.state_dict(), "rng": gather_objects(rng)}  # every rank's
+    if run.cfg.data_parallel == "fsdp":
+        import torch.distributed.checkpoint as dcp
+        tmp, final, old = (run.out / (SHARDED_CHECKPOINT + end) for end in (".tmp", "", ".old"))
+        if run.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        dcp.save(training_state(run), checkpoint_id=str(tmp))  # returns when all have written
+        if run.rank == 0:
+            torch.save(meta, tmp / "meta.pt")
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            (run.out / CHECKPOINT).unlink(missing_ok=True)  # superseded
+        barrier()
+    elif run.rank == 0:
+        for name, model, optimizer in trained_models(run):
+            meta[name], meta[name + "_optimizer"] = trained_state(model), optimizer.state_dict()
+        atomic_save(meta, run.out / CHECKPOINT)
+        for name in (SHARDED_CHECKPOINT, SHARDED_CHECKPOINT + ".old"):  # superseded
+            shutil.rmtree(run.out / name, ignore_errors=True)
+    run.saved_step = step
 
 
 def restore_checkpoint(run) -> None:
@@ -2800,23 +2646,33 @@ def restore_checkpoint(run) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
         shards = training_state(run)  # the layout of this run: dcp reads into it
-        with single_process_dcp_quiet():
-            dcp.load(shards, checkpoint_id=str(state["directory"]))
-        for name, model, optimizer in trained_models(run):
+        dcp.load(shards, checkpoint_id=str(state["directory"]))
+    for name, model, optimizer in trained_models(run):
+        if state["directory"]:
             set_state_dict(model, optimizer, model_state_dict=shards[name],
                            optim_state_dict=shards[name + "_optimizer"])
-    else:
-        for name, model, optimizer in trained_models(run):
-            load_trained_state(model, state[name])
-            optimizer.load_state_dict(state[name + "_optimizer"])
+            continue
+        if state[name].keys() != trained_state(model).keys():
+            raise UsageError(f"the checkpoint's trained weights ({len(state[name])}) are not "
+                             f"those this model trains ({len(trained_state(model))}): it was "
+                             "written by another model")
+        with torch.no_grad():
+            for key, parameter in model.named_parameters():
+                if key in state[name]:
+                    parameter.copy_(state[name][key])
+        optimizer.load_state_dict(state[name + "_optimizer"])
     for scheduler, scheduler_state in zip(run.schedulers, state["schedulers"]):
         scheduler.load_state_dict(scheduler_state)
     run.checks.load_state_dict(state["checks"])
     run.state = LoopState(step=state["step"], kl_coef=state["kl_coef"],
-                          reward_norm=tuple(state.get("reward_norm", (0.0, 1.0))))
+                          reward_norm=tuple(state["reward_norm"]))
     run.saved_step = run.state.step
     if len(state["rng"]) == run.parallel.size:
-        set_rng_state(state["rng"][run.rank])
+        rng = state["rng"][run.rank]
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     else:  # another number of ranks samples other responses anyway: fresh, distinct seeds
         random.seed(run.cfg.seed + run.state.step)
         torch.manual_seed(run.cfg.seed + run.state.step * run.parallel.size + run.rank)
@@ -2829,123 +2685,94 @@ def restore_checkpoint(run) -> None:
 # 15. Runtime and the command line.
 # ------------------------------------------------------------------------------------------------
 
+LIMITS = [  # (the rule, the options it holds for, its test); None means unset and passes
+    ("batch sizes must be >= 1", "batch_size mini_batch_size micro_batch_size "
+     "rollout_micro_batch_size", lambda v: v >= 1),
+    ("must be >= 1", "steps ppo_epochs max_new_tokens max_prompt_length kl_horizon eval_every "
+     "max_skipped_updates normalize_reward_samples", lambda v: v >= 1),
+    ("must be > 0", "temperature actor_lr critic_lr max_grad_norm cliprange cliprange_value "
+     "kl_target clip_reward_value lora_alpha", lambda v: v > 0),
+    ("must be >= 0", "top_k kl_ctl ent_coef weight_decay warmup_steps critic_warmup_steps "
+     "save_every lora_r", lambda v: v >= 0),
+    ("must be in [0, 1]", "gamma lam", lambda v: 0 <= v <= 1),
+    ("must be in (0, 1]", "top_p", lambda v: 0 < v <= 1),
+    ("must be in [0, 1)", "eval_fraction lora_dropout", lambda v: 0 <= v < 1),
+    ("must be > 1", "dual_clip", lambda v: v > 1),
+]
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
-    """Refuse out-of-range options before anything is loaded or written."""
-    per_rank = cfg.batch_size // world_size
+    """Refuse out-of-range options and contradictions before anything is loaded or written."""
+    for rule, names, holds in LIMITS:
+        for name in names.split():
+            value = getattr(cfg, name)
+            if value is not None and not holds(value):
+                raise UsageError(f"--{name.replace('_', '-')} {value}: {rule}")
     checks = [
-        (cfg.steps >= 1, "--steps must be >= 1"),
-        (cfg.batch_size >= 1 and cfg.mini_batch_size >= 1, "batch sizes must be >= 1"),
-        (cfg.micro_batch_size is None or cfg.micro_batch_size >= 1,
-         "--micro-batch-size must be >= 1"),
-        (cfg.rollout_micro_batch_size is None or cfg.rollout_micro_batch_size >= 1,
-         "--rollout-micro-batch-size must be >= 1"),
         (cfg.batch_size % cfg.mini_batch_size == 0,
          f"--batch-size {cfg.batch_size} must be a multiple of --mini-batch-size "
          f"{cfg.mini_batch_size}"),
-        (cfg.mini_batch_size % world_size == 0 and per_rank * world_size == cfg.batch_size,
+        (cfg.mini_batch_size % world_size == 0 and cfg.batch_size % world_size == 0,
          f"--batch-size and --mini-batch-size must be multiples of the {world_size} ranks"),
-        (cfg.ppo_epochs >= 1, "--ppo-epochs must be >= 1"),
-        (cfg.max_new_tokens >= 1 and cfg.max_prompt_length >= 1,
-         "--max-new-tokens and --max-prompt-length must be >= 1"),
-        (cfg.temperature > 0, "--temperature must be > 0"),
-        (cfg.top_k >= 0 and 0 < cfg.top_p <= 1, "--top-k must be >= 0 and --top-p in (0, 1]"),
-        (cfg.actor_lr is None or cfg.actor_lr > 0, "--actor-lr must be > 0"),
-        (cfg.critic_lr is None or cfg.critic_lr > 0, "--critic-lr must be > 0"),
-        (cfg.max_grad_norm > 0, "--max-grad-norm must be > 0"),
-        (cfg.cliprange > 0, "--cliprange must be > 0"),
-        (cfg.dual_clip is None or cfg.dual_clip > 1, "--dual-clip must be > 1"),
-        (cfg.critic_warmup_steps >= 0, "--critic-warmup-steps must be >= 0"),
-        (cfg.normalize_reward_samples >= 1, "--normalize-reward-samples must be >= 1"),
-        (cfg.cliprange_value > 0, "--cliprange-value must be > 0"),
-        (0 <= cfg.gamma <= 1, "--gamma must be in [0, 1]"),
-        (0 <= cfg.lam <= 1, "--lam must be in [0, 1]"),
-        (cfg.kl_ctl >= 0, "--kl-ctl must be >= 0"),
-        (cfg.kl_target > 0 and cfg.kl_horizon >= 1, "--kl-target and --kl-horizon must be > 0"),
-        (cfg.clip_reward_value > 0, "--clip-reward-value must be > 0"),
-        (cfg.ent_coef >= 0 and cfg.weight_decay >= 0, "--ent-coef, --weight-decay must be >= 0"),
-        (cfg.save_every >= 0 and cfg.max_skipped_updates >= 1,
-         "--save-every must be >= 0 and --max-skipped-updates >= 1"),
         (not (cfg.reward_model and cfg.reward_fn), "give --reward-model or --reward-fn, not both"),
         (not cfg.resume or cfg.output_dir is not None,
          "--resume needs --output-dir, the directory of the run to continue"),
         (not (cfg.resume and cfg.overwrite), "give --resume or --overwrite, not both"),
-        (0 <= cfg.eval_fraction < 1 and cfg.eval_every >= 1,
-         "--eval-fraction must be in [0, 1) and --eval-every >= 1"),
-        (cfg.warmup_steps >= 0, "--warmup-steps must be >= 0"),
-        (cfg.lora_r >= 0 and (cfg.lora_alpha is None or cfg.lora_alpha > 0)
-         and 0 <= cfg.lora_dropout < 1,
-         "--lora-r must be >= 0, --lora-alpha > 0 and --lora-dropout in [0, 1)"),
         (not (cfg.lora_r and cfg.data_parallel == "fsdp"),
          "--lora-r with --data-parallel fsdp is not supported: LoRA's one frozen base serves "
          "actor, reference and critic in turn, which FSDP would gather for each; use ddp "
          "(each rank holds the base, 2 bytes per parameter in bf16)"),
     ]
+    for package, wanted, without in (("tensorboard", cfg.tensorboard, "--no-tensorboard"),
+                                     ("wandb", cfg.wandb, "no --wandb"),
+                                     ("peft", cfg.lora_r > 0, "--lora-r 0")):
+        checks.append((not wanted or importlib.util.find_spec(package) is not None,
+                       f"the {package} package is not installed: pip install {package}, or "
+                       f"run with {without}"))
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    for wanted, package, option in ((cfg.tensorboard, "tensorboard", "--no-tensorboard"),
-                                    (cfg.wandb, "wandb", "no --wandb"),
-                                    (cfg.lora_r > 0, "peft", "--lora-r 0")):
-        if wanted and importlib.util.find_spec(package) is None:
-            raise UsageError(f"the {package} package is not installed: pip install {package}, "
-                             f"or run with {option}")
 
 
 class StopRequest:
     """While active, SIGINT/SIGTERM only set `signum`: the loop finishes its iteration, saves
     and exits. In one process a second signal interrupts at once and the previous handlers
-    come back on exit. Under torchrun (several ranks) a rank gets Ctrl-C from the terminal and
-    again from torchrun, which forwards every signal it receives: there the signals after the
-    first are ignored, also while the rank leaves after the stop (a late copy must not break
-    its last barrier); torchrun's --shutdown-timeout (then SIGKILL) bounds the wait."""
+    come back on exit. Under torchrun a rank gets Ctrl-C from the terminal and again from
+    torchrun, which forwards every signal: there later signals are ignored, also while the
+    rank leaves after the stop (a late copy must not break its last barrier)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.signum = None
-        self.forwarded = world()[1] > 1  # signals may come twice: see above
-        self._previous = {}
+        self.signum, self.forwarded, self.previous = None, world()[1] > 1, {}
 
     def __enter__(self) -> "StopRequest":
-        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
         leaving = self.forwarded and self.signum is not None
-        for signum, handler in self._previous.items():
+        for signum, handler in self.previous.items():
             signal.signal(signum, signal.SIG_IGN if leaving else handler)
 
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # only reached when forwarded: the same stop, again
-            return
-        self.signum = signum
-        if not self.forwarded:
-            for s, handler in self._previous.items():
-                signal.signal(s, handler)
-
-
-GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
-GLIBC_MAX_TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt takes an int
+    def handle(self, signum, frame) -> None:
+        if self.signum is None:  # a second one is only seen when forwarded: the same stop
+            self.signum = signum
+            if not self.forwarded:
+                for s, handler in self.previous.items():
+                    signal.signal(s, handler)
 
 
 def keep_freed_memory(device: torch.device) -> None:
-    """On CPU, have glibc's malloc keep freed memory for the next step instead of returning it.
-
-    By default glibc maps every block above 32 MB (the logits, the tied embedding's gradient:
-    150 MB for GPT-2) fresh from the kernel and unmaps it when freed, so every step faults its
-    pages back in one at a time and the kernel zeroes each. Measured on a GPT-2-size update
-    (batch 8, 2 cores): 0.6M page faults and 3.3 s of kernel time per 10 s update; with big
-    blocks taken from the heap and the heap kept, 0 faults and 7.8 s. The heap grows to the
-    loop's working set in the first steps and then stays (the GPT-2-size benchmark's peak RSS:
-    5.8-6.1 GB before and after). CUDA's caching allocator already reuses memory; without
-    glibc (macOS) there is no `mallopt` and nothing is done.
-    """
-    if device.type != "cpu":
-        return
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    """On CPU, have glibc's malloc keep freed memory for the next step. By default it maps each
+    block above 32 MB (the logits, the tied embedding's gradient) fresh from the kernel and
+    unmaps it when freed, so every step faults its pages in again, zeroed: on a GPT-2-size
+    update (2 cores) 0.6M page faults and 3.3 s of kernel time per 10 s; kept, 0 and 7.8 s
+    (peak RSS unchanged). CUDA's allocator already reuses memory; without glibc, nothing."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if device.type == "cpu" else None
     if mallopt is not None:
-        mallopt(GLIBC_M_MMAP_MAX, 0)  # no block gets its own mapping: all come from the heap
-        mallopt(GLIBC_M_TRIM_THRESHOLD, GLIBC_MAX_TRIM_THRESHOLD)  # and the heap is not shrunk
+        mallopt(-4, 0)  # M_MMAP_MAX (glibc's malloc.h): no block gets its own mapping
+        mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD at its largest: the heap is never shrunk
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -2956,7 +2783,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         description="RLHF with PPO: actor, critic, reward and reference models in one file.")
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for f in dataclasses.fields(Config):
-        flag, kind = "--" + f.name.replace("_", "-"), f.type
+        kind = f.type
         if get_origin(kind) is not None and type(None) in get_args(kind):  # X | None
             kind = next(a for a in get_args(kind) if a is not type(None))
         default = "" if f.default is None else f" (default: {f.default})"
@@ -2967,7 +2794,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             kwargs["choices"] = get_args(kind)
         else:
             kwargs.update(type=kind, metavar={int: "N", float: "X"}.get(kind, "S"))
-        groups[f.metadata["group"]].add_argument(flag, **kwargs)
+        groups[f.metadata["group"]].add_argument("--" + f.name.replace("_", "-"), **kwargs)
     return Config(**vars(parser.parse_args(argv)))
 
 

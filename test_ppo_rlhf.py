@@ -1141,6 +1141,21 @@ def test_reward_label_selects_a_class_logit(tiny_dirs):
         P.RewardModelScorer(tiny_dirs["sentiment"], None, torch.device("cpu"))
 
 
+def test_reward_label_is_a_name_or_an_index_below_the_label_count(tiny_dirs):
+    """--reward-label POS and --reward-label 1 score the same logit, 0 the other; an index
+    past the labels or an unknown name is refused, naming the labels there are."""
+    def scorer(label):
+        return P.RewardModelScorer(tiny_dirs["sentiment"], label, torch.device("cpu"))
+
+    batch = scorer("POS").tokenizer(["ab", "cd"], return_tensors="pt", padding=True)
+    logits = scorer("POS").model(**batch).logits
+    torch.testing.assert_close(scorer("1")(["a", "c"], ["b", "d"]), logits[:, 1])
+    torch.testing.assert_close(scorer("0")(["a", "c"], ["b", "d"]), logits[:, 0])
+    for label in ("2", "MAYBE"):
+        with pytest.raises(P.UsageError, match=r"not one of \['NEG', 'POS'\] or an index below 2"):
+            scorer(label)
+
+
 def test_run_with_reward_model_saves_a_reloadable_policy(tiny_dirs, tmp_path):
     """--model DIR --reward-model DIR: metrics.jsonl has every documented key per iteration and
     the saved policy reloads with AutoModelForCausalLM.from_pretrained."""
@@ -1625,6 +1640,43 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, tiny_dirs, chat_dirs, caps
         if not (status == 2 and len(lines) == 1 and needle in lines[0] and not out.exists()):
             failures.append((name, status, lines[-3:]))
     assert not failures, failures
+
+
+# each option's range as --help and the docs state it: (values refused, values accepted)
+OPTION_RANGES = {
+    **dict.fromkeys(["steps", "ppo_epochs", "max_new_tokens", "max_prompt_length", "kl_horizon",
+                     "eval_every", "max_skipped_updates", "normalize_reward_samples",
+                     "micro_batch_size", "rollout_micro_batch_size"], ([0, -1], [1, 7])),
+    **dict.fromkeys(["temperature", "actor_lr", "critic_lr", "max_grad_norm", "cliprange",
+                     "cliprange_value", "kl_target", "clip_reward_value", "lora_alpha"],
+                    ([0.0, -0.5], [1e-6, 3.0])),
+    **dict.fromkeys(["top_k", "kl_ctl", "ent_coef", "weight_decay", "warmup_steps",
+                     "critic_warmup_steps", "save_every"], ([-1], [0, 2])),
+    **dict.fromkeys(["gamma", "lam"], ([-0.01, 1.01], [0.0, 0.5, 1.0])),
+    "top_p": ([0.0, 1.01], [0.01, 1.0]),
+    "eval_fraction": ([-0.1, 1.0], [0.0, 0.5]),
+    "lora_dropout": ([-0.1, 1.0], [0.0, 0.5]),
+    "dual_clip": ([1.0, 0.5], [1.01, 3.0]),
+    "lora_r": ([-1], [0]),
+}
+
+
+def test_validate_refuses_exactly_the_values_outside_each_options_range():
+    """Every value outside an option's range is refused in one message naming the option and
+    the value; every value inside passes (batch sizes are checked with compatible others)."""
+    base = P.Config(batch_size=4, mini_batch_size=2, tensorboard=False)
+    for name, (refused, accepted) in OPTION_RANGES.items():
+        flag = "--" + name.replace("_", "-")
+        for value in refused:
+            with pytest.raises(P.UsageError, match=f"^{flag} {value}: .*must be"):
+                P.validate(dataclass_replace(base, **{name: value}))
+        for value in accepted:
+            P.validate(dataclass_replace(base, **{name: value}))
+    for sizes in ({"batch_size": 0}, {"mini_batch_size": 0},
+                  {"batch_size": 1, "mini_batch_size": 0}):
+        with pytest.raises(P.UsageError, match="batch sizes must be >= 1"):
+            P.validate(dataclass_replace(base, **sizes))
+    P.validate(dataclass_replace(base, batch_size=1, mini_batch_size=1))
 
 
 @pytest.mark.slow
