@@ -164,6 +164,12 @@ def torchrun(args, cwd, timeout=300):
     return run_cli(args, cwd, timeout, ranks=2)
 
 
+def torchrun_worker(worker, cwd, **kwargs):
+    """`worker(**kwargs)`, a function of this file, on each of 2 ranks under torchrun: this
+    file run as a script joins the process group (gloo), calls it, and leaves as main() does."""
+    return torchrun([str(HERE / "test_ppo_rlhf.py"), worker.__name__, json.dumps(kwargs)], cwd)
+
+
 # ------------------------------------------------------------------------------------------------
 # Strategies and plain-Python oracles
 # ------------------------------------------------------------------------------------------------
@@ -1716,47 +1722,43 @@ def test_help_documents_every_option_with_its_default(tmp_path):
 # Data parallel (torchrun, gloo on CPU)
 # ------------------------------------------------------------------------------------------------
 
-# the start of every torchrun worker script: join the group, load the models and experience
-WORKER_HEADER = """
-import sys, torch
-sys.path.insert(0, {here!r})
-import ppo_rlhf as P
-torch.distributed.init_process_group("gloo")
-rank, world_size = P.world()
-data = torch.load({data!r}, weights_only=False)
-actor, critic = data["actor"], data["critic"]
-"""
+def ddp_worker(data, out, policy, prompts):
+    """One rank of the 2-rank update test: PPO's update on its half of the experience (DDP
+    replicas), the rollout metrics over both halves, and a rollout of its own half of
+    `prompts` whitened over both ranks; saved to out.format(rank)."""
+    rank, _ = P.world()
+    data = torch.load(data, weights_only=False)
+    actor, critic = data["actor"], data["critic"]
+    exp = data["exp"].select(torch.arange(rank * 4, rank * 4 + 4))  # this rank's half
+    parallel = P.DataParallel(torch.device("cpu"), actor, critic)  # DDP replicas
+    stats, _ = P.ppo_update(parallel.trained(actor), parallel.trained(critic),
+                            torch.optim.SGD(actor.parameters(), lr=0.1),
+                            torch.optim.SGD(critic.parameters(), lr=0.1), exp,
+                            P.PPOConfig(ppo_epochs=2, mini_batch_size=8, micro_batch_size=2),
+                            parallel=parallel)
+    rollout_metrics = P.rollout_stats(exp, 0.1, parallel=parallel)
+    # whitening over both ranks' rollouts: each rank samples its own half of the prompts
+    actor, ref_model, critic, tokenizer, score_fn = P.load_models(P.Config(model=policy),
+                                                                  torch.device("cpu"))
+    torch.manual_seed(rank)
+    encoded = tokenizer(prompts[rank * 4:rank * 4 + 4], return_tensors="pt", padding=True)
+    own = P.generate_experience(actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids,
+                                encoded.attention_mask,
+                                P.PPOConfig(max_new_tokens=8, whiten_rewards=True),
+                                eos_token_ids=[tokenizer.eos_token_id], mean_fn=parallel.mean)
+    raw_rewards = P.compute_rewards(own.log_probs, own.ref_log_probs, own.scores,
+                                    own.action_mask)
+    lengths = own.action_mask.sum(1).tolist()
 
-DDP_WORKER = WORKER_HEADER + """
-exp = data["exp"].select(torch.arange(rank * 4, rank * 4 + 4))  # this rank's half
-parallel = P.DataParallel(torch.device("cpu"), actor, critic)  # DDP replicas
-stats, skipped = P.ppo_update(parallel.trained(actor), parallel.trained(critic),
-                              torch.optim.SGD(actor.parameters(), lr=0.1),
-                              torch.optim.SGD(critic.parameters(), lr=0.1), exp,
-                              P.PPOConfig(ppo_epochs=2, mini_batch_size=8, micro_batch_size=2),
-                              parallel=parallel)
-rollout = P.rollout_stats(exp, 0.1, parallel=parallel)
+    def real(t):
+        return [row[:n] for row, n in zip(t.tolist(), lengths)]
 
-# whitening over both ranks' rollouts: each rank samples its own half of the prompts
-actor, ref_model, critic, tokenizer, score_fn = P.load_models(P.Config(model={policy!r}),
-                                                              torch.device("cpu"))
-torch.manual_seed(rank)
-encoded = tokenizer({prompts!r}[rank * 4:rank * 4 + 4], return_tensors="pt", padding=True)
-own = P.generate_experience(actor, critic, ref_model, score_fn, tokenizer, encoded.input_ids,
-                            encoded.attention_mask,
-                            P.PPOConfig(max_new_tokens=8, whiten_rewards=True),
-                            eos_token_ids=[tokenizer.eos_token_id], mean_fn=parallel.mean)
-raw_rewards = P.compute_rewards(own.log_probs, own.ref_log_probs, own.scores, own.action_mask)
-lengths = own.action_mask.sum(1).tolist()
-def real(t):
-    return [row[:n] for row, n in zip(t.tolist(), lengths)]
-whitening = {{"raw_rewards": real(raw_rewards), "rewards": real(own.rewards),
-              "raw_advantages": real(own.returns - own.values),
-              "advantages": real(own.advantages)}}
-torch.save({{"actor": data["actor"].state_dict(), "critic": data["critic"].state_dict(),
-            "stats": stats, "rollout": rollout, "whitening": whitening}}, {out!r}.format(rank))
-P.leave_process_group(together=True)  # as main() leaves
-"""
+    whitening = {"raw_rewards": real(raw_rewards), "rewards": real(own.rewards),
+                 "raw_advantages": real(own.returns - own.values),
+                 "advantages": real(own.advantages)}
+    torch.save({"actor": data["actor"].state_dict(), "critic": data["critic"].state_dict(),
+                "stats": stats, "rollout": rollout_metrics, "whitening": whitening},
+               out.format(rank))
 
 
 @pytest.mark.parametrize("outcome, status, together", [
@@ -1814,7 +1816,8 @@ LOOP_PROMPTS = ["the sea", "a cat", "my dream", "we went", "hello", "the old hou
 
 def run_the_loop(policy_dir, out):
     """Part I's loop, as the trainer runs it (`DataParallel`), for 2 iterations on the union of
-    what every rank takes; each rank saves its metrics rows, its prompts and the weights."""
+    what every rank takes; each rank saves its metrics rows, its prompts and the weights to
+    out.format(rank)."""
     P.sample_responses = per_prompt_sampler
     torch.manual_seed(0)
     actor, ref_model, critic, tokenizer, score_fn = P.load_models(
@@ -1831,17 +1834,7 @@ def run_the_loop(policy_dir, out):
         rows.append({k: v for k, v in row.items() if not k.startswith(("time/", "through"))})
         prompts.append(exp.prompts)
     torch.save({"rows": rows, "prompts": prompts, "actor": actor.state_dict(),
-                "critic": critic.state_dict()}, out)
-
-
-LOOP_WORKER = """
-import sys, torch
-sys.path.insert(0, {here!r})
-import test_ppo_rlhf as T
-torch.distributed.init_process_group("gloo")
-T.run_the_loop({policy!r}, {out!r}.format(T.P.world()[0]))
-T.P.leave_process_group(together=True)
-"""
+                "critic": critic.state_dict()}, str(out).format(P.world()[0]))
 
 
 @pytest.mark.slow
@@ -1851,10 +1844,8 @@ def test_two_rank_loop_equals_one_process_on_the_union_of_their_prompts(tiny_dir
     of every global batch (together: the batch one process takes), whitening and the metrics
     are the global batch's, and the weights after 2 iterations are one process's. (Sampling
     is per prompt, so that the draw does not depend on the rank; SGD, as for the update.)"""
-    script = tmp_path / "loop_worker.py"
     out = str(tmp_path / "rank{}.pt")
-    script.write_text(LOOP_WORKER.format(here=str(HERE), policy=tiny_dirs["policy"], out=out))
-    result = torchrun([str(script)], tmp_path)
+    result = torchrun_worker(run_the_loop, tmp_path, policy_dir=tiny_dirs["policy"], out=out)
     assert result.returncode == 0, result.stderr[-3000:]
     monkeypatch.setattr(P, "sample_responses", P.sample_responses)  # restored after the test
     run_the_loop(tiny_dirs["policy"], tmp_path / "one.pt")
@@ -1885,11 +1876,9 @@ def test_two_rank_update_equals_one_process_on_the_concatenated_batch(tiny_dirs,
     exp = rollout(actor, critic, ref_model, scorer, tokenizer)
     data = tmp_path / "data.pt"
     torch.save({"actor": actor, "critic": critic, "exp": exp}, data)
-    script = tmp_path / "worker.py"
     out = str(tmp_path / "rank{}.pt")
-    script.write_text(DDP_WORKER.format(here=str(HERE), data=str(data), out=out,
-                                        policy=tiny_dirs["policy"], prompts=RAGGED_PROMPTS))
-    result = torchrun([str(script)], tmp_path)
+    result = torchrun_worker(ddp_worker, tmp_path, data=str(data), out=out,
+                             policy=tiny_dirs["policy"], prompts=RAGGED_PROMPTS)
     assert result.returncode == 0, result.stderr[-3000:]
     stats, _ = P.ppo_update(actor, critic, torch.optim.SGD(actor.parameters(), lr=0.1),
                             torch.optim.SGD(critic.parameters(), lr=0.1), exp,
@@ -3414,32 +3403,29 @@ def test_lora_with_a_critic_model_trains_its_own_adapter(tiny_dirs, tmp_path, mo
                for k, v in after.items())
 
 
-LORA_DDP_WORKER = """
-import sys, torch
-sys.path.insert(0, {here!r})
-import ppo_rlhf as P
-torch.distributed.init_process_group("gloo")
-rank, world_size = P.world()
-data = torch.load({data!r}, weights_only=False)
-torch.manual_seed(0)
-actor, _, critic, _, _ = P.load_models(P.Config(model={policy!r}, lora_r=4), torch.device("cpu"))
-actor.load_state_dict(data["actor"])
-critic.load_state_dict(data["critic"])
-exp = data["exp"].select(torch.arange(rank * 4, rank * 4 + 4))  # this rank's half
-parallel = P.DataParallel(torch.device("cpu"), actor, critic)
-ddp_actor, ddp_critic = parallel.trained(actor), parallel.trained(critic)
-# what each DDP broadcasts at the start and all-reduces: its model's trained weights only
-synced = [sorted(n for n, _ in m.named_parameters() if n not in ddp.parameters_to_ignore)
-          for m, ddp in ((actor, ddp_actor), (critic, ddp_critic))]
-trained = [sorted(n for n, p in m.named_parameters()
-                  if any(p is q for q in P.trainable_parameters(m))) for m in (actor, critic)]
-assert synced == trained, synced
-P.ppo_update(ddp_actor, ddp_critic, torch.optim.SGD(P.trainable_parameters(actor), lr=0.1),
-             torch.optim.SGD(P.trainable_parameters(critic), lr=0.1), exp,
-             P.PPOConfig(ppo_epochs=2, mini_batch_size=8, micro_batch_size=2), parallel=parallel)
-torch.save({{"actor": actor.state_dict(), "critic": critic.state_dict()}}, {out!r}.format(rank))
-P.leave_process_group(together=True)
-"""
+def lora_ddp_worker(data, out, policy):
+    """One rank of the 2-rank LoRA update test: each model's DDP broadcasts and all-reduces
+    its own trained weights only; then PPO's update on this rank's half of the experience,
+    saved to out.format(rank)."""
+    rank, _ = P.world()
+    data = torch.load(data, weights_only=False)
+    torch.manual_seed(0)
+    actor, _, critic, _, _ = P.load_models(P.Config(model=policy, lora_r=4), torch.device("cpu"))
+    actor.load_state_dict(data["actor"])
+    critic.load_state_dict(data["critic"])
+    exp = data["exp"].select(torch.arange(rank * 4, rank * 4 + 4))  # this rank's half
+    parallel = P.DataParallel(torch.device("cpu"), actor, critic)
+    ddp_actor, ddp_critic = parallel.trained(actor), parallel.trained(critic)
+    synced = [sorted(n for n, _ in m.named_parameters() if n not in ddp.parameters_to_ignore)
+              for m, ddp in ((actor, ddp_actor), (critic, ddp_critic))]
+    trained = [sorted(n for n, p in m.named_parameters()
+                      if any(p is q for q in P.trainable_parameters(m))) for m in (actor, critic)]
+    assert synced == trained, synced
+    P.ppo_update(ddp_actor, ddp_critic, torch.optim.SGD(P.trainable_parameters(actor), lr=0.1),
+                 torch.optim.SGD(P.trainable_parameters(critic), lr=0.1), exp,
+                 P.PPOConfig(ppo_epochs=2, mini_batch_size=8, micro_batch_size=2),
+                 parallel=parallel)
+    torch.save({"actor": actor.state_dict(), "critic": critic.state_dict()}, out.format(rank))
 
 
 @pytest.mark.slow
@@ -3455,11 +3441,9 @@ def test_two_rank_lora_update_equals_one_process(tiny_dirs, tmp_path):
     data = tmp_path / "data.pt"
     torch.save({"actor": actor.state_dict(), "critic": critic.state_dict(), "exp": exp}, data)
     before = {k: v.clone() for k, v in critic.state_dict().items()}
-    script = tmp_path / "worker.py"
     out = str(tmp_path / "rank{}.pt")
-    script.write_text(LORA_DDP_WORKER.format(here=str(HERE), data=str(data), out=out,
-                                             policy=tiny_dirs["policy"]))
-    result = torchrun([str(script)], tmp_path)
+    result = torchrun_worker(lora_ddp_worker, tmp_path, data=str(data), out=out,
+                             policy=tiny_dirs["policy"])
     assert result.returncode == 0, result.stderr[-3000:]
     P.ppo_update(actor, critic, torch.optim.SGD(P.trainable_parameters(actor), lr=0.1),
                  torch.optim.SGD(P.trainable_parameters(critic), lr=0.1), exp,
@@ -3902,71 +3886,79 @@ def test_wandb_logs_the_metrics_and_a_missing_package_is_one_line(tmp_path, monk
 # Sharded data parallel (FSDP2 under torchrun, gloo on CPU)
 # ------------------------------------------------------------------------------------------------
 
-FSDP_WORKER = WORKER_HEADER + """
-full = {{name: sum(p.numel() for p in m.parameters()) for name, m in (("actor", actor),
-                                                                     ("critic", critic))}}
-for model in (actor, critic):
-    P.shard_model(model, bf16=False)
-exp = data["exp"].select(torch.arange(rank * 4, rank * 4 + 4))  # this rank's half
+def fsdp_worker(data, out):
+    """One rank of the FSDP2 test: a rollout under `gathered` counts its all-gathers, PPO's
+    update on this rank's half counts its reduce-scatters and measures the local shards, and
+    an inf in rank 1's gradient shards must make every rank skip. Rank 0 saves the full
+    weights and the counts to `out`; each rank its shard fractions to out + rank."""
+    rank, _ = P.world()
+    data = torch.load(data, weights_only=False)
+    actor, critic = data["actor"], data["critic"]
+    models = {"actor": actor, "critic": critic}
+    full = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    for model in (actor, critic):
+        P.shard_model(model, bf16=False)
+    exp = data["exp"].select(torch.arange(rank * 4, rank * 4 + 4))  # this rank's half
 
-# a rollout under `gathered`: one all-gather per unit of the actor, however many tokens
-all_gathers, all_gather = [], torch.distributed.all_gather_single
-def counted_gather(*args, **kwargs):
-    all_gathers.append(1)
-    return all_gather(*args, **kwargs)
-torch.distributed.all_gather_single = counted_gather
-with P.gathered(actor):
-    for _ in range(2):  # ranks generate different numbers of tokens
-        P.sample_responses(actor, exp.input_ids[:, :4], torch.ones(4, 4, dtype=torch.long),
-                           eos_token_ids=[-1], pad_token_id=0, max_new_tokens=6 + 4 * rank,
-                           temperature=1.0)
-torch.distributed.all_gather_single = all_gather
-actor_units = sum(P.is_sharded(m) for m in actor.modules())
-assert len(all_gathers) == actor_units, (len(all_gathers), actor_units)
-assert all(isinstance(p, torch.distributed.tensor.DTensor) for p in actor.parameters())
+    def counting(name, counts):  # torch.distributed.<name>, counting its calls
+        original = getattr(torch.distributed, name)
 
-optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (actor, critic)]
-reduce_scatters = []
-original = torch.distributed.reduce_scatter_single  # FSDP2's gradient reduction
-def counted(*args, **kwargs):
-    reduce_scatters.append(1)
-    return original(*args, **kwargs)
-torch.distributed.reduce_scatter_single = counted
-parallel = P.DataParallel(torch.device("cpu"), actor, critic)  # sharded: no replicas
-stats, skipped = P.ppo_update(actor, critic, *optimizers, exp,
-                              P.PPOConfig(ppo_epochs=2, mini_batch_size=8, micro_batch_size=2),
-                              parallel=parallel)
-torch.distributed.reduce_scatter_single = original
-local = {{}}
-for name, model, optimizer in (("actor", actor, optimizers[0]), ("critic", critic,
-                                                                optimizers[1])):
-    local[name] = sum(p.to_local().numel() for p in model.parameters()) / full[name]
-    local[name + "_optimizer"] = sum(s["momentum_buffer"].to_local().numel()
-                                     for s in optimizer.state.values()) / full[name]
-units = sum(P.is_sharded(m) for model in (actor, critic) for m in model.modules())
-states = {{name: P.full_state_dict(m) for name, m in (("actor", actor), ("critic", critic))}}
+        def counted(*args, **kwargs):
+            counts.append(1)
+            return original(*args, **kwargs)
+        return original, counted
 
-# one inf in one element of rank 1's actor gradient shards, as backward would leave it:
-# every rank skips, in both models, shards untouched
-before = [p.to_local().clone() for m in (actor, critic) for p in m.parameters()]
-gradient_norm = P.gradient_norm
-def norm_after_an_inf(optimizer):
-    if rank == 1 and optimizer is optimizers[0]:
-        next(actor.parameters()).grad.to_local().view(-1)[0] = float("inf")
-    return gradient_norm(optimizer)
-P.gradient_norm = norm_after_an_inf
-_, nan_skipped = P.ppo_update(actor, critic, *optimizers, exp,
-                              P.PPOConfig(ppo_epochs=1, mini_batch_size=8), parallel=parallel)
-P.gradient_norm = gradient_norm
-assert nan_skipped.tolist() == [True], nan_skipped
-after = [p.to_local() for m in (actor, critic) for p in m.parameters()]
-assert all(torch.equal(a, b) for a, b in zip(before, after))
-if rank == 0:
-    torch.save({{**states, "stats": stats, "local": local, "reduce_scatters": len(reduce_scatters),
-                "units": units}}, {out!r})
-torch.save(local, {out!r} + str(rank))
-P.leave_process_group(together=True)  # as main() leaves
-"""
+    # a rollout under `gathered`: one all-gather per unit of the actor, however many tokens
+    all_gathers = []
+    original, torch.distributed.all_gather_single = counting("all_gather_single", all_gathers)
+    with P.gathered(actor):
+        for _ in range(2):  # ranks generate different numbers of tokens
+            P.sample_responses(actor, exp.input_ids[:, :4], torch.ones(4, 4, dtype=torch.long),
+                               eos_token_ids=[-1], pad_token_id=0, max_new_tokens=6 + 4 * rank,
+                               temperature=1.0)
+    torch.distributed.all_gather_single = original
+    actor_units = sum(P.is_sharded(m) for m in actor.modules())
+    assert len(all_gathers) == actor_units, (len(all_gathers), actor_units)
+    assert all(isinstance(p, torch.distributed.tensor.DTensor) for p in actor.parameters())
+
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (actor, critic)]
+    reduce_scatters = []  # FSDP2's gradient reduction
+    original, torch.distributed.reduce_scatter_single = counting("reduce_scatter_single",
+                                                                 reduce_scatters)
+    parallel = P.DataParallel(torch.device("cpu"), actor, critic)  # sharded: no replicas
+    stats, _ = P.ppo_update(actor, critic, *optimizers, exp,
+                            P.PPOConfig(ppo_epochs=2, mini_batch_size=8, micro_batch_size=2),
+                            parallel=parallel)
+    torch.distributed.reduce_scatter_single = original
+    local = {}
+    for (name, model), optimizer in zip(models.items(), optimizers):
+        local[name] = sum(p.to_local().numel() for p in model.parameters()) / full[name]
+        local[name + "_optimizer"] = sum(s["momentum_buffer"].to_local().numel()
+                                         for s in optimizer.state.values()) / full[name]
+    units = sum(P.is_sharded(m) for model in (actor, critic) for m in model.modules())
+    states = {name: P.full_state_dict(m) for name, m in models.items()}
+
+    # one inf in one element of rank 1's actor gradient shards, as backward would leave it:
+    # every rank skips, in both models, shards untouched
+    before = [p.to_local().clone() for m in (actor, critic) for p in m.parameters()]
+    gradient_norm = P.gradient_norm
+
+    def norm_after_an_inf(optimizer):
+        if rank == 1 and optimizer is optimizers[0]:
+            next(actor.parameters()).grad.to_local().view(-1)[0] = float("inf")
+        return gradient_norm(optimizer)
+
+    P.gradient_norm = norm_after_an_inf
+    _, nan_skipped = P.ppo_update(actor, critic, *optimizers, exp,
+                                  P.PPOConfig(ppo_epochs=1, mini_batch_size=8), parallel=parallel)
+    P.gradient_norm = gradient_norm
+    assert nan_skipped.tolist() == [True], nan_skipped
+    after = [p.to_local() for m in (actor, critic) for p in m.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    if rank == 0:
+        torch.save({**states, "stats": stats, "local": local,
+                    "reduce_scatters": len(reduce_scatters), "units": units}, out)
+    torch.save(local, out + str(rank))
 
 
 @pytest.mark.slow
@@ -4009,9 +4001,7 @@ def test_two_sharded_ranks_equal_one_process_and_hold_half_each(tiny_dirs, tmp_p
     exp = rollout(actor, critic, ref_model, scorer, tokenizer)
     data, out = tmp_path / "data.pt", str(tmp_path / "sharded.pt")
     torch.save({"actor": actor, "critic": critic, "exp": exp}, data)
-    script = tmp_path / "worker.py"
-    script.write_text(FSDP_WORKER.format(here=str(HERE), data=str(data), out=out))
-    result = torchrun([str(script)], tmp_path)
+    result = torchrun_worker(fsdp_worker, tmp_path, data=str(data), out=out)
     assert result.returncode == 0, result.stderr[-3000:]
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (actor, critic)]
     stats, _ = P.ppo_update(actor, critic, *optimizers, exp,
@@ -4063,3 +4053,9 @@ def test_sharded_cli_run_resumes_on_two_ranks_and_on_one(tmp_path):
     assert single.returncode == 0, single.stderr
     assert "written by 2 rank(s)" in single.stdout
     assert [row["step"] for row in read_metrics(split)] == [1, 2, 3, 4]
+
+
+if __name__ == "__main__":  # a torchrun worker (`torchrun_worker`): <function> <JSON keywords>
+    torch.distributed.init_process_group("gloo")
+    globals()[sys.argv[1]](**json.loads(sys.argv[2]))
+    P.leave_process_group(together=True)  # as main() leaves
