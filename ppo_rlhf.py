@@ -766,11 +766,13 @@ def prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> lis
     exactly the prompts the uninterrupted one would have, and processes split one global
     batch (no prompt twice within an epoch of the prompt set)."""
     start = (step - 1) * batch_size
-    indices = []
+    orders, indices = {}, []  # one permutation per epoch the batch reaches (one or two)
     for k in range(start, start + batch_size):
         epoch, position = divmod(k, n_prompts)
-        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch))
-        indices.append(int(order[position]))
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n_prompts,
+                                           generator=torch.Generator().manual_seed(seed + epoch))
+        indices.append(int(orders[epoch][position]))
     return indices
 
 
@@ -2652,10 +2654,11 @@ def restore_checkpoint(run) -> None:
             set_state_dict(model, optimizer, model_state_dict=shards[name],
                            optim_state_dict=shards[name + "_optimizer"])
             continue
-        if state[name].keys() != trained_state(model).keys():
+        expected = trained_state(model).keys()
+        if state[name].keys() != expected:
             raise UsageError(f"the checkpoint's trained weights ({len(state[name])}) are not "
-                             f"those this model trains ({len(trained_state(model))}): it was "
-                             "written by another model")
+                             f"those this model trains ({len(expected)}): it was written by "
+                             "another model")
         with torch.no_grad():
             for key, parameter in model.named_parameters():
                 if key in state[name]:

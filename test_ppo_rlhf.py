@@ -2350,6 +2350,19 @@ def test_train_feeds_every_option_to_the_math_and_logs_what_it_computed(tmp_path
     assert rows[1]["objective/kl_coef"] != rows[0]["objective/kl_coef"]
 
 
+@given(st.integers(1, 9), st.integers(1, 12), st.integers(0, 3))
+def test_prompt_batches_are_consecutive_slices_of_per_epoch_permutations(n_prompts, batch_size,
+                                                                         seed):
+    """Iterations 1, 2, ... take consecutive slices of the stream perm(seed), perm(seed + 1),
+    ... of the prompt set (a batch may span two epochs, or more when it is larger than the
+    set): every prompt once per epoch, and the same prompts on a resume."""
+    stream = [int(i) for epoch in range(2 + 12 * 3 // n_prompts) for i in torch.randperm(
+        n_prompts, generator=torch.Generator().manual_seed(seed + epoch))]
+    for step in (1, 2, 3):
+        assert (P.prompt_indices(step, batch_size, n_prompts, seed)
+                == stream[(step - 1) * batch_size:step * batch_size])
+
+
 @pytest.mark.parametrize("controller", ["adaptive", "proportional", "fixed"])
 def test_kl_coef_in_the_metrics_follows_the_controller(tmp_path, controller):
     """beta of iteration k + 1 = the controller's rule applied to iteration k's beta and KL."""
