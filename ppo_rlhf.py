@@ -1284,9 +1284,9 @@ def setup_run(cfg: Config) -> Run:
     prompts, eval_prompts = load_prompt_sets(cfg)
     lock = claim_output_dir(cfg, rank)  # checked and locked before any model loads
     try:
-        if cfg.resume:  # its options checked before the models load (memory-mapped: cheap)
-            load_checkpoint(lock.out, cfg)
-        run = load_run(cfg, device, prompts, eval_prompts, lock, log)
+        # with --resume its options are checked before the models load (memory-mapped)
+        checkpoint = load_checkpoint(lock.out, cfg) if cfg.resume else None
+        run = load_run(cfg, device, prompts, eval_prompts, lock, log, checkpoint)
     except BaseException:
         lock.release(remove_created=True)  # a failed start leaves no directory behind
         raise
@@ -1298,8 +1298,8 @@ def setup_run(cfg: Config) -> Run:
 
 
 def load_run(cfg: Config, device: torch.device, prompts: list, eval_prompts: list,
-             lock: "OutputLock", log: Callable) -> Run:
-    """Models, optimizers and (with --resume) the checkpoint's state, in a `Run`."""
+             lock: "OutputLock", log: Callable, checkpoint: dict | None = None) -> Run:
+    """Models, optimizers and the `checkpoint`'s state (`load_checkpoint`), in a `Run`."""
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     bf16 = uses_bf16(cfg, device, log)
@@ -1334,8 +1334,8 @@ def load_run(cfg: Config, device: torch.device, prompts: list, eval_prompts: lis
                                      and cfg.missing_eos_penalty is None, log),
               lock=lock, metrics=MetricsWriter(cfg, lock.out, enabled=world()[0] == 0))
     torch.manual_seed(cfg.seed + run.rank)  # ranks sample different responses
-    if cfg.resume:
-        restore_checkpoint(run)
+    if checkpoint is not None:
+        restore_checkpoint(run, checkpoint)
         run.metrics.start_step = run.state.step
         log(f"resumed from the checkpoint in {run.out} at step {run.state.step}")
     return run
@@ -2640,10 +2640,9 @@ def save_checkpoint(run, step: int) -> None:
     run.saved_step = step
 
 
-def restore_checkpoint(run) -> None:
-    """A `save_checkpoint` state back into `run`; a sharded one under any number of ranks (the
+def restore_checkpoint(run, state: dict) -> None:
+    """A `load_checkpoint` state back into `run`; a sharded one under any number of ranks (the
     random states come back only with the number of ranks that wrote them)."""
-    state = load_checkpoint(run.out, run.cfg)
     if state["directory"]:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
