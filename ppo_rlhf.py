@@ -1972,8 +1972,10 @@ class RewardModelScorer:
 
     @torch.no_grad()  # not inference_mode: a sharded (FSDP) model reuses its buffers
     def __call__(self, prompts: list, responses: list[str]) -> torch.Tensor:
-        texts = self.texts(prompts, responses)
-        lengths = self.lengths(texts)
+        texts, special = self.texts(prompts, responses), not self.tokenizer.chat_template
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True,
+                               add_special_tokens=special)
+        lengths = batch["attention_mask"].sum(1).tolist()
         over = [b for b, n in enumerate(lengths) if n > self.context]
         if over:  # the cut must stay inside what precedes the response
             room = self.lengths(self.texts([prompts[b] for b in over]))
@@ -1986,9 +1988,8 @@ class RewardModelScorer:
                 self.log(f"warning: the reward model's context of {self.context} tokens cannot "
                          "hold some prompt + response: their prompts are cut from the left "
                          "(the responses are read whole)", file=sys.stderr)
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=bool(over),
-                               max_length=self.context if over else None,
-                               add_special_tokens=not self.tokenizer.chat_template)
+            batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                                   max_length=self.context, add_special_tokens=special)
         return self.model(**batch.to(self.device)).logits[:, self.label].float().cpu()
 
 
