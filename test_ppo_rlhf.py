@@ -1831,7 +1831,7 @@ def run_the_loop(policy_dir, out):
     rows, prompts = [], []
     for row, exp, _ in P.ppo_iterations(models, *optimizers, LOOP_PROMPTS, prompt_ids, hp,
                                         parallel=parallel):
-        rows.append({k: v for k, v in row.items() if not k.startswith(("time/", "through"))})
+        rows.append(without_timing([row])[0])
         prompts.append(exp.prompts)
     torch.save({"rows": rows, "prompts": prompts, "actor": actor.state_dict(),
                 "critic": critic.state_dict()}, str(out).format(P.world()[0]))
