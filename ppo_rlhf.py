@@ -9,9 +9,9 @@ takes PPO-clip steps.
 
 Part I (§0-9, torch and transformers only) holds everything needed to understand and run the
 method; you may stop reading at the line that says `Part II`. Part II (§10-15) loads models
-(and LoRA), rewards and prompts, runs under torchrun (DDP or FSDP2), checkpoints, evaluates,
-logs, and generates the command line from `Config`: `python ppo_rlhf.py` runs the offline demo,
-`python ppo_rlhf.py --help` lists every option, README.md shows real use.
+(whole or with adapters), rewards and prompts, runs on several processes (replicated or
+sharded), checkpoints, evaluates, logs, and makes the command line from `Config`: run alone,
+`python ppo_rlhf.py` is the offline demo, `--help` lists every option; README.md shows more.
 
 Reading order is one PPO iteration, in the derivation's order:
     0     the method's hyperparameters (`PPOConfig`), with 004's defaults
