@@ -32,6 +32,7 @@ Notation (shapes in comments):
 """
 
 import dataclasses
+import hashlib
 import math
 import time
 from contextlib import nullcontext
@@ -40,6 +41,7 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 # ------------------------------------------------------------------------------------------------
 # 0. The method's hyperparameters: 004's defaults (DeepSpeed-Chat's). Part II's `Config` adds
@@ -61,14 +63,16 @@ class PPOConfig:
     rollout_micro_batch_size: int | None = option(None, "schedule", "sequences per scoring "
                                                   "forward of each process; default: all")
     ppo_epochs: int = option(4, "schedule", "passes over each batch of experience")
-    critic_warmup_steps: int = option(0, "schedule", "first N iterations: the critic alone")
+    critic_warmup_steps: int = option(0, "schedule", "first N iterations: the critic alone "
+                                      "(the actor, its lr schedule and beta wait)")
     seed: int = option(0, "runtime", "seed of the prompt order and of sampling")
     max_new_tokens: int = option(16, "generation", "response length limit")
     temperature: float = option(1.0, "generation", "sampling temperature (log-probs too)")
     top_k: int = option(0, "generation", "top-k sampling, 0 = off (ratio, KL off-policy)")
     top_p: float = option(1.0, "generation", "nucleus sampling, 1 = off (ratio, KL off-policy)")
     missing_eos_penalty: float | None = option(None, "generation", "subtracted from the score "
-                                               "of responses that never emit EOS")
+                                               "of responses that never emit EOS (after "
+                                               "--normalize-reward: in units of sigma0)")
     recompute_log_probs: bool = option(False, "generation", "rollout log-probs from a full "
                                        "actor forward, not from generate's logits")
     max_grad_norm: float = option(1.0, "optimization", "gradient-norm clipping, per model")
@@ -144,14 +148,19 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
 def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 256) -> torch.Tensor:
     """H(pi(.|s_t)) = logsumexp(z) - sum_a softmax(z)_a z_a, for logits [..., V] -> [...].
 
-    Computed `chunk_rows` rows at a time so that only a chunk's softmax exists at once.
+    Computed about `chunk_rows` rows at a time, on views of `logits` (no copy), so that only a
+    chunk's softmax exists at once. With gradients (the entropy bonus) each chunk's softmax is
+    recomputed in backward rather than kept: the bonus holds no [..., V] tensor for backward
+    beyond the logits themselves.
     """
-    flat = logits.reshape(-1, logits.shape[-1])
-    parts = []
-    for chunk in flat.split(chunk_rows):
-        probs = torch.softmax(chunk, dim=-1)
-        parts.append(torch.logsumexp(chunk, dim=-1) - (probs * chunk).sum(-1))
-    return torch.cat(parts).reshape(logits.shape[:-1])
+    def entropy(z):
+        return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+
+    rows = logits.reshape(1, -1, logits.shape[-1]) if logits.dim() < 3 else logits.flatten(0, -3)
+    keep_graph = logits.requires_grad and torch.is_grad_enabled()
+    parts = [torch.utils.checkpoint.checkpoint(entropy, chunk, use_reentrant=False) if keep_graph
+             else entropy(chunk) for chunk in rows.split(max(1, chunk_rows // len(rows)), dim=1)]
+    return torch.cat(parts, dim=1).reshape(logits.shape[:-1])
 
 
 def kl_k1(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
@@ -381,7 +390,8 @@ class ValueModel(nn.Module):
     """The critic: a transformer backbone and a linear value head, V(s) at every position.
 
     The head starts at V = 0 (the first advantages are the rewards themselves, not noise), or
-    from `head`, a 1-label reward model's score head (DeepSpeed-Chat's critic, 004 §3.3). It
+    from `head`, a 1-label reward model's score head, weight and bias (DeepSpeed-Chat's
+    critic, 004 §3.3): V at the token the reward model scores is then its score. It
     computes in fp32 from fp32 weights, also under bf16 autocast: values are regression
     targets of the size of the rewards, and bf16 keeps only 8 bits of them. `context`, if
     given, is entered around each backbone forward (Part II: the critic's adapter on a base
@@ -396,6 +406,8 @@ class ValueModel(nn.Module):
         nn.init.zeros_(self.v_head.bias)
         if head is not None:
             self.v_head.weight.data.copy_(head.weight.data)
+            if head.bias is not None:
+                self.v_head.bias.data.copy_(head.bias.data)
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         with self.context() if self.context else nullcontext():
@@ -502,7 +514,8 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
 
     Args:
         actor, critic, ref_model: the policy being trained, the `ValueModel`, the frozen copy.
-        score_fn: (prompts, responses) -> [B] scores; responses as decoded text (the reward).
+        score_fn: (prompts, responses) -> [B] scores (a tensor or a list of floats); responses
+            as decoded text (the reward).
         prompt_ids, prompt_mask: [B, P] left-padded prompts.
         hp: sampling (max_new_tokens, temperature, top_k, top_p; recompute_log_probs: the old
             log-probs from a full actor forward, not from generate's logits), scoring
@@ -548,7 +561,8 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
         prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
     texts = tokenizer.batch_decode(responses.masked_fill(~action_mask, tokenizer.pad_token_id),
                                    skip_special_tokens=True)
-    scores = torch.cat([score_fn(prompts[r], texts[r]) for r in rows]).to(log_probs.device)
+    scores = torch.cat([torch.as_tensor(score_fn(prompts[r], texts[r]), dtype=torch.float32)
+                        for r in rows]).to(log_probs.device)
     ended = torch.isin(responses, torch.tensor(eos_token_ids, device=responses.device)).any(1)
     reward_score = (scores - score_norm[0]) / score_norm[1]
     if hp.missing_eos_penalty is not None:  # a response cut at the limit is scored lower
@@ -672,21 +686,25 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
             for i, micro in enumerate(micros):
                 mb = exp.select(micro)
                 weight = mb.action_mask.sum() / mini_tokens  # share of the minibatch's tokens
-                with autocast():
-                    with nullcontext() if train_actor else torch.no_grad():
-                        log_probs, entropy = policy_log_probs(
-                            actor, mb.input_ids, mb.attention_mask, length, hp.temperature,
-                            with_entropy=hp.ent_coef > 0)
-                    values = critic_values(critic, mb.input_ids, mb.attention_mask, length)
-                pg_loss = actor_loss_fn(log_probs, mb.log_probs, mb.advantages, mb.action_mask,
-                                        cliprange=hp.cliprange, dual_clip=hp.dual_clip)
-                actor_loss = pg_loss
-                if entropy is not None:
-                    actor_loss = actor_loss - hp.ent_coef * masked_mean(entropy, mb.action_mask)
-                vf_loss = critic_loss_fn(values, mb.values, mb.returns, mb.action_mask,
-                                         cliprange_value=hp.cliprange_value)
-                # actor and critic graphs are disjoint: one backward call serves both
+                # forward and backward both inside: DDP decides in its forward whether the
+                # backward reduces the gradients
                 with parallel.no_sync(actor, critic, last=i == len(micros) - 1):
+                    with autocast():
+                        with nullcontext() if train_actor else torch.no_grad():
+                            log_probs, entropy = policy_log_probs(
+                                actor, mb.input_ids, mb.attention_mask, length, hp.temperature,
+                                with_entropy=hp.ent_coef > 0)
+                        values = critic_values(critic, mb.input_ids, mb.attention_mask, length)
+                    pg_loss = actor_loss_fn(log_probs, mb.log_probs, mb.advantages,
+                                            mb.action_mask, cliprange=hp.cliprange,
+                                            dual_clip=hp.dual_clip)
+                    actor_loss = pg_loss
+                    if entropy is not None:
+                        actor_loss = actor_loss - hp.ent_coef * masked_mean(entropy,
+                                                                            mb.action_mask)
+                    vf_loss = critic_loss_fn(values, mb.values, mb.returns, mb.action_mask,
+                                             cliprange_value=hp.cliprange_value)
+                    # actor and critic graphs are disjoint: one backward call serves both
                     loss = actor_loss + vf_loss if train_actor else vf_loss
                     (loss * weight * parallel.size).backward()
                 with torch.no_grad():
@@ -760,18 +778,26 @@ class LoopState:
     reward_norm: tuple[float, float] = (0.0, 1.0)  # `generate_experience`'s score_norm
 
 
+def seed_of(*keys: int) -> int:
+    """The seed of the random stream named by `keys` (say seed and epoch, or seed and rank):
+    a hash, so that distinct keys name unrelated streams. With seed + epoch, seed 1's first
+    epoch would be seed 0's second, and runs of different seeds would share their data."""
+    digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.Generator takes it
+
+
 def prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
     """Prompts of iteration `step` (1-based): consecutive slices of a stream of per-epoch
-    permutations of the prompt set. A pure function of (step, seed): a resumed run draws
-    exactly the prompts the uninterrupted one would have, and processes split one global
-    batch (no prompt twice within an epoch of the prompt set)."""
+    permutations of the prompt set, epoch e's seeded `seed_of(seed, e)`. A pure function of
+    (step, seed): a resumed run draws exactly the prompts the uninterrupted one would have,
+    and processes split one global batch (no prompt twice within an epoch of the prompt set)."""
     start = (step - 1) * batch_size
     orders, indices = {}, []  # one permutation per epoch the batch reaches (one or two)
     for k in range(start, start + batch_size):
         epoch, position = divmod(k, n_prompts)
         if epoch not in orders:
-            orders[epoch] = torch.randperm(n_prompts,
-                                           generator=torch.Generator().manual_seed(seed + epoch))
+            generator = torch.Generator().manual_seed(seed_of(seed, epoch))
+            orders[epoch] = torch.randperm(n_prompts, generator=generator)
         indices.append(int(orders[epoch][position]))
     return indices
 
@@ -862,6 +888,11 @@ def ppo_iterations(models: Models, actor_optimizer, critic_optimizer, prompts: l
             step 4:    ppo_epochs passes of clipped minibatch updates      (`ppo_update`)
             beta <- the KL controller's rule                (`next_kl_coef`)
 
+    During the first hp.critic_warmup_steps iterations the critic trains alone, and what
+    follows the policy waits with it: beta (a frozen actor's KL of 0 would halve an adaptive
+    beta every iteration) and the schedulers of `actor_optimizer` (its warm-up and decay
+    count the iterations it trains); the other `schedulers` step every iteration.
+
     One process, as `test_part_one_runs_alone` does it:
         critic = ValueModel(copy.deepcopy(actor.transformer), hidden_size)
         models = Models(actor, critic, ref_model, reward, tokenizer, [tokenizer.eos_token_id])
@@ -876,13 +907,15 @@ def ppo_iterations(models: Models, actor_optimizer, critic_optimizer, prompts: l
                       hp, state.kl_coef, score_norm=state.reward_norm, autocast=autocast,
                       parallel=parallel)
         t1 = time.perf_counter()
+        train_actor = step > hp.critic_warmup_steps
         stats, skipped = ppo_update(update_actor, update_critic, actor_optimizer,
                                     critic_optimizer, exp, hp, autocast=autocast,
-                                    parallel=parallel, train_actor=step > hp.critic_warmup_steps)
+                                    parallel=parallel, train_actor=train_actor)
         rates = {"lr/actor": actor_optimizer.param_groups[0]["lr"],
                  "lr/critic": critic_optimizer.param_groups[0]["lr"]}
-        for scheduler in schedulers:
-            scheduler.step()  # the learning rates of the next iteration
+        for scheduler in schedulers:  # the learning rates of the next iteration
+            if train_actor or scheduler.optimizer is not actor_optimizer:
+                scheduler.step()
         row = {**rollout_stats(exp, state.kl_coef, hp.kl_estimator, parallel), **stats,
                "updates/skipped": skipped.sum().float()}
         row = dict(zip(row, torch.stack(list(row.values())).tolist()))  # the one host sync
@@ -891,7 +924,9 @@ def ppo_iterations(models: Models, actor_optimizer, critic_optimizer, prompts: l
                     "time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
                     "throughput/tokens_per_s": row["response/tokens"] / (t2 - t0)})
         # the controller sees this rollout's KL and sets beta for the next one
-        state.step, state.kl_coef = step, next_kl_coef(hp, state.kl_coef, row["objective/kl"])
+        if train_actor:
+            state.kl_coef = next_kl_coef(hp, state.kl_coef, row["objective/kl"])
+        state.step = step
         yield row, exp, skipped
 
 
@@ -944,7 +979,9 @@ class Config(PPOConfig):
     model: str = option(BUILTIN_MODEL, DATA, "policy: a causal-LM hub name or directory, or "
                         "builtin:tiny-gpt2 (in memory, no download)")
     critic_model: str | None = option(None, DATA, "critic initialization (hub name or "
-                                      "directory, the policy's vocabulary); default: the policy")
+                                      "directory, the policy's vocabulary); default: the reward "
+                                      "model if a 1-label classifier of the policy's vocabulary "
+                                      "(004 §3.3; not with --lora-r), else the policy")
     reward_model: str | None = option(None, DATA, "frozen reward model: an "
                                       "AutoModelForSequenceClassification name or directory")
     reward_label: str | None = option(None, DATA, "for a multi-class reward model, the label "
@@ -954,11 +991,15 @@ class Config(PPOConfig):
     prompts: str | None = option(None, DATA, "prompts: .txt (one per line), .jsonl, "
                                  ".parquet/.csv/.json, a dataset directory or Hub id; default: "
                                  "a built-in set")
+    prompts_config: str | None = option(None, DATA, "the configuration of a --prompts dataset "
+                                        "that has several (e.g. main for openai/gsm8k)")
     prompts_split: str = option("train", DATA, "the split of a --prompts dataset")
     prompts_column: str | None = option(None, DATA, "its column of prompts or conversations; "
                                         "default: 'prompt', else 'messages'")
     eval_prompts: str | None = option(None, DATA, "held-out prompts (same formats), answered "
                                       "every --eval-every iterations")
+    eval_prompts_config: str | None = option(None, DATA, "its configuration, as "
+                                             "--prompts-config")
     eval_prompts_split: str = option("train", DATA, "the split of an --eval-prompts dataset "
                                      "(e.g. test)")
     eval_prompts_column: str | None = option(None, DATA, "its column, as --prompts-column")
@@ -1047,8 +1088,8 @@ def train(cfg: Config) -> int:
     """Runs RLHF-PPO as configured (Part I's loop, with outputs, evaluation, checks, signals);
     returns the exit status: 0, 1 after too many skipped updates, 128 + signal when stopped
     by SIGINT/SIGTERM."""
-    # the actor's schedule follows the iterations, also while --critic-warmup-steps skip its
-    # step; and torch.distributed.checkpoint in one process is not worth a warning
+    # a skipped (non-finite) step still moves its schedule on; and torch.distributed.checkpoint
+    # in one process is not worth a warning
     warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
     warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
     run = setup_run(cfg)
@@ -1119,32 +1160,33 @@ def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) 
     return 1.0
 
 
-EVAL_SEED_OFFSET = 10 ** 6  # evaluation samples from its own stream: seed + this + rank
-NORM_SEED_OFFSET = 2 * 10 ** 6  # and so does the measuring of --normalize-reward
+EVAL_STREAM = 1  # evaluation samples from its own stream: seed_of(seed, this, rank)
+NORM_STREAM = 2  # and so does the measuring of --normalize-reward (its prompts too)
 
 
 @contextmanager
-def own_random_stream(run: Run, offset: int):
-    """Sampling from the stream seed + offset + rank, the same every time; afterwards the
-    training stream is where it was."""
+def own_random_stream(run: Run, stream: int):
+    """Sampling from the stream seed_of(seed, stream, rank), the same every time; afterwards
+    the training stream is where it was."""
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        torch.manual_seed(run.cfg.seed + offset + run.rank)
+        torch.manual_seed(seed_of(run.cfg.seed, stream, run.rank))
         yield
 
 
 def measure_reward_norm(run: Run) -> dict:
     """--normalize-reward (as in "The N Implementation Details of RLHF with PPO"): the initial
     policy answers --normalize-reward-samples training prompts (the prompt stream of a run
-    seeded seed + NORM_SEED_OFFSET, each rank its share, from its own random stream); mu0 and
-    sigma0 (population) of their raw scores become `state.reward_norm`, so that PPO sees
-    (s - mu0) / sigma0 before the clip and the KL shaping. Kept in checkpoints. Returns the
-    metrics reward/mean and reward/std."""
+    seeded seed_of(seed, NORM_STREAM), each rank its share, from its own random stream); mu0
+    and sigma0 (population) of their raw scores become `state.reward_norm`, so that PPO sees
+    (s - mu0) / sigma0 before the clip and the KL shaping. A critic that starts from the
+    reward model's head is moved to that scale too (`value_head_to_reward_scale`). Kept in
+    checkpoints. Returns the metrics reward/mean and reward/std."""
     cfg = run.cfg
     sums = torch.zeros(3, dtype=torch.float64, device=run.device)  # count, sum s, sum s^2
-    with own_random_stream(run, NORM_SEED_OFFSET):
+    with own_random_stream(run, NORM_STREAM):
         for step in range(1, -(-cfg.normalize_reward_samples // cfg.batch_size) + 1):
             indices = run.parallel.share(prompt_indices(step, cfg.batch_size, len(run.prompts),
-                                                        cfg.seed + NORM_SEED_OFFSET))
+                                                        seed_of(cfg.seed, NORM_STREAM)))
             scores = rollout(run.models, [run.prompts[i] for i in indices],
                              [run.prompt_ids[i] for i in indices], cfg, run.state.kl_coef,
                              autocast=run.autocast, parallel=run.parallel).scores.double()
@@ -1159,7 +1201,24 @@ def measure_reward_norm(run: Run) -> dict:
     run.state.reward_norm = (mean, std)
     run.log(f"reward normalization: mu0 {mean:.4f}, sigma0 {std:.4f} over {count:.0f} answers "
             "of the initial policy")
+    critic = run.models.critic
+    if critic.source is not None and critic.source == cfg.reward_model:
+        value_head_to_reward_scale(critic, mean, std)
+        run.log("critic: its head, the reward model's, maps to the same scale: "
+                "V = (s - mu0) / sigma0 where the reward model scores s")
     return {"reward/mean": mean, "reward/std": std}
+
+
+def value_head_to_reward_scale(critic: ValueModel, mu0: float, sigma0: float) -> None:
+    """A critic whose head is the reward model's (V = h.w + b = s at the token the reward model
+    scores) moved to the scale PPO's rewards have under --normalize-reward: w / sigma0 and
+    (b - mu0) / sigma0, so that V = (s - mu0) / sigma0 there. Done once, at the start; a
+    resumed run restores the head from its checkpoint."""
+    if is_sharded(critic):
+        critic.reshard()  # the registered parameters are then the shards, changed in place
+    with torch.no_grad():
+        critic.v_head.weight.div_(sigma0)
+        critic.v_head.bias.sub_(mu0).div_(sigma0)
 
 
 def evaluate(run: Run, step: int, kl_coef: float | None = None) -> dict:
@@ -1175,7 +1234,7 @@ def evaluate(run: Run, step: int, kl_coef: float | None = None) -> dict:
     per_rank = cfg.batch_size // size
     names = ("scores", "kl", "rlhf_reward", "length")
     sums, mine = torch.zeros(len(names) + 1, device=run.device), []  # the last: a count
-    with own_random_stream(run, EVAL_SEED_OFFSET):
+    with own_random_stream(run, EVAL_STREAM):
         for start in range(0, len(run.eval_prompts), cfg.batch_size):
             share = range(start + run.rank * per_rank,
                           min(start + (run.rank + 1) * per_rank, len(run.eval_prompts)))
@@ -1292,6 +1351,14 @@ def setup_run(cfg: Config) -> Run:
         raise
     if cfg.overwrite:
         lock.discard_earlier_run()
+    log("the models on this rank (weights, and the gradients and AdamW moments of what is "
+        "trained, before activations):")
+    for role, source, count, trained, weights, gradients, optimizer in model_table(run):
+        log(f"  {role:<9} {source}: " + ("no parameters" if not count else (
+            f"{count:,} parameters" + (f", {trained:,} trained" if trained else "")
+            + f"; weights {weights / 2**20:.1f} MiB" + (
+                f", gradients {gradients / 2**20:.1f} MiB, AdamW {optimizer / 2**20:.1f} MiB"
+                if trained else ""))))
     log(f"outputs go to {lock.out}" + (f"; curves: tensorboard --logdir {lock.out}"
                                        if cfg.tensorboard else ""))
     return run
@@ -1317,9 +1384,11 @@ def load_run(cfg: Config, device: torch.device, prompts: list, eval_prompts: lis
     optimizers = [torch.optim.AdamW(trainable_parameters(model), lr=lr,
                                     weight_decay=cfg.weight_decay, fused=True)
                   for model, lr in zip((actor, critic), learning_rates(cfg))]
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: lr_factor(
-        done + 1, schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
-        total_steps=cfg.steps)) for optimizer in optimizers]
+    # the actor's schedule spans the iterations it trains: those after --critic-warmup-steps
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done, total=total: (
+        lr_factor(done + 1, schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
+                  total_steps=total))) for optimizer, total in zip(
+        optimizers, (cfg.steps - cfg.critic_warmup_steps, cfg.steps))]
     precision = "bf16" if bf16 or frozen_bf16(cfg, bf16) else "fp32"
     run = Run(cfg=cfg, device=device, parallel=DataParallel(device, actor, critic),
               models=Models(actor, critic, ref_model, score_fn, tokenizer,
@@ -1333,7 +1402,7 @@ def load_run(cfg: Config, device: torch.device, prompts: list, eval_prompts: lis
               checks=InvariantChecks(precision, bool(cfg.reward_model)
                                      and cfg.missing_eos_penalty is None, log),
               lock=lock, metrics=MetricsWriter(cfg, lock.out, enabled=world()[0] == 0))
-    torch.manual_seed(cfg.seed + run.rank)  # ranks sample different responses
+    torch.manual_seed(seed_of(cfg.seed, run.rank))  # ranks sample different responses
     if checkpoint is not None:
         restore_checkpoint(run, checkpoint)
         run.metrics.start_step = run.state.step
@@ -1368,26 +1437,57 @@ def finish_run(run: Run) -> None:
     run.log(f"saved the policy to {where} (AutoModelForCausalLM.from_pretrained({str(where)!r}))")
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP) tensor's own shard; any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def model_table(run: Run) -> list[tuple]:
+    """(role, source, parameters, trained parameters, bytes of weights, of gradients, of AdamW
+    state) of each of the four models on this rank, the last two foreseen before the first
+    step allocates them: one gradient and two moments per trained parameter, in its dtype.
+    Parameters count what the role computes with (with LoRA: the shared base and its own
+    adapter); weights count each storage once, for the first role that holds it (with LoRA
+    the base that actor, reference and critic share, for the actor)."""
+    cfg, models, seen = run.cfg, run.models, set()
+    lora = bool(getattr(models.actor, "lora_adapter", None))
+
+    def row(role, source, module, optimizer=None):
+        own = set(map(id, trainable_parameters(module))) if optimizer else set()
+        used = [p for name, p in (module.named_parameters() if module is not None else ())
+                if "lora_" not in name or id(p) in own]
+        weights = 0
+        for tensor in used:
+            storage = local(tensor).untyped_storage()
+            weights += storage.nbytes() if storage.data_ptr() not in seen else 0
+            seen.add(storage.data_ptr())
+        trained = [local(p) for p in trained_parameters(optimizer)] if optimizer else []
+        gradients = sum(p.numel() * p.element_size() for p in trained)
+        return (role, source, sum(p.numel() for p in used), sum(p.numel() for p in trained),
+                weights, gradients, 2 * gradients)
+
+    critic = models.critic.source or "the policy"
+    return [row("actor", cfg.model, models.actor, run.actor_optimizer),
+            row("reference", "the actor's base, adapters off" if lora
+                else "a frozen copy of the policy", getattr(models.ref_model, "model",
+                                                            models.ref_model)),
+            row("critic", critic + (" + a LoRA adapter" if lora else "")
+                + (" (the reward model)" if critic == cfg.reward_model else ""),
+                models.critic, run.critic_optimizer),
+            row("reward", cfg.reward_model or cfg.reward_fn or "the built-in vowel reward",
+                models.score_fn.model)]
+
+
 def memory_bytes(run: Run) -> dict[str, int]:
     """Bytes this rank holds for the four models and their training state, activations aside:
-    parameters (each storage once: with LoRA the base that actor, reference and critic share
-    counts once), gradients (one per trained parameter: all alive at the end of a backward)
-    and the optimizers' state (AdamW: two moments per trained parameter)."""
-    def local(tensor):  # a sharded parameter's own shard
-        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-    storages, models = {}, run.models
-    for module in (models.actor, models.critic,
-                   getattr(models.ref_model, "model", models.ref_model), models.score_fn.model):
-        for tensor in module.parameters() if module is not None else ():
-            storage = local(tensor).untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-    optimizers = (run.actor_optimizer, run.critic_optimizer)
-    trained = [local(p) for optimizer in optimizers for p in trained_parameters(optimizer)]
-    return {"parameters": sum(storages.values()),
-            "gradients": sum(p.numel() * p.element_size() for p in trained),
+    parameters and gradients as `model_table` counts them, and the optimizers' state as it
+    is (AdamW: two moments and a step count per trained parameter)."""
+    table = model_table(run)
+    return {"parameters": sum(row[4] for row in table),
+            "gradients": sum(row[5] for row in table),
             "optimizer": sum(local(t).numel() * local(t).element_size()
-                             for optimizer in optimizers for state in optimizer.state.values()
+                             for optimizer in (run.actor_optimizer, run.critic_optimizer)
+                             for state in optimizer.state.values()
                              for t in state.values() if torch.is_tensor(t))}
 
 
@@ -1577,9 +1677,10 @@ def load_models(cfg: Config, device: torch.device, bf16: bool = False, log: Call
         ref_model = copy.deepcopy(actor).requires_grad_(False).eval().to(frozen).to(device)
         backbone = backbone or copy.deepcopy(actor.base_model)
         critic = ValueModel(backbone, backbone.config.hidden_size, head)
+    critic.source = critic_from  # None: the policy
     log(f"critic: starts from {critic_from or 'the policy'}"
-        + (" (the reward model, 004 §3.3)" if critic_from and critic_from == cfg.reward_model
-           else ""))
+        + (" (the reward model, 004 §3.3; --critic-model picks another)"
+           if critic_from and critic_from == cfg.reward_model else ""))
     actor.to(device).train()  # train mode with dropout off: gradient checkpointing needs it
     critic.to(device).train()
     if cfg.gradient_checkpointing:
@@ -2039,9 +2140,11 @@ def checked_scores(fn: Callable, name: str) -> Callable[[list, list[str]], torch
 def load_prompt_sets(cfg: Config) -> tuple[list, list]:
     """(training prompts, held-out prompts): --prompts, less a seeded --eval-fraction of it,
     which joins --eval-prompts."""
-    prompts = load_prompts(cfg.prompts, "--prompts", cfg.prompts_split, cfg.prompts_column)
+    prompts = load_prompts(cfg.prompts, "--prompts", cfg.prompts_split, cfg.prompts_column,
+                           cfg.prompts_config)
     held_out = (load_prompts(cfg.eval_prompts, "--eval-prompts", cfg.eval_prompts_split,
-                             cfg.eval_prompts_column) if cfg.eval_prompts else [])
+                             cfg.eval_prompts_column, cfg.eval_prompts_config)
+                if cfg.eval_prompts else [])
     if cfg.eval_fraction > 0:
         n = max(1, round(cfg.eval_fraction * len(prompts)))
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed))
@@ -2057,10 +2160,11 @@ DATASET_FILES = {".parquet": "parquet", ".csv": "csv", ".json": "json"}  # loade
 
 
 def load_prompts(path: str | None, option: str = "--prompts", split: str = "train",
-                 column: str | None = None) -> list:
+                 column: str | None = None, config: str | None = None) -> list:
     """Prompts from a text file (one per line) or JSONL; from a dataset (a .parquet, .csv or
     .json file, a `save_to_disk` directory, another directory of data files, or a Hub
-    dataset id, through `datasets`: its `split`, its `column`); default: a built-in set.
+    dataset id, through `datasets`: its `config`, `split` and `column`); default: a built-in
+    set.
 
     A JSONL line holds "prompt": a string, or a conversation in TRL's format, a list of
     {"role", "content"} messages; or "messages", such a list, whose last message is dropped
@@ -2073,7 +2177,10 @@ def load_prompts(path: str | None, option: str = "--prompts", split: str = "trai
     if not file.exists() and file.suffix in (".txt", ".jsonl", *DATASET_FILES):
         raise UsageError(f"{option} {path!r}: no such file")
     if file.suffix in DATASET_FILES or not file.is_file():
-        return dataset_prompts(path, option, split, column)
+        return dataset_prompts(path, option, split, column, config)
+    if config is not None:
+        raise UsageError(f"{option}-config {config!r}: {path} is a file of prompts, which has "
+                         "no configurations")
     prompts = []
     for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip() and file.suffix != ".jsonl":
@@ -2110,29 +2217,38 @@ def prompt_from(value, column: str, where: str):
     return messages
 
 
-def dataset_prompts(path: str, option: str, split: str, column: str | None) -> list:
-    """The prompts of a dataset's `split` and `column`, through `datasets` (see `load_prompts`).
-    Only the column's values are kept: the dataset itself (memory-mapped Arrow) is dropped."""
+def dataset_prompts(path: str, option: str, split: str, column: str | None,
+                    config: str | None = None) -> list:
+    """The prompts of a dataset's `split` and `column`, through `datasets` (see `load_prompts`);
+    `config`: the configuration (`load_dataset`'s name) of a Hub dataset or a dataset
+    directory that has several. Only the column's values are kept: the dataset itself
+    (memory-mapped Arrow) is dropped."""
     import datasets
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
     local, suffix = Path(path).exists(), Path(path).suffix
+    saved = local and any((Path(path) / name).exists() for name in (
+        "dataset_dict.json", "dataset_info.json", "state.json"))  # by save_to_disk
+    if config is not None and (suffix in DATASET_FILES or saved):
+        raise UsageError(f"{option}-config {config!r}: {path} is one dataset, without "
+                         "configurations; it applies to a Hub id or a directory of data files "
+                         "whose README lists configs")
     try:
         if suffix in DATASET_FILES:
             dataset = datasets.load_dataset(DATASET_FILES[suffix], data_files=path, split=split)
-        elif local and any((Path(path) / name).exists() for name in (
-                "dataset_dict.json", "dataset_info.json", "state.json")):  # save_to_disk
+        elif saved:
             dataset = datasets.load_from_disk(path)
             splits = dataset if isinstance(dataset, datasets.DatasetDict) else {"train": dataset}
             if split not in splits:  # a dataset saved without splits counts as 'train'
                 raise ValueError(f"Unknown split {split!r}. Should be one of {list(splits)}.")
             dataset = splits[split]
         else:  # a directory of data files, or a Hub id
-            dataset = datasets.load_dataset(path, split=split)
+            dataset = datasets.load_dataset(path, config, split=split)
     except (ValueError, KeyError) as e:
         if "corresponds to no data" in str(e):  # how `datasets` says a data file is empty
             raise UsageError(f"{option} {path!r} holds no prompt") from e
-        raise UsageError(f"{option} {path!r}: {first_line(e)}") from e
+        hint = f" (pick one with {option}-config)" if "Config name is missing" in str(e) else ""
+        raise UsageError(f"{option} {path!r}: {first_line(e)}{hint}") from e
     except (OSError, datasets.exceptions.DatasetNotFoundError) as e:
         where = "" if local else " (offline? pass a local file or directory)"
         raise UsageError(f"{option} {path!r}: cannot load it{where}: {first_line(e)}") from e
@@ -2677,8 +2793,8 @@ def restore_checkpoint(run, state: dict) -> None:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     else:  # another number of ranks samples other responses anyway: fresh, distinct seeds
-        random.seed(run.cfg.seed + run.state.step)
-        torch.manual_seed(run.cfg.seed + run.state.step * run.parallel.size + run.rank)
+        random.seed(seed_of(run.cfg.seed, run.state.step))
+        torch.manual_seed(seed_of(run.cfg.seed, run.state.step, run.rank))
         run.log(f"note: the checkpoint was written by {len(state['rng'])} rank(s), this run "
                 f"has {run.parallel.size}: weights and optimizers resume exactly, sampling "
                 "does not")

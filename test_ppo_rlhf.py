@@ -5,9 +5,11 @@ Run: python -m pytest -q test_ppo_rlhf.py      (CI=true selects the derandomized
 """
 
 import inspect
+import itertools
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -1095,7 +1097,8 @@ def test_default_critic_is_the_reward_model_and_its_values_are_the_scores(tiny_d
     that sequence. The run says so in one line."""
     torch.manual_seed(0)
     actor, critic, _, score_fn, tokenizer = make_models(tiny_dirs)
-    assert (f"critic: starts from {tiny_dirs['reward']} (the reward model, 004 §3.3)\n"
+    assert (f"critic: starts from {tiny_dirs['reward']} (the reward model, 004 §3.3; "
+            "--critic-model picks another)\n"
             in capsys.readouterr().out)
     torch.testing.assert_close(critic.v_head.weight, score_fn.model.score.weight)
     texts = ["the cat sat on the mat", "hello there, a fine day"]
@@ -2353,11 +2356,11 @@ def test_train_feeds_every_option_to_the_math_and_logs_what_it_computed(tmp_path
 @given(st.integers(1, 9), st.integers(1, 12), st.integers(0, 3))
 def test_prompt_batches_are_consecutive_slices_of_per_epoch_permutations(n_prompts, batch_size,
                                                                          seed):
-    """Iterations 1, 2, ... take consecutive slices of the stream perm(seed), perm(seed + 1),
-    ... of the prompt set (a batch may span two epochs, or more when it is larger than the
-    set): every prompt once per epoch, and the same prompts on a resume."""
+    """Iterations 1, 2, ... take consecutive slices of the stream perm(seed_of(seed, 0)),
+    perm(seed_of(seed, 1)), ... of the prompt set (a batch may span two epochs, or more when it
+    is larger than the set): every prompt once per epoch, and the same prompts on a resume."""
     stream = [int(i) for epoch in range(2 + 12 * 3 // n_prompts) for i in torch.randperm(
-        n_prompts, generator=torch.Generator().manual_seed(seed + epoch))]
+        n_prompts, generator=torch.Generator().manual_seed(P.seed_of(seed, epoch)))]
     for step in (1, 2, 3):
         assert (P.prompt_indices(step, batch_size, n_prompts, seed)
                 == stream[(step - 1) * batch_size:step * batch_size])
@@ -3231,6 +3234,7 @@ def capture_run(monkeypatch):
         captured["actor"] = {k: v.clone() for k, v in run.models.actor.state_dict().items()}
         captured["critic"] = {k: v.clone() for k, v in run.models.critic.state_dict().items()}
         captured["memory"] = P.memory_bytes(run)
+        captured["table"] = P.model_table(run)
         captured["logits"] = plain_logits(run.models.actor, run.models.tokenizer)
         return save(run)
     monkeypatch.setattr(P, "save_final_policy", spy)
@@ -4066,6 +4070,491 @@ def test_sharded_cli_run_resumes_on_two_ranks_and_on_one(tmp_path):
     assert single.returncode == 0, single.stderr
     assert "written by 2 rank(s)" in single.stdout
     assert [row["step"] for row in read_metrics(split)] == [1, 2, 3, 4]
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Where options meet: the critic from the reward model on PPO's scale, beta and the actor's
+# schedule frozen with the actor, DDP accumulation, and every pair of options run together
+# ------------------------------------------------------------------------------------------------
+
+def scored_rows(exp, tokenizer):
+    """[(row, t)]: the rows whose response ended with an EOS after tokens that decode to
+    themselves (no other special token), and t, the EOS's index: values[row, t] is the
+    critic's V of prompt + response before the EOS, the very text the reward model scored."""
+    specials = set(tokenizer.all_special_ids)
+    rows = []
+    for b in range(len(exp.scores)):
+        n = int(exp.action_mask[b].sum())
+        response = exp.input_ids[b, -exp.response_length:][:n - 1].tolist()
+        if exp.ended[b] and not specials & set(response):
+            rows.append((b, n - 1))
+    return rows
+
+
+def test_a_critic_from_the_reward_model_starts_at_the_normalized_score_it_gives(
+        tiny_dirs, tmp_path, monkeypatch, capsys):
+    """004 §3.3 with --normalize-reward: at the token the reward model scores, the critic's
+    first value is the normalized score (s - mu0) / sigma0 of the same text, on the scale of
+    PPO's rewards (its head w / sigma0, (b - mu0) / sigma0); the moved head is what the
+    checkpoint keeps: a resumed run does not move it again and equals the uninterrupted one."""
+    rollouts = spy_on(monkeypatch, "generate_experience")
+    cfg = tiny_config(tmp_path, model=tiny_dirs["policy"], reward_model=tiny_dirs["reward"],
+                      normalize_reward=True, normalize_reward_samples=16, batch_size=16,
+                      max_new_tokens=24, output_dir=str(tmp_path / "straight"), steps=2)
+    assert P.train(cfg) == 0
+    assert "critic: its head, the reward model's, maps to the same scale" in capsys.readouterr().out
+    rows = read_metrics(cfg.output_dir)
+    mu, sigma = rows[0]["reward/mean"], rows[0]["reward/std"]
+    exp = rollouts[1][1]  # the first training rollout (the first measured)
+    tokenizer = P.load_tokenizer(tiny_dirs["policy"], "test")
+    scored = scored_rows(exp, tokenizer)
+    assert len(scored) >= 3
+    for b, t in scored:
+        assert exp.values[b, t].item() == pytest.approx(
+            ((exp.scores[b] - mu) / sigma).item(), abs=1e-4)
+    split = dataclass_replace(cfg, output_dir=str(tmp_path / "split"), steps=1)
+    assert P.train(split) == 0
+    assert P.train(dataclass_replace(split, steps=2, resume=True)) == 0
+    assert without_timing(read_metrics(split.output_dir)) == without_timing(rows)
+
+
+class Hidden(torch.nn.Module):
+    """A backbone whose last hidden state is its input: V = input . w + b, to read a head."""
+
+    def forward(self, input_ids, **_):
+        return P.dataclasses.make_dataclass("Out", ["last_hidden_state"])(input_ids)
+
+
+def test_the_critic_takes_the_score_heads_weight_and_bias_and_maps_them_to_the_reward_scale():
+    """ValueModel(head=) copies the reward model's head, bias included (V = h.w + b = s), and
+    value_head_to_reward_scale turns V into (s - mu0) / sigma0 for every hidden state."""
+    torch.manual_seed(4)
+    head = torch.nn.Linear(8, 1)
+    critic = P.ValueModel(Hidden(), 8, head)
+    hidden = torch.randn(3, 5, 8)
+    scores = head(hidden).squeeze(-1).detach()
+    torch.testing.assert_close(critic(hidden, None, None), scores)
+    P.value_head_to_reward_scale(critic, mu0=1.5, sigma0=0.25)
+    torch.testing.assert_close(critic(hidden, None, None), (scores - 1.5) / 0.25)
+
+
+@pytest.mark.parametrize("controller", ["adaptive", "proportional"])
+def test_beta_and_the_actors_schedule_wait_while_the_critic_warms_up(tmp_path, controller):
+    """--critic-warmup-steps 2: beta stays at --kl-ctl through the warm-up (a frozen actor's KL
+    of 0 would halve an adaptive beta each time) and then follows the controller; the
+    actor's learning rate is its first iteration's until it trains, and its warm-up and decay
+    span the iterations it trains; the critic's schedule spans every iteration."""
+    cfg = tiny_config(tmp_path, steps=6, critic_warmup_steps=2, kl_controller=controller,
+                      kl_target=0.05, lr_schedule="linear", warmup_steps=2, actor_lr=1e-3,
+                      critic_lr=4e-3)
+    assert P.train(cfg) == 0
+    rows = read_metrics(cfg.output_dir)
+    betas = [row["objective/kl_coef"] for row in rows]
+    assert betas[:3] == [cfg.kl_ctl] * 3
+    for k in range(2, 5):  # beta of iteration k + 2 from iteration k + 1's
+        assert betas[k + 1] == pytest.approx(P.next_kl_coef(cfg, betas[k], rows[k]["objective/kl"]))
+    assert betas[3] != cfg.kl_ctl
+
+    def factor(step, total):
+        return P.lr_factor(step, schedule="linear", warmup_steps=2, total_steps=total)
+    actor_steps = [1, 1, 1, 2, 3, 4]  # the actor's own iteration count, 1 while frozen
+    assert [row["lr/actor"] for row in rows] == pytest.approx(
+        [1e-3 * factor(k, 6 - 2) for k in actor_steps])
+    assert [row["lr/critic"] for row in rows] == pytest.approx(
+        [4e-3 * factor(k, 6) for k in range(1, 7)])
+
+
+def test_part_one_loop_takes_a_score_fn_that_returns_a_list(tiny_dirs):
+    """`Models.score_fn` may return a list of floats (as `vowel_reward` does): Part I's loop,
+    without Part II's `checked_scores`, makes them the rollout's float32 scores."""
+    torch.manual_seed(2)
+    actor, critic, ref_model, _, tokenizer = make_models(tiny_dirs)
+    models = P.Models(actor, critic, ref_model, P.vowel_reward, tokenizer,
+                      [tokenizer.eos_token_id])
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (actor, critic)]
+    hp = P.PPOConfig(steps=1, batch_size=8, mini_batch_size=8, ppo_epochs=1, max_new_tokens=6)
+    prompt_ids = [tokenizer(p)["input_ids"] for p in LOOP_PROMPTS]
+    (row, exp, _), = P.ppo_iterations(models, *optimizers, LOOP_PROMPTS, prompt_ids, hp)
+    assert exp.scores.dtype == torch.float32
+    assert exp.scores.tolist() == pytest.approx(P.vowel_reward(exp.prompts, exp.responses))
+    assert all(math.isfinite(value) for value in row.values())
+
+
+def test_the_entropy_bonus_keeps_no_softmax_for_backward():
+    """entropy_from_logits under autograd, on a slice of logits as the update passes it: no
+    tensor of a chunk's size is saved for backward but views of the logits themselves (each
+    chunk's softmax is recomputed there), and value and gradient are the plain formula's."""
+    torch.manual_seed(5)
+    logits = torch.randn(4, 33, 300, dtype=torch.float64, requires_grad=True)
+    view = logits[:, :-1]  # [B, T, V], not contiguous
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        entropy = P.entropy_from_logits(view, chunk_rows=32)
+    ours = logits.untyped_storage().data_ptr()
+    kept = [t for t in saved if t.untyped_storage().data_ptr() != ours]
+    assert sum(t.numel() for t in kept) < 300  # not one row of V
+    plain = -(torch.softmax(view, -1) * torch.log_softmax(view, -1)).sum(-1)
+    torch.testing.assert_close(entropy, plain)
+    weights = torch.randn_like(plain)
+    torch.testing.assert_close(torch.autograd.grad(entropy, logits, weights)[0],
+                               torch.autograd.grad(plain, logits, weights)[0])
+
+
+def test_runs_of_different_seeds_share_no_epoch_order():
+    """Each (seed, epoch) permutes the prompts with a stream of its own (`seed_of`): seed 1's
+    first epoch is not seed 0's second, so runs of several seeds see independent data."""
+    n = 50
+    orders = [tuple(P.prompt_indices(epoch + 1, n, n, seed)) for seed in range(4)
+              for epoch in range(6)]
+    assert len(set(orders)) == len(orders)
+    assert len({P.seed_of(seed, rank) for seed in range(50) for rank in range(50)}) == 2500
+
+
+def test_a_dataset_with_configurations_loads_the_one_named(tmp_path, capsys):
+    """--prompts-config (and --eval-prompts-config) names the configuration of a dataset that
+    has several, as `load_dataset(path, name)` does for openai/gsm8k's "main": built offline
+    as a directory whose README lists its configs. Without it, one line names the option."""
+    root = tmp_path / "gsm"
+    questions = {"main": ["what is 2 + 2", "what is 3 + 5"], "socratic": ["how many apples"]}
+    readme = ["---", "configs:"]
+    for name, rows in questions.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "train.jsonl").write_text(
+            "".join(json.dumps({"question": q, "answer": "4"}) + "\n" for q in rows))
+        readme += [f"- config_name: {name}", "  data_files:", "  - split: train",
+                   f"    path: {name}/train.jsonl"]
+    (root / "README.md").write_text("\n".join(readme + ["---", ""]))
+    cfg = P.parse_args(["--prompts", str(root), "--prompts-config", "main", "--prompts-column",
+                        "question", "--eval-prompts", str(root), "--eval-prompts-config",
+                        "socratic", "--eval-prompts-column", "question"])
+    assert P.load_prompt_sets(cfg) == (questions["main"], questions["socratic"])
+    with pytest.raises(P.UsageError, match=r"Config name is missing.*--prompts-config\)$"):
+        P.load_prompts(str(root), column="question")
+    (tmp_path / "prompts.txt").write_text("hello\n")
+    (tmp_path / "prompts.csv").write_text("prompt\nhello\n")
+    for path in (tmp_path / "prompts.txt", tmp_path / "prompts.csv"):
+        with pytest.raises(P.UsageError, match="--eval-prompts-config 'main'"):
+            P.load_prompts(str(path), "--eval-prompts", config="main")
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_the_start_up_report_names_each_model_and_counts_its_parameters(
+        tiny_dirs, tmp_path, monkeypatch, capsys, lora_r):
+    """At the start each model's role, source and parameter count (what it computes with: with
+    LoRA the shared base and its own adapter), and the memory foreseen for its weights (a
+    shared storage once), gradients and AdamW moments, which is what the run then holds."""
+    from transformers import AutoModelForSequenceClassification
+    captured = capture_run(monkeypatch)
+    cfg = tiny_config(tmp_path, model=tiny_dirs["policy"], reward_model=tiny_dirs["reward"],
+                      lora_r=lora_r, steps=1)
+    assert P.train(cfg) == 0
+    out = capsys.readouterr().out
+    run = captured["run"]
+    policy = sum(p.numel() for p in P.load_policy(tiny_dirs["policy"], 0)[0].parameters())
+    reward = AutoModelForSequenceClassification.from_pretrained(tiny_dirs["reward"])
+    n_reward = sum(p.numel() for p in reward.parameters())
+    hidden = reward.config.hidden_size
+    adapters = {role: sum(p.numel() for name, p in captured["actor"].items()
+                          if f".{adapter}." in name)
+                for role, adapter in (("actor", P.LORA_ACTOR), ("critic", P.LORA_CRITIC))}
+    table = {row[0]: row[1:] for row in captured["table"]}
+    head = hidden + 1
+    if lora_r:  # the critic: an adapter and a head on the policy's transformer
+        critic = policy + adapters["critic"] + head  # lm_head is tied to wte: not counted
+        assert table["critic"][:3] == ("the policy + a LoRA adapter", critic,
+                                       adapters["critic"] + head)
+        assert table["actor"][1:3] == (policy + adapters["actor"], adapters["actor"])
+        assert table["reference"][1:4] == (policy, 0, 0)  # the actor's base: no bytes of its own
+    else:  # the critic: the reward model's transformer and head
+        assert table["critic"][:3] == (f"{tiny_dirs['reward']} (the reward model)",
+                                       n_reward - hidden + head, n_reward - hidden + head)
+        assert table["actor"][1:3] == (policy, policy)
+        assert table["reference"][1:4] == (policy, 0, 4 * policy)
+    assert table["reward"][:3] == (tiny_dirs["reward"], n_reward, 0)
+    for role, (source, count, trained, *_) in table.items():
+        assert f"  {role:<9} {source}: {count:,} parameters" in out
+    steps = 4 * (len(run.actor_optimizer.state) + len(run.critic_optimizer.state))
+    foreseen = sum(row[5] for row in table.values())  # what AdamW then allocated
+    assert foreseen == captured["memory"]["optimizer"] - steps > 0
+
+
+def test_live_checks_hold_bf16_runs_to_the_bf16_tolerances(tiny_dirs, tmp_path, monkeypatch):
+    """A run with bf16 compute or bf16 frozen models is checked with the bf16 tolerances
+    (first |ratio - 1| 0.1, first KL per token 1e-2), an fp32 run with fp32's (1e-3, 1e-4)."""
+    precisions = {}
+    for name, options in (("fp32", {}), ("bf16", {"bf16": True}),
+                          ("frozen", {"frozen_bf16": True})):
+        captured = capture_run(monkeypatch)
+        assert P.train(tiny_config(tmp_path, output_dir=str(tmp_path / name), steps=1,
+                                   **options)) == 0
+        precisions[name] = captured["run"].checks.precision
+    assert precisions == {"fp32": "fp32", "bf16": "bf16", "frozen": "bf16"}
+    healthy = {"step": 1, "val/explained_variance": 1.0, "response/length": 10.0,
+               "response/no_eos": 0.0, "policy/first_ratio_error": 0.0, "objective/kl": 0.0}
+    for precision, ratio_ok, ratio_bad, kl_ok, kl_bad in (("fp32", 5e-4, 5e-3, 5e-5, 5e-4),
+                                                          ("bf16", 5e-2, 0.2, 5e-3, 5e-2)):
+        for ratio, kl, failed in ((ratio_ok, kl_ok, []), (ratio_bad, kl_ok, ["first_ratio"]),
+                                  (ratio_ok, kl_bad, ["kl_at_start"])):
+            checks = P.InvariantChecks(precision, watch_eos=True, log=lambda *a, **k: None)
+            counts = checks({**healthy, "policy/first_ratio_error": ratio,
+                             "objective/kl": 10 * kl}, first=True)
+            assert [name.removeprefix("check/") for name, n in counts.items() if n] == failed
+
+
+def test_a_reward_model_saved_without_a_pad_token_scores_each_row_at_its_own_end(tiny_dirs,
+                                                                                   tmp_path):
+    """Most GPT-2 and Llama classifiers trained elsewhere are saved with no pad token in their
+    config or tokenizer: the scorer pads with EOS and tells the model, so that each row of a
+    ragged batch is scored at its own last token, as it is alone."""
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dirs["reward"])
+    model.config.pad_token_id = None
+    model.save_pretrained(tmp_path / "reward")
+    tokenizer = P.build_tiny_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path / "reward")
+    assert model.config.from_pretrained(tmp_path / "reward").pad_token_id is None
+    scorer = P.RewardModelScorer(str(tmp_path / "reward"), None, torch.device("cpu"))
+    prompts, responses = ["the cat", "a", "we went to the sea"], ["sat on the mat", "b", "!"]
+    together = scorer(prompts, responses)
+    alone = torch.cat([scorer([p], [r]) for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_the_reward_model_cuts_only_the_rows_over_its_context_and_only_their_prompt(
+        chat_dirs, tmp_path):
+    """A batch where a short row stands beside one over the context by less than its prompt:
+    the short row is read whole and scored as alone, the long one cut from the left (its last
+    30 tokens), though its excess is more than the short row's prompt; a row whose excess is
+    more than its own prompt is refused wherever it stands."""
+    scorer = P.RewardModelScorer(small_context_reward_model(chat_dirs, tmp_path / "r", 30),
+                                 None, torch.device("cpu"))
+    long_prompt, short, answer = [{"role": "user", "content": "z" * 26}], "ok", "a" * 10
+    full = scorer.tokenizer(scorer.texts([long_prompt], [answer]), add_special_tokens=False,
+                            return_tensors="pt").input_ids
+    before_short = scorer.lengths(scorer.texts([short]))[0]
+    before_long = scorer.lengths(scorer.texts([long_prompt]))[0]
+    assert before_short < full.shape[1] - 30 < before_long  # the excess: more than "ok"'s room
+    with torch.no_grad():
+        cut = scorer.model(full[:, -30:]).logits[0, 0]
+    scores = scorer([short, long_prompt], ["fine", answer])
+    torch.testing.assert_close(scores, torch.stack([scorer([short], ["fine"])[0], cut]))
+    for prompts, responses in (([long_prompt, "hi"], [answer, "q" * 40]),
+                               (["hi", long_prompt], ["q" * 40, answer])):
+        with pytest.raises(P.UsageError, match="cannot read a whole response"):
+            scorer(prompts, responses)
+
+
+
+def test_the_saved_lora_policy_merges_the_actors_adapter_alone(tiny_dirs, tmp_path):
+    """Both adapters on the shared base moved from their start (B != 0), and the critic's the
+    active one when the run ends: <out>/policy is the base plus the actor's adapter alone,
+    whichever adapter is active (the critic's would change the policy: checked)."""
+    from types import SimpleNamespace
+    from transformers import AutoModelForCausalLM
+    actor, _, _, tokenizer = lora_models(tiny_dirs)
+    fill_adapters(actor)
+    expected = plain_logits(actor, tokenizer)
+    actor.set_adapter(P.LORA_CRITIC)
+    assert not torch.allclose(plain_logits(actor, tokenizer), expected, atol=1e-3)
+    run = SimpleNamespace(models=SimpleNamespace(actor=actor, tokenizer=tokenizer), rank=0,
+                          out=tmp_path)
+    P.save_final_policy(run)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / P.POLICY).eval()
+    torch.testing.assert_close(plain_logits(merged, tokenizer), expected, atol=1e-5, rtol=1e-5)
+
+
+MINIBATCH_ORDER = [0, 1, 4, 5, 2, 3, 6, 7]  # one process: minibatch k = each rank's k-th
+
+
+def ddp_accumulation_worker(data, out):
+    """One rank of the accumulation test: its half of the experience (rows 4r..4r+3) in two
+    minibatches of two micro-batches per epoch, in row order (`torch.randperm` made arange),
+    and every DDP all-reduce counted, per model, by a comm hook; saved to out.format(rank)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    rank, _ = P.world()
+    torch.randperm = lambda n, **_: torch.arange(n)
+    data = torch.load(data, weights_only=False)
+    actor, critic = data["actor"], data["critic"]
+    parallel = P.DataParallel(torch.device("cpu"), actor, critic)
+    calls = []
+    for name, model in (("actor", actor), ("critic", critic)):
+        parallel.trained(model).register_comm_hook(
+            name, lambda state, bucket: calls.append(state) or allreduce_hook(None, bucket))
+    _, skipped = P.ppo_update(parallel.trained(actor), parallel.trained(critic),
+                              torch.optim.SGD(actor.parameters(), lr=0.1),
+                              torch.optim.SGD(critic.parameters(), lr=0.1),
+                              data["exp"].select(torch.arange(rank * 4, rank * 4 + 4)),
+                              P.PPOConfig(ppo_epochs=2, mini_batch_size=4, micro_batch_size=1),
+                              parallel=parallel)
+    torch.save({"actor": actor.state_dict(), "critic": critic.state_dict(), "calls": calls,
+                "optimizer_steps": len(skipped)}, out.format(rank))
+
+
+@pytest.fixture(scope="module")
+def ddp_accumulation(tiny_dirs, tmp_path_factory):
+    """The experience, each rank's results of `ddp_accumulation_worker`, and one process's
+    update on the whole experience taking the union of the ranks' k-th minibatches."""
+    tmp_path = tmp_path_factory.mktemp("accumulation")
+    torch.manual_seed(10)
+    actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
+    exp = rollout(actor, critic, ref_model, scorer, tokenizer)
+    torch.save({"actor": actor, "critic": critic, "exp": exp}, tmp_path / "data.pt")
+    out = str(tmp_path / "rank{}.pt")
+    result = torchrun_worker(ddp_accumulation_worker, tmp_path, data=str(tmp_path / "data.pt"),
+                             out=out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    randperm, torch.randperm = torch.randperm, lambda n, **_: torch.tensor(MINIBATCH_ORDER)
+    try:
+        P.ppo_update(actor, critic, torch.optim.SGD(actor.parameters(), lr=0.1),
+                     torch.optim.SGD(critic.parameters(), lr=0.1), exp,
+                     P.PPOConfig(ppo_epochs=2, mini_batch_size=4, micro_batch_size=2))
+    finally:
+        torch.randperm = randperm
+    return [torch.load(out.format(r), weights_only=False) for r in range(2)], actor, critic
+
+
+@pytest.mark.slow
+def test_two_ranks_step_on_the_union_of_their_kth_minibatches(ddp_accumulation):
+    """--mini-batch-size below the batch on 2 ranks: each rank takes mini_batch_size / 2 of its
+    rows per step (here 2 of 4: two steps per epoch, not one), and each step equals one
+    process's on the union of the two ranks' minibatches."""
+    ranks, actor, critic = ddp_accumulation
+    assert [rank["optimizer_steps"] for rank in ranks] == [2 * 2, 2 * 2]
+    for name, model in (("actor", actor), ("critic", critic)):
+        for key, value in model.state_dict().items():
+            assert torch.equal(ranks[0][name][key], ranks[1][name][key]), key
+            torch.testing.assert_close(ranks[0][name][key], value, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_ddp_reduces_each_models_gradients_once_per_optimizer_step(ddp_accumulation):
+    """With 2 micro-batches per minibatch, DDP all-reduces on the last alone: per optimizer
+    step one call per trained model (`no_sync` around the forward too: DDP decides there)."""
+    ranks, _, _ = ddp_accumulation
+    for rank in ranks:
+        steps = rank["optimizer_steps"]
+        assert sorted(rank["calls"]) == ["actor"] * steps + ["critic"] * steps
+
+
+def all_pairs(levels: dict[str, int], candidates: int = 10) -> list[dict[str, int]]:
+    """A covering array of strength 2, by AETG's greedy (Cohen et al. 1997): rows of one level
+    per factor such that every pair of levels of every two factors stands in some row. Each
+    row is the best of `candidates`: one starts from the factor level in most uncovered
+    pairs, takes the other factors in a seeded random order, each at the level covering most
+    new pairs with the levels chosen so far."""
+    names, rng = list(levels), random.Random(0)
+    uncovered = {(a, i, b, j) for a, b in itertools.combinations(names, 2)
+                 for i in range(levels[a]) for j in range(levels[b])}
+
+    def new_pairs(row):
+        return {(x, row[x], y, row[y]) for x, y in itertools.combinations(names, 2)
+                if x in row and y in row} & uncovered
+
+    rows = []
+    while uncovered:
+        first = max(((name, v) for name in names for v in range(levels[name])), key=lambda nv:
+                    sum(nv in ((a, i), (b, j)) for a, i, b, j in uncovered))
+        best = None
+        for _ in range(candidates):
+            row, rest = dict([first]), [name for name in names if name != first[0]]
+            rng.shuffle(rest)
+            for name in rest:  # ties broken at random, as AETG does
+                gains = [len(new_pairs({**row, name: v})) for v in range(levels[name])]
+                row[name] = rng.choice([v for v, g in enumerate(gains) if g == max(gains)])
+            if best is None or len(new_pairs(row)) > len(new_pairs(best)):
+                best = row
+        rows.append({name: best[name] for name in names})
+        uncovered -= new_pairs(best)
+    return rows
+
+
+# the options that change what the update sees, and the values each is run with
+MEETING_OPTIONS = {
+    "critic": ["policy", "reward model", "critic model"],  # vowel reward; --reward-model;
+    "normalize_reward": [False, True],                    # and --critic-model (the policy's)
+    "critic_warmup_steps": [0, 1],
+    "kl_controller": ["fixed", "adaptive", "proportional"],
+    "kl_estimator": ["k1", "k3"],
+    "dual_clip": [None, 2.0],
+    "lora_r": [0, 4],
+    "bf16": [False, True],
+    "micro_batch_size": [None, 2],
+    "ent_coef": [0.0, 0.05],
+    "missing_eos_penalty": [None, 1.0],
+    "lr_schedule": [("constant", 0), ("linear", 1), ("cosine", 2)],  # with --warmup-steps
+    "top_k": [0, 5],
+}
+MEETING_ROWS = all_pairs({name: len(values) for name, values in MEETING_OPTIONS.items()})
+
+
+def test_the_option_array_covers_every_pair_of_values():
+    """Every pair of values of two options of MEETING_OPTIONS stands in some row of the array
+    the trainer runs, in far fewer rows than every combination (3 x 3 x 2^11 = 18,432)."""
+    names = list(MEETING_OPTIONS)
+    for a, b in itertools.combinations(names, 2):
+        seen = {(row[a], row[b]) for row in MEETING_ROWS}
+        assert len(seen) == len(MEETING_OPTIONS[a]) * len(MEETING_OPTIONS[b]), (a, b)
+    assert len(MEETING_ROWS) <= 15
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("levels", MEETING_ROWS, ids=lambda row: "".join(map(str, row.values())))
+def test_options_that_meet_keep_ppos_invariants(tiny_dirs, tmp_path, monkeypatch, levels):
+    """One row of the all-pairs array, run by the trainer for 3 iterations. Whatever the
+    options: every metric finite and no update skipped; pi/pi_old = 1 on each first minibatch
+    and KL = 0 at the start (within the precision's live-check tolerance); a critic that starts
+    from the reward model starts on the returns' scale (V = (s - mu0) / sigma0 where the
+    reward model scores), any other at V = 0; while the critic warms up, the actor, beta and
+    the actor's learning rate stay as they started."""
+    option = {name: MEETING_OPTIONS[name][k] for name, k in levels.items()}
+    critic, (schedule, warmup) = option.pop("critic"), option.pop("lr_schedule")
+    models = {"policy": {}, "reward model": {"reward_model": tiny_dirs["reward"]},
+              "critic model": {"reward_model": tiny_dirs["reward"],
+                               "critic_model": tiny_dirs["policy"]}}[critic]
+    cfg = tiny_config(tmp_path, model=tiny_dirs["policy"], lr_schedule=schedule,
+                      warmup_steps=warmup, kl_target=0.5, normalize_reward_samples=8,
+                      batch_size=8, max_new_tokens=16, **models, **option)
+    rollouts, actors, generate = [], [], P.generate_experience
+
+    def spy(actor, *args, **kwargs):  # each rollout, and the actor's weights when it began
+        actors.append({k: v.clone() for k, v in actor.state_dict().items()
+                       if f".{P.LORA_CRITIC}." not in k})  # with LoRA: not the critic's adapter
+        rollouts.append(generate(actor, *args, **kwargs))
+        return rollouts[-1]
+    monkeypatch.setattr(P, "generate_experience", spy)
+    assert P.train(cfg) == 0
+    rows = read_metrics(cfg.output_dir)
+    precision = "bf16" if cfg.bf16 else "fp32"
+    start = rows[0] if cfg.normalize_reward else {"reward/mean": 0.0, "reward/std": 1.0}
+    training = rows[1:] if cfg.normalize_reward else rows
+    assert len(training) == 3
+    for row in rows:
+        assert all(math.isfinite(value) for value in row.values()), row
+    for row in training:
+        assert row["updates/skipped"] == 0
+        assert row["policy/first_ratio_error"] <= P.FIRST_RATIO_TOLERANCE[precision]
+    first = training[0]
+    assert abs(first["objective/kl"]) / first["response/length"] <= \
+        P.START_KL_TOLERANCE[precision]
+    exp = rollouts[1 if cfg.normalize_reward else 0]
+    if critic == "reward model" and not cfg.lora_r:  # 004 §3.3's default critic
+        tokenizer = P.load_tokenizer(tiny_dirs["policy"], "test")
+        scored = scored_rows(exp, tokenizer)
+        target = (exp.scores - start["reward/mean"]) / start["reward/std"]
+        atol = {"fp32": 1e-4, "bf16": 0.1}[precision]
+        for b, t in scored:
+            assert exp.values[b, t].item() == pytest.approx(target[b].item(), abs=atol)
+    else:
+        assert not exp.values.any()
+    if cfg.critic_warmup_steps:
+        measuring = 1 if cfg.normalize_reward else 0
+        before, after = actors[measuring], actors[measuring + 1]  # rollouts 1 and 2
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert training[0]["objective/kl_coef"] == training[1]["objective/kl_coef"] == cfg.kl_ctl
+        assert training[0]["lr/actor"] == training[1]["lr/actor"]
 
 
 if __name__ == "__main__":  # a torchrun worker (`torchrun_worker`): <function> <JSON keywords>
