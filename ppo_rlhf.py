@@ -1113,6 +1113,7 @@ def train(cfg: Config) -> int:
             step = row["step"]
             if step == 1:
                 print_samples("samples before training:", exp, cfg.samples, log)
+                warn_if_critic_off_scale(run, exp)
             stopping = parallel.sum(torch.tensor(float(stop.signum is not None),
                                                  device=run.device)).item() > 0
             row.update(run.checks(row, first=step == 1))
@@ -1144,6 +1145,25 @@ def train(cfg: Config) -> int:
                 return 128 + signum
         finish_run(run)
     return 0
+
+
+CLIPPED_SCORES_LIMIT = 0.1  # above this share of clipped first scores, a critic from the
+# reward model starts off the returns' scale
+
+
+def warn_if_critic_off_scale(run: Run, exp: Experience) -> None:
+    """A critic that starts from the reward model predicts its score s, and PPO's return is
+    clip(s) (or clip((s - mu0)/sigma0), to which the head is mapped): when many first raw
+    scores lie beyond +-clip_reward_value without normalization, say so once."""
+    cfg = run.cfg
+    source = run.models.critic.source
+    if source is not None and source == cfg.reward_model and not cfg.normalize_reward:
+        clipped = (exp.scores.abs() > cfg.clip_reward_value).float().mean().item()
+        if clipped > CLIPPED_SCORES_LIMIT:
+            run.log(f"warning: {clipped:.0%} of the first scores lie beyond --clip-reward-value "
+                    f"{cfg.clip_reward_value:g}: the critic, which starts from the reward model, "
+                    "predicts them unclipped, off the returns' scale; --normalize-reward puts "
+                    "both on one scale", file=sys.stderr)
 
 
 def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) -> float:

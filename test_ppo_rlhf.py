@@ -4119,6 +4119,22 @@ def test_a_critic_from_the_reward_model_starts_at_the_normalized_score_it_gives(
     assert without_timing(read_metrics(split.output_dir)) == without_timing(rows)
 
 
+@pytest.mark.parametrize("case", ["raw", "normalized", "no reward model"])
+def test_a_critic_from_the_reward_model_warns_when_its_first_scores_are_clipped(
+        tiny_dirs, tmp_path, capsys, case):
+    """Without --normalize-reward, a critic from the reward model predicts raw scores while
+    PPO's returns are clipped: when most first scores lie beyond --clip-reward-value the run
+    says so once; with normalization the head is mapped, and a critic from the policy starts
+    at 0: nothing is said."""
+    reward = {} if case == "no reward model" else {"reward_model": tiny_dirs["reward"]}
+    cfg = tiny_config(tmp_path, model=tiny_dirs["policy"], clip_reward_value=1e-4,
+                      normalize_reward=case == "normalized", normalize_reward_samples=8,
+                      steps=2, **reward)
+    assert P.train(cfg) == 0
+    err = capsys.readouterr().err
+    assert err.count("of the first scores lie beyond --clip-reward-value") == (case == "raw")
+
+
 class Hidden(torch.nn.Module):
     """A backbone whose last hidden state is its input: V = input . w + b, to read a head."""
 
