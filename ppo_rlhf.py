@@ -148,11 +148,8 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
 def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 256) -> torch.Tensor:
     """H(pi(.|s_t)) = logsumexp(z) - sum_a softmax(z)_a z_a, for logits [..., V] -> [...].
 
-    Computed about `chunk_rows` rows at a time, on views of `logits` (no copy), so that only a
-    chunk's softmax exists at once. With gradients (the entropy bonus) each chunk's softmax is
-    recomputed in backward rather than kept: the bonus holds no [..., V] tensor for backward
-    beyond the logits themselves.
-    """
+    About `chunk_rows` rows at a time, on views of `logits`: one chunk's softmax exists at once,
+    and with gradients (the entropy bonus) it is recomputed in backward, not kept."""
     def entropy(z):
         return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
 
@@ -686,8 +683,7 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
             for i, micro in enumerate(micros):
                 mb = exp.select(micro)
                 weight = mb.action_mask.sum() / mini_tokens  # share of the minibatch's tokens
-                # forward and backward both inside: DDP decides in its forward whether the
-                # backward reduces the gradients
+                # forward and backward inside: DDP decides in its forward whether backward reduces
                 with parallel.no_sync(actor, critic, last=i == len(micros) - 1):
                     with autocast():
                         with nullcontext() if train_actor else torch.no_grad():
@@ -779,9 +775,8 @@ class LoopState:
 
 
 def seed_of(*keys: int) -> int:
-    """The seed of the random stream named by `keys` (say seed and epoch, or seed and rank):
-    a hash, so that distinct keys name unrelated streams. With seed + epoch, seed 1's first
-    epoch would be seed 0's second, and runs of different seeds would share their data."""
+    """The seed of the random stream named by `keys` (seed and epoch, seed and rank...): a hash,
+    so distinct keys name unrelated streams (with seed + epoch, seed 1's first epoch is 0's 2nd)."""
     digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.Generator takes it
 
@@ -888,10 +883,8 @@ def ppo_iterations(models: Models, actor_optimizer, critic_optimizer, prompts: l
             step 4:    ppo_epochs passes of clipped minibatch updates      (`ppo_update`)
             beta <- the KL controller's rule                (`next_kl_coef`)
 
-    During the first hp.critic_warmup_steps iterations the critic trains alone, and what
-    follows the policy waits with it: beta (a frozen actor's KL of 0 would halve an adaptive
-    beta every iteration) and the schedulers of `actor_optimizer` (its warm-up and decay
-    count the iterations it trains); the other `schedulers` step every iteration.
+    In the first hp.critic_warmup_steps iterations the critic trains alone, and beta (a frozen
+    actor's KL of 0 would halve an adaptive one) and the schedulers of `actor_optimizer` wait.
 
     One process, as `test_part_one_runs_alone` does it:
         critic = ValueModel(copy.deepcopy(actor.transformer), hidden_size)

@@ -778,7 +778,7 @@ def test_part_one_runs_alone(tmp_path, tiny_dirs):
     rule-based reward: its loop, models and hyperparameters are all a reader needs."""
     source = (HERE / "ppo_rlhf.py").read_text()
     part_one = source[:source.index("\n# Part II")]
-    assert len(part_one.splitlines()) <= 900
+    assert len(part_one.splitlines()) < 1000
     (tmp_path / "part_one.py").write_text(part_one)
     script = tmp_path / "run_part_one.py"
     script.write_text(PART_ONE_SCRIPT.format(policy=tiny_dirs["policy"]))
