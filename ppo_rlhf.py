@@ -774,16 +774,16 @@ class LoopState:
     reward_norm: tuple[float, float] = (0.0, 1.0)  # `generate_experience`'s score_norm
 
 
-def seed_of(*keys: int) -> int:
-    """The seed of the random stream named by `keys` (seed and epoch, seed and rank...): a hash,
-    so distinct keys name unrelated streams (with seed + epoch, seed 1's first epoch is 0's 2nd)."""
+def seed_of(*keys) -> int:
+    """The seed of the random stream named by `keys`, e.g. (seed, "order", epoch): a hash, so
+    distinct keys name unrelated streams (with seed + epoch, seed 1's first epoch is 0's 2nd)."""
     digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.Generator takes it
 
 
 def prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
     """Prompts of iteration `step` (1-based): consecutive slices of a stream of per-epoch
-    permutations of the prompt set, epoch e's seeded `seed_of(seed, e)`. A pure function of
+    permutations of the prompt set, epoch e's seeded seed_of(seed, "order", e). A function of
     (step, seed): a resumed run draws exactly the prompts the uninterrupted one would have,
     and processes split one global batch (no prompt twice within an epoch of the prompt set)."""
     start = (step - 1) * batch_size
@@ -791,7 +791,7 @@ def prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> lis
     for k in range(start, start + batch_size):
         epoch, position = divmod(k, n_prompts)
         if epoch not in orders:
-            generator = torch.Generator().manual_seed(seed_of(seed, epoch))
+            generator = torch.Generator().manual_seed(seed_of(seed, "order", epoch))
             orders[epoch] = torch.randperm(n_prompts, generator=generator)
         indices.append(int(orders[epoch][position]))
     return indices
@@ -1149,8 +1149,7 @@ def warn_if_critic_off_scale(run: Run, exp: Experience) -> None:
     clip(s) (or clip((s - mu0)/sigma0), to which the head is mapped): when many first raw
     scores lie beyond +-clip_reward_value without normalization, say so once."""
     cfg = run.cfg
-    source = run.models.critic.source
-    if source is not None and source == cfg.reward_model and not cfg.normalize_reward:
+    if run.models.critic.head_is_reward_models and not cfg.normalize_reward:
         clipped = (exp.scores.abs() > cfg.clip_reward_value).float().mean().item()
         if clipped > CLIPPED_SCORES_LIMIT:
             run.log(f"warning: {clipped:.0%} of the first scores lie beyond --clip-reward-value "
@@ -1173,12 +1172,12 @@ def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) 
     return 1.0
 
 
-EVAL_STREAM = 1  # evaluation samples from its own stream: seed_of(seed, this, rank)
-NORM_STREAM = 2  # and so does the measuring of --normalize-reward (its prompts too)
+EVAL_STREAM = "eval"  # evaluation samples from its own stream: seed_of(seed, this, rank)
+NORM_STREAM = "normalize"  # and so does the measuring of --normalize-reward (its prompts too)
 
 
 @contextmanager
-def own_random_stream(run: Run, stream: int):
+def own_random_stream(run: Run, stream: str):
     """Sampling from the stream seed_of(seed, stream, rank), the same every time; afterwards
     the training stream is where it was."""
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
@@ -1215,7 +1214,7 @@ def measure_reward_norm(run: Run) -> dict:
     run.log(f"reward normalization: mu0 {mean:.4f}, sigma0 {std:.4f} over {count:.0f} answers "
             "of the initial policy")
     critic = run.models.critic
-    if critic.source is not None and critic.source == cfg.reward_model:
+    if critic.head_is_reward_models:
         value_head_to_reward_scale(critic, mean, std)
         run.log("critic: its head, the reward model's, maps to the same scale: "
                 "V = (s - mu0) / sigma0 where the reward model scores s")
@@ -1227,8 +1226,8 @@ def value_head_to_reward_scale(critic: ValueModel, mu0: float, sigma0: float) ->
     scores) moved to the scale PPO's rewards have under --normalize-reward: w / sigma0 and
     (b - mu0) / sigma0, so that V = (s - mu0) / sigma0 there. Done once, at the start; a
     resumed run restores the head from its checkpoint."""
-    if is_sharded(critic):
-        critic.reshard()  # the registered parameters are then the shards, changed in place
+    if is_sharded(critic):  # a root unit stays gathered after a no-grad forward: its gathered
+        critic.reshard()  # copy would be freed unchanged; the shards are what must change
     with torch.no_grad():
         critic.v_head.weight.div_(sigma0)
         critic.v_head.bias.sub_(mu0).div_(sigma0)
@@ -1415,7 +1414,7 @@ def load_run(cfg: Config, device: torch.device, prompts: list, eval_prompts: lis
               checks=InvariantChecks(precision, bool(cfg.reward_model)
                                      and cfg.missing_eos_penalty is None, log),
               lock=lock, metrics=MetricsWriter(cfg, lock.out, enabled=world()[0] == 0))
-    torch.manual_seed(seed_of(cfg.seed, run.rank))  # ranks sample different responses
+    torch.manual_seed(seed_of(cfg.seed, "sample", run.rank))  # each rank samples its own
     if checkpoint is not None:
         restore_checkpoint(run, checkpoint)
         run.metrics.start_step = run.state.step
@@ -1474,19 +1473,19 @@ def model_table(run: Run) -> list[tuple]:
             storage = local(tensor).untyped_storage()
             weights += storage.nbytes() if storage.data_ptr() not in seen else 0
             seen.add(storage.data_ptr())
-        trained = [local(p) for p in trained_parameters(optimizer)] if optimizer else []
-        gradients = sum(p.numel() * p.element_size() for p in trained)
+        trained = trained_parameters(optimizer) if optimizer else []
+        gradients = sum(local(p).numel() * p.element_size() for p in trained)  # this rank's
         return (role, source, sum(p.numel() for p in used), sum(p.numel() for p in trained),
                 weights, gradients, 2 * gradients)
 
-    critic = models.critic.source or "the policy"
+    critic, reference = models.critic, models.ref_model
     return [row("actor", cfg.model, models.actor, run.actor_optimizer),
             row("reference", "the actor's base, adapters off" if lora
-                else "a frozen copy of the policy", getattr(models.ref_model, "model",
-                                                            models.ref_model)),
-            row("critic", critic + (" + a LoRA adapter" if lora else "")
-                + (" (the reward model)" if critic == cfg.reward_model else ""),
-                models.critic, run.critic_optimizer),
+                else "a frozen copy of the policy",
+                reference.model if isinstance(reference, AdaptersOff) else reference),
+            row("critic", (critic.source or "the policy") + (" + a LoRA adapter" if lora else "")
+                + (" (the reward model)" if same_model(critic.source, cfg.reward_model) else ""),
+                critic, run.critic_optimizer),
             row("reward", cfg.reward_model or cfg.reward_fn or "the built-in vowel reward",
                 models.score_fn.model)]
 
@@ -1691,9 +1690,11 @@ def load_models(cfg: Config, device: torch.device, bf16: bool = False, log: Call
         backbone = backbone or copy.deepcopy(actor.base_model)
         critic = ValueModel(backbone, backbone.config.hidden_size, head)
     critic.source = critic_from  # None: the policy
+    # its head is the reward model's: V = s where the reward model scores (the scale of s)
+    critic.head_is_reward_models = head is not None and same_model(critic_from, cfg.reward_model)
     log(f"critic: starts from {critic_from or 'the policy'}"
         + (" (the reward model, 004 §3.3; --critic-model picks another)"
-           if critic_from and critic_from == cfg.reward_model else ""))
+           if same_model(critic_from, cfg.reward_model) else ""))
     actor.to(device).train()  # train mode with dropout off: gradient checkpointing needs it
     critic.to(device).train()
     if cfg.gradient_checkpointing:
@@ -1804,6 +1805,14 @@ def other_vocabulary(own: dict | None, vocab_size: int, tokenizer) -> str | None
     return (f"has another vocabulary than the policy ({len(different)} of the policy's "
             f"{len(policy)} tokens have another id there, e.g. {different[0]!r})"
             if different else None)
+
+
+def same_model(a: str | None, b: str | None) -> bool:
+    """Whether two --*-model options name the same model: one hub name, or one directory."""
+    if a is None or b is None:
+        return False
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() ==
+                      Path(b).resolve())
 
 
 def critic_source(cfg: Config, tokenizer, scorer) -> str | None:
@@ -2699,8 +2708,11 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
     saved, now = state["fingerprint"], resume_fingerprint(cfg)
     if directory:  # sharded checkpoints are resharded to any number of ranks
         saved, now = ({k: v for k, v in d.items() if k != "world_size"} for d in (saved, now))
-    if differ := sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)):
-        changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
+    missing = "(not an option then)"  # a checkpoint of an earlier version lacks the newer ones
+    if differ := sorted(k for k in set(saved) | set(now)
+                        if saved.get(k, missing) != now.get(k, missing)):
+        changes = ", ".join(f"{k}: {saved.get(k, missing)!r} -> {now.get(k, missing)!r}"
+                            for k in differ)
         raise UsageError(f"--resume: {path} was written with other options ({changes}); "
                          "resume with the same options or use another --output-dir")
     if cfg.steps < state["step"]:
@@ -2806,8 +2818,8 @@ def restore_checkpoint(run, state: dict) -> None:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     else:  # another number of ranks samples other responses anyway: fresh, distinct seeds
-        random.seed(seed_of(run.cfg.seed, run.state.step))
-        torch.manual_seed(seed_of(run.cfg.seed, run.state.step, run.rank))
+        random.seed(seed_of(run.cfg.seed, "resample", run.state.step))
+        torch.manual_seed(seed_of(run.cfg.seed, "resample", run.state.step, run.rank))
         run.log(f"note: the checkpoint was written by {len(state['rng'])} rank(s), this run "
                 f"has {run.parallel.size}: weights and optimizers resume exactly, sampling "
                 "does not")

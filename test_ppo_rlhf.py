@@ -18,6 +18,7 @@ import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -1565,6 +1566,16 @@ def test_resume_refuses_missing_checkpoint_or_changed_options_not_memory_knobs(t
     assert P.train(dataclass_replace(cfg, resume=False, steps=1)) == 0
     with pytest.raises(P.UsageError, match="cliprange"):
         P.train(dataclass_replace(cfg, cliprange=0.3))
+    # a checkpoint of an earlier version, whose options lack a newer one (its draw differs)
+    path = Path(cfg.output_dir) / P.CHECKPOINT
+    state = torch.load(path, weights_only=True)
+    del state["fingerprint"]["prompts_config"]
+    torch.save(state, path.with_name("older.pt"))
+    path.rename(path.with_name("newer.pt"))
+    path.with_name("older.pt").rename(path)
+    with pytest.raises(P.UsageError, match=r"prompts_config: '\(not an option then\)' -> None"):
+        P.train(cfg)
+    path.with_name("newer.pt").replace(path)
     # memory knobs may change: the way to go on after running out of memory
     assert P.train(dataclass_replace(cfg, steps=2, micro_batch_size=2,
                                      rollout_micro_batch_size=3)) == 0
@@ -2356,11 +2367,11 @@ def test_train_feeds_every_option_to_the_math_and_logs_what_it_computed(tmp_path
 @given(st.integers(1, 9), st.integers(1, 12), st.integers(0, 3))
 def test_prompt_batches_are_consecutive_slices_of_per_epoch_permutations(n_prompts, batch_size,
                                                                          seed):
-    """Iterations 1, 2, ... take consecutive slices of the stream perm(seed_of(seed, 0)),
-    perm(seed_of(seed, 1)), ... of the prompt set (a batch may span two epochs, or more when it
+    """Iterations 1, 2, ... take consecutive slices of the stream perm(seed_of(seed, "order",
+    0)), perm(seed_of(seed, "order", 1)), ... of the prompt set (a batch may span two epochs, or more when it
     is larger than the set): every prompt once per epoch, and the same prompts on a resume."""
     stream = [int(i) for epoch in range(2 + 12 * 3 // n_prompts) for i in torch.randperm(
-        n_prompts, generator=torch.Generator().manual_seed(P.seed_of(seed, epoch)))]
+        n_prompts, generator=torch.Generator().manual_seed(P.seed_of(seed, "order", epoch)))]
     for step in (1, 2, 3):
         assert (P.prompt_indices(step, batch_size, n_prompts, seed)
                 == stream[(step - 1) * batch_size:step * batch_size])
@@ -4135,6 +4146,33 @@ def test_a_critic_from_the_reward_model_warns_when_its_first_scores_are_clipped(
     assert err.count("of the first scores lie beyond --clip-reward-value") == (case == "raw")
 
 
+@pytest.mark.parametrize("case", ["the reward model, spelled otherwise", "a 2-label critic"])
+def test_the_head_is_mapped_exactly_when_it_is_the_reward_models(tiny_dirs, tmp_path,
+                                                                 monkeypatch, capsys, case):
+    """--critic-model naming the reward model's directory another way lends its head, which
+    is mapped to the reward scale; a critic model that lends no head (2 labels) keeps V = 0,
+    unmapped, even when it is the reward model too."""
+    rollouts = spy_on(monkeypatch, "generate_experience")
+    models = ({"reward_model": tiny_dirs["reward"], "critic_model": tiny_dirs["reward"] + "/."}
+              if case.startswith("the reward model") else
+              {"reward_model": tiny_dirs["sentiment"], "reward_label": "POS",
+               "critic_model": tiny_dirs["sentiment"]})
+    cfg = tiny_config(tmp_path, model=tiny_dirs["policy"], normalize_reward=True,
+                      normalize_reward_samples=16, batch_size=16, max_new_tokens=24, steps=1,
+                      **models)
+    assert P.train(cfg) == 0
+    mapped = "maps to the same scale" in capsys.readouterr().out
+    exp, start = rollouts[1][1], read_metrics(cfg.output_dir)[0]
+    if case.startswith("the reward model"):
+        scored = scored_rows(exp, P.load_tokenizer(tiny_dirs["policy"], "test"))
+        assert mapped and len(scored) >= 3
+        for b, t in scored:
+            assert exp.values[b, t].item() == pytest.approx(
+                ((exp.scores[b] - start["reward/mean"]) / start["reward/std"]).item(), abs=1e-4)
+    else:
+        assert not mapped and not exp.values.any()
+
+
 class Hidden(torch.nn.Module):
     """A backbone whose last hidden state is its input: V = input . w + b, to read a head."""
 
@@ -4217,6 +4255,21 @@ def test_the_entropy_bonus_keeps_no_softmax_for_backward():
                                torch.autograd.grad(plain, logits, weights)[0])
 
 
+def test_every_random_stream_of_a_run_is_seeded_by_its_own_name(tmp_path, monkeypatch):
+    """The streams a run seeds (its samples, the held-out evaluation's, the reward
+    normalization's) are seed_of(seed, name, rank), each its own: none is seed + k, which
+    another seed or rank would share."""
+    seeds = []
+    manual_seed = torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda s: seeds.append(s) or manual_seed(s))
+    cfg = tiny_config(tmp_path, seed=3, steps=1, normalize_reward=True,
+                      normalize_reward_samples=8, eval_fraction=0.25)
+    assert P.train(cfg) == 0
+    streams = {P.seed_of(3, name, 0) for name in ("sample", P.EVAL_STREAM, P.NORM_STREAM)}
+    assert streams <= set(seeds) and len(streams) == 3
+    assert set(seeds) - streams == {3}  # and the seed itself, for the models' initialization
+
+
 def test_runs_of_different_seeds_share_no_epoch_order():
     """Each (seed, epoch) permutes the prompts with a stream of its own (`seed_of`): seed 1's
     first epoch is not seed 0's second, so runs of several seeds see independent data."""
@@ -4224,7 +4277,8 @@ def test_runs_of_different_seeds_share_no_epoch_order():
     orders = [tuple(P.prompt_indices(epoch + 1, n, n, seed)) for seed in range(4)
               for epoch in range(6)]
     assert len(set(orders)) == len(orders)
-    assert len({P.seed_of(seed, rank) for seed in range(50) for rank in range(50)}) == 2500
+    keys = [(seed, name, k) for seed in range(20) for name in ("order", "sample") for k in range(20)]
+    assert len({P.seed_of(*key) for key in keys}) == len(keys)
 
 
 def test_a_dataset_with_configurations_loads_the_one_named(tmp_path, capsys):
@@ -4249,7 +4303,8 @@ def test_a_dataset_with_configurations_loads_the_one_named(tmp_path, capsys):
         P.load_prompts(str(root), column="question")
     (tmp_path / "prompts.txt").write_text("hello\n")
     (tmp_path / "prompts.csv").write_text("prompt\nhello\n")
-    for path in (tmp_path / "prompts.txt", tmp_path / "prompts.csv"):
+    for path in (tmp_path / "prompts.txt", tmp_path / "prompts.csv",
+                 datasets_of(tmp_path)["plain-saved"]):
         with pytest.raises(P.UsageError, match="--eval-prompts-config 'main'"):
             P.load_prompts(str(path), "--eval-prompts", config="main")
 
@@ -4293,6 +4348,27 @@ def test_the_start_up_report_names_each_model_and_counts_its_parameters(
     steps = 4 * (len(run.actor_optimizer.state) + len(run.critic_optimizer.state))
     foreseen = sum(row[5] for row in table.values())  # what AdamW then allocated
     assert foreseen == captured["memory"]["optimizer"] - steps > 0
+
+
+def test_the_start_up_table_counts_a_reference_copy_whole_on_a_llama():
+    """A reference that is a frozen copy of the policy counts as the policy does, also where
+    the model's backbone attribute is `.model` (Llama, Qwen, Mistral): its untied LM head
+    included."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    actor = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, tie_word_embeddings=False))
+    critic = P.ValueModel(P.copy.deepcopy(actor.model), 16)
+    critic.source = None
+    optimizers = [torch.optim.AdamW(m.parameters()) for m in (actor, critic)]
+    run = SimpleNamespace(cfg=P.Config(model="llama"), actor_optimizer=optimizers[0],
+                          critic_optimizer=optimizers[1], models=SimpleNamespace(
+                              actor=actor, ref_model=P.copy.deepcopy(actor), critic=critic,
+                              score_fn=SimpleNamespace(model=None)))
+    table = {row[0]: row[1:] for row in P.model_table(run)}
+    n = sum(p.numel() for p in actor.parameters())
+    assert table["actor"][1:4] == (n, n, 4 * n)
+    assert table["reference"][1:4] == (n, 0, 4 * n)
 
 
 def test_live_checks_hold_bf16_runs_to_the_bf16_tolerances(tiny_dirs, tmp_path, monkeypatch):
@@ -4367,7 +4443,6 @@ def test_the_saved_lora_policy_merges_the_actors_adapter_alone(tiny_dirs, tmp_pa
     """Both adapters on the shared base moved from their start (B != 0), and the critic's the
     active one when the run ends: <out>/policy is the base plus the actor's adapter alone,
     whichever adapter is active (the critic's would change the policy: checked)."""
-    from types import SimpleNamespace
     from transformers import AutoModelForCausalLM
     actor, _, _, tokenizer = lora_models(tiny_dirs)
     fill_adapters(actor)
@@ -4379,6 +4454,37 @@ def test_the_saved_lora_policy_merges_the_actors_adapter_alone(tiny_dirs, tmp_pa
     P.save_final_policy(run)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / P.POLICY).eval()
     torch.testing.assert_close(plain_logits(merged, tokenizer), expected, atol=1e-5, rtol=1e-5)
+
+
+def fsdp_head_worker(policy, reward, out):
+    """One rank: the critic from the reward model, sharded (FSDP2); after a no-grad forward
+    (the root unit then stays gathered) its head is mapped to the reward scale, then
+    resharded as the next update would; the head before and after, whole, saved."""
+    actor, _, critic, tokenizer, _ = P.load_models(
+        P.Config(model=policy, reward_model=reward, data_parallel="fsdp"), torch.device("cpu"))
+    before = critic.v_head.weight.full_tensor().clone()
+    ids = tokenizer(["hello there"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        critic(ids, torch.ones_like(ids), P.position_ids_from(torch.ones_like(ids)))
+    P.value_head_to_reward_scale(critic, mu0=1.5, sigma0=0.5)
+    critic.reshard()
+    torch.save({"before": before, "after": critic.v_head.weight.full_tensor(),
+                "bias": critic.v_head.bias.full_tensor()}, out.format(P.world()[0]))
+
+
+@pytest.mark.slow
+def test_a_sharded_critic_keeps_its_head_mapped_to_the_reward_scale(tiny_dirs, tmp_path):
+    """Under FSDP the mapping reaches the shards, not a gathered copy that is freed unchanged:
+    after resharding, each rank's whole head is w / sigma0 and (b - mu0) / sigma0."""
+    out = str(tmp_path / "rank{}.pt")
+    result = torchrun_worker(fsdp_head_worker, tmp_path, policy=tiny_dirs["policy"],
+                             reward=tiny_dirs["reward"], out=out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(2):
+        head = torch.load(out.format(rank), weights_only=True)
+        assert head["before"].abs().sum() > 0
+        torch.testing.assert_close(head["after"], head["before"] / 0.5)
+        torch.testing.assert_close(head["bias"], torch.tensor([-1.5 / 0.5]))
 
 
 MINIBATCH_ORDER = [0, 1, 4, 5, 2, 3, 6, 7]  # one process: minibatch k = each rank's k-th
@@ -4488,8 +4594,9 @@ def all_pairs(levels: dict[str, int], candidates: int = 10) -> list[dict[str, in
 
 # the options that change what the update sees, and the values each is run with
 MEETING_OPTIONS = {
-    "critic": ["policy", "reward model", "critic model"],  # vowel reward; --reward-model;
-    "normalize_reward": [False, True],                    # and --critic-model (the policy's)
+    # the vowel reward; --reward-model; and --critic-model the reward model or the policy
+    "critic": ["policy", "reward model", "critic = reward model", "critic = policy"],
+    "normalize_reward": [False, True],
     "critic_warmup_steps": [0, 1],
     "kl_controller": ["fixed", "adaptive", "proportional"],
     "kl_estimator": ["k1", "k3"],
@@ -4507,12 +4614,12 @@ MEETING_ROWS = all_pairs({name: len(values) for name, values in MEETING_OPTIONS.
 
 def test_the_option_array_covers_every_pair_of_values():
     """Every pair of values of two options of MEETING_OPTIONS stands in some row of the array
-    the trainer runs, in far fewer rows than every combination (3 x 3 x 2^11 = 18,432)."""
+    the trainer runs, in far fewer rows than every combination (4 x 3 x 3 x 2^10 = 36,864)."""
     names = list(MEETING_OPTIONS)
     for a, b in itertools.combinations(names, 2):
         seen = {(row[a], row[b]) for row in MEETING_ROWS}
         assert len(seen) == len(MEETING_OPTIONS[a]) * len(MEETING_OPTIONS[b]), (a, b)
-    assert len(MEETING_ROWS) <= 15
+    assert len(MEETING_ROWS) <= 18
 
 
 @pytest.mark.slow
@@ -4526,9 +4633,10 @@ def test_options_that_meet_keep_ppos_invariants(tiny_dirs, tmp_path, monkeypatch
     the actor's learning rate stay as they started."""
     option = {name: MEETING_OPTIONS[name][k] for name, k in levels.items()}
     critic, (schedule, warmup) = option.pop("critic"), option.pop("lr_schedule")
-    models = {"policy": {}, "reward model": {"reward_model": tiny_dirs["reward"]},
-              "critic model": {"reward_model": tiny_dirs["reward"],
-                               "critic_model": tiny_dirs["policy"]}}[critic]
+    reward = {"reward_model": tiny_dirs["reward"]}
+    models = {"policy": {}, "reward model": reward,
+              "critic = reward model": {**reward, "critic_model": tiny_dirs["reward"]},
+              "critic = policy": {**reward, "critic_model": tiny_dirs["policy"]}}[critic]
     cfg = tiny_config(tmp_path, model=tiny_dirs["policy"], lr_schedule=schedule,
                       warmup_steps=warmup, kl_target=0.5, normalize_reward_samples=8,
                       batch_size=8, max_new_tokens=16, **models, **option)
@@ -4555,7 +4663,7 @@ def test_options_that_meet_keep_ppos_invariants(tiny_dirs, tmp_path, monkeypatch
     assert abs(first["objective/kl"]) / first["response/length"] <= \
         P.START_KL_TOLERANCE[precision]
     exp = rollouts[1 if cfg.normalize_reward else 0]
-    if critic == "reward model" and not cfg.lora_r:  # 004 §3.3's default critic
+    if critic == "critic = reward model" or critic == "reward model" and not cfg.lora_r:
         tokenizer = P.load_tokenizer(tiny_dirs["policy"], "test")
         scored = scored_rows(exp, tokenizer)
         target = (exp.scores - start["reward/mean"]) / start["reward/std"]
