@@ -155,8 +155,9 @@ def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 256) -> torch.Te
 
     rows = logits.reshape(1, -1, logits.shape[-1]) if logits.dim() < 3 else logits.flatten(0, -3)
     keep_graph = logits.requires_grad and torch.is_grad_enabled()
+    step = max(1, chunk_rows // max(len(rows), 1))  # positions per chunk, all rows at once
     parts = [torch.utils.checkpoint.checkpoint(entropy, chunk, use_reentrant=False) if keep_graph
-             else entropy(chunk) for chunk in rows.split(max(1, chunk_rows // len(rows)), dim=1)]
+             else entropy(chunk) for chunk in rows.split(step, dim=1)]
     return torch.cat(parts, dim=1).reshape(logits.shape[:-1])
 
 
@@ -1504,10 +1505,12 @@ def memory_bytes(run: Run) -> dict[str, int]:
 
 
 def print_samples(title: str, exp: Experience, n: int, log) -> None:
+    """The first n prompts (a conversation by its last message), responses and raw scores."""
     if n > 0:
         log(title)
         for prompt, response, score in list(zip(exp.prompts, exp.responses, exp.scores))[:n]:
-            log(f"  [{float(score):+.2f}] {prompt!r} -> {response!r}")
+            text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+            log(f"  [{float(score):+.2f}] {text!r} -> {response!r}")
 
 
 class MetricsWriter:

@@ -2367,9 +2367,10 @@ def test_train_feeds_every_option_to_the_math_and_logs_what_it_computed(tmp_path
 @given(st.integers(1, 9), st.integers(1, 12), st.integers(0, 3))
 def test_prompt_batches_are_consecutive_slices_of_per_epoch_permutations(n_prompts, batch_size,
                                                                          seed):
-    """Iterations 1, 2, ... take consecutive slices of the stream perm(seed_of(seed, "order",
-    0)), perm(seed_of(seed, "order", 1)), ... of the prompt set (a batch may span two epochs, or more when it
-    is larger than the set): every prompt once per epoch, and the same prompts on a resume."""
+    """Iterations 1, 2, ... take consecutive slices of the stream of permutations of the prompt
+    set seeded seed_of(seed, "order", 0), seed_of(seed, "order", 1), ... (a batch may span two
+    epochs, or more when it is larger than the set): every prompt once per epoch, and the same
+    prompts on a resume."""
     stream = [int(i) for epoch in range(2 + 12 * 3 // n_prompts) for i in torch.randperm(
         n_prompts, generator=torch.Generator().manual_seed(P.seed_of(seed, "order", epoch)))]
     for step in (1, 2, 3):
@@ -4277,7 +4278,8 @@ def test_runs_of_different_seeds_share_no_epoch_order():
     orders = [tuple(P.prompt_indices(epoch + 1, n, n, seed)) for seed in range(4)
               for epoch in range(6)]
     assert len(set(orders)) == len(orders)
-    keys = [(seed, name, k) for seed in range(20) for name in ("order", "sample") for k in range(20)]
+    keys = [(seed, name, k) for seed in range(20) for name in ("order", "sample")
+            for k in range(20)]
     assert len({P.seed_of(*key) for key in keys}) == len(keys)
 
 
@@ -4437,6 +4439,16 @@ def test_the_reward_model_cuts_only_the_rows_over_its_context_and_only_their_pro
         with pytest.raises(P.UsageError, match="cannot read a whole response"):
             scorer(prompts, responses)
 
+
+
+def test_printed_samples_show_a_conversation_by_its_last_message():
+    """The samples printed before and after training show a conversation's last message, the
+    question the policy answers, not the list of messages it is kept as."""
+    lines = []
+    exp = SimpleNamespace(prompts=[CONVERSATION, "plain"], responses=["hello", "x"],
+                          scores=torch.tensor([1.0, -0.5]))
+    P.print_samples("samples:", exp, 2, lines.append)
+    assert lines == ["samples:", "  [+1.00] 'hi there' -> 'hello'", "  [-0.50] 'plain' -> 'x'"]
 
 
 def test_the_saved_lora_policy_merges_the_actors_adapter_alone(tiny_dirs, tmp_path):
@@ -4679,6 +4691,152 @@ def test_options_that_meet_keep_ppos_invariants(tiny_dirs, tmp_path, monkeypatch
         assert all(torch.equal(before[k], after[k]) for k in before)
         assert training[0]["objective/kl_coef"] == training[1]["objective/kl_coef"] == cfg.kl_ctl
         assert training[0]["lr/actor"] == training[1]["lr/actor"]
+
+
+
+# ------------------------------------------------------------------------------------------------
+# The real-model study (benchmarks/real_model.py): its own logic, on tiny models. The suite
+# never runs the study itself.
+# ------------------------------------------------------------------------------------------------
+
+def study_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("real_model", HERE / "benchmarks" /
+                                                  "real_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+R = study_module()
+QUESTION = "Sam has 14 marbles and gives 6 away. How many marbles are left?" + R.INSTRUCTION
+
+
+@pytest.mark.parametrize("response, score", [
+    ("8", 1), ("Sam has 8 marbles left.", 1), ("14 - 6 = 8", 1), ("The answer is 8.\n", 1),
+    ("9", 0), ("Sam has 14 marbles.", 0), ("6", 0), ("eight", 0), ("", 0),
+    ("7 8 9", 0),  # the last number is what counts
+    ("1 2 3 4 5 6 7 8", 0), ("8 or 9 or 10 or 7 or 8", 0),  # listing numbers is refused
+    ("14 - 6 = 8, so 8", 1), ("-8", 0), ("8.5", 0), ("8 apples and 1 more", 0)])
+def test_the_arithmetic_reward_scores_the_last_number_and_refuses_the_hacks(response, score):
+    """1 exactly when the response's last number is the answer and it writes at most
+    MAX_NUMBERS numbers: a copied operand, a neighbour, words, a sign or a spray of guesses
+    score 0. The answer comes from the question, as a message list or as plain text."""
+    for prompt in ([{"role": "user", "content": QUESTION}], QUESTION):
+        assert R.arithmetic_reward([prompt], [response]) == [score]
+
+
+def test_every_template_reads_back_its_own_numbers():
+    """solve() recovers each generated problem's answer from its text alone, for every
+    template; a question of another task is an error, not a score."""
+    train, heldout = R.make_problems(600, 60, seed=3)
+    assert {R.solve(p["prompt"][-1]["content"]) == p["answer"] for p in train + heldout} == {True}
+    for template, _ in R.TEMPLATES:  # each template in use, and read back by its own pattern
+        assert any(R.template_pattern(template).search(p["prompt"][-1]["content"])
+                   for p in train)
+    with pytest.raises(ValueError, match="not a question of this task"):
+        R.solve("What is the capital of France?")
+
+
+def test_train_and_held_out_problems_are_disjoint_in_their_arithmetic():
+    """No held-out problem's (operation, a, b) appears in training in any wording; the answer
+    is never one of the operands; training's problems all differ; the split is the same for
+    the same seed."""
+    train, heldout = R.make_problems(1500, 100)
+    keys = [tuple(p["key"]) for p in train], [tuple(p["key"]) for p in heldout]
+    assert len({p["prompt"][0]["content"] for p in train}) == 1500 and len(set(keys[1])) == 100
+    assert not set(keys[0]) & set(keys[1])
+    assert set(keys[0]) | set(keys[1]) == set(R.arithmetic())
+    assert all(p["answer"] not in p["key"][1:] for p in train + heldout)
+    assert {op for op, _, _ in keys[1]} == {"+", "-", "*"}
+    assert R.make_problems(1500, 100) == (train, heldout)
+
+
+def write_run(root, name, scores, evals, kl, usage=None):
+    """A fake run directory: metrics.jsonl rows (steps 1.., evaluations at the given steps)."""
+    run = root / name
+    run.mkdir(parents=True)
+    rows = [{"step": 0, "eval/scores": evals[0]}]
+    for step, score in enumerate(scores, 1):
+        rows.append({"step": step, "objective/scores": score, "objective/kl": kl * step,
+                     "response/length": 10.0 + step, "val/explained_variance": 0.1 * step,
+                     **({"eval/scores": evals[step]} if step in evals else {})})
+    (run / P.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if usage:
+        (run / "usage.json").write_text(json.dumps(usage))
+
+
+def test_the_study_table_is_computed_from_the_runs_metrics(tmp_path):
+    """Each cell is the mean over seeds and the min-max: held-out score at step 0 and at the
+    last evaluation, the training score of the last 5 iterations, the final KL and length,
+    the explained variance of the last 5, wall minutes and peak GiB; a missing seed is not
+    counted."""
+    write_run(tmp_path, "full-seed0", [0.0] * 5 + [1.0] * 5, {0: 0.25, 10: 0.5}, 0.1,
+              {"wall_s": 600, "peak_rss_mib": 2048, "invocations": 1})
+    write_run(tmp_path, "full-seed1", [0.0] * 5 + [0.5] * 5, {0: 0.25, 10: 0.75}, 0.3,
+              {"wall_s": 1200, "peak_rss_mib": 3072, "invocations": 2})
+    table = R.summarize(tmp_path, ["full", "lora16"], [0, 1, 2]).splitlines()
+    assert table[2] == ("| full | 2 | 0.250 (0.250–0.250) | 0.625 (0.500–0.750) | "
+                        "0.750 (0.500–1.000) | 2.000 (1.000–3.000) | 20.000 (20.000–20.000) | "
+                        "0.800 (0.800–0.800) | 15.000 (10.000–20.000) | 2.500 (2.000–3.000) |")
+    assert table[3] == "| lora16 | 0 | – | – | – | – | – | – | – | – |"
+
+
+def test_the_study_plots_each_curve_from_the_runs_metrics(tmp_path):
+    """One PNG per curve, the variants' means and bands drawn from the same files (with the
+    study's own requirements: matplotlib)."""
+    pytest.importorskip("matplotlib", reason="the study's plots need benchmarks/requirements.txt")
+    write_run(tmp_path, "full-seed0", [0.0, 1.0], {0: 0.25, 2: 0.5}, 0.1)
+    write_run(tmp_path, "full-seed1", [0.5, 1.0], {0: 0.5, 2: 0.75}, 0.2)
+    plots = R.plot(tmp_path, ["full", "lora16"], [0, 1, 2], tmp_path)
+    assert [p.name for p in plots] == [name.replace("/", "_") + ".png" for name, _ in R.CURVES]
+    assert all(p.stat().st_size > 1000 for p in plots)
+
+
+@pytest.fixture
+def study_model(chat_dirs, tmp_path):
+    """The tiny chat policy with room for the study's questions (512 positions)."""
+    from transformers import AutoConfig, GPT2LMHeadModel
+    config = AutoConfig.from_pretrained(chat_dirs["policy"])
+    config.n_positions = 512
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "model")
+    P.load_tokenizer(chat_dirs["policy"], "test").save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model")
+
+
+@pytest.mark.slow
+def test_a_second_study_invocation_skips_finished_runs_and_resumes_an_interrupted_one(
+        study_model, tmp_path, monkeypatch, capsys):
+    """The study's driver on a tiny preset: the first invocation trains every run; a second
+    trains none ('skipped'); a run with a checkpoint and no saved policy (interrupted) is
+    continued with --resume, keeping its rows; its wall time adds up over invocations."""
+    preset = R.Preset(study_model, ["--reward-fn", f"{HERE / 'benchmarks' / 'real_model.py'}"
+                                    ":arithmetic_reward", "--steps", "2", "--batch-size", "4",
+                                    "--mini-batch-size", "2", "--ppo-epochs", "1",
+                                    "--max-new-tokens", "4", "--eval-every", "1",
+                                    "--max-prompt-length", "400", "--samples", "0",
+                                    "--no-tensorboard"],
+                      {"full": []}, seeds=[0], n_train=16, n_heldout=4)
+    monkeypatch.setitem(R.PRESETS, "tiny", preset)
+    results = tmp_path / "results"
+    assert R.main(["--preset", "tiny", "--results", str(results)]) == 0
+    run = results / "runs" / "full-seed0"
+    assert "run 1/1: full seed 0: new" in capsys.readouterr().out
+    assert [row["step"] for row in read_metrics(run)] == [0, 1, 2]
+    assert R.main(["--preset", "tiny", "--results", str(results)]) == 0
+    assert "run 1/1: full seed 0: done, skipped" in capsys.readouterr().out
+    assert json.loads((run / "usage.json").read_text())["invocations"] == 1
+    P.shutil.rmtree(run / P.POLICY)  # as if killed after its last checkpoint
+    preset.train_options[preset.train_options.index("--steps") + 1] = "3"
+    assert "--resume" in R.train_command(study_model, (Path("a"), Path("b")), preset, "full",
+                                         0, run)
+    assert R.main(["--preset", "tiny", "--results", str(results)]) == 0
+    assert "run 1/1: full seed 0: interrupted" in capsys.readouterr().out
+    assert [row["step"] for row in read_metrics(run)] == [0, 1, 2, 3]
+    assert json.loads((run / "usage.json").read_text())["invocations"] == 2
+    report = (results / "results.md").read_text()
+    assert "| full | 1 |" in report and "## Held-out samples" in report
 
 
 if __name__ == "__main__":  # a torchrun worker (`torchrun_worker`): <function> <JSON keywords>
