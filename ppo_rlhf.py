@@ -1235,7 +1235,8 @@ def value_head_to_reward_scale(critic: ValueModel, mu0: float, sigma0: float) ->
 
 
 def evaluate(run: Run, step: int, kl_coef: float | None = None) -> dict:
-    """eval/scores, eval/kl, eval/rlhf_reward, eval/length (`sequence_stats`, averaged) of the
+    """eval/scores, eval/kl, eval/rlhf_reward, eval/length, eval/no_eos (`sequence_stats`,
+    averaged) of the
     policy's answers to every held-out prompt, sampled as in training (the objective is an
     expectation under the sampling policy), from a random stream of its own that is the same
     at every evaluation (common random numbers: two evaluations differ by the policy, and
@@ -1245,7 +1246,7 @@ def evaluate(run: Run, step: int, kl_coef: float | None = None) -> dict:
     cfg, t0, size = run.cfg, time.perf_counter(), run.parallel.size
     kl_coef = run.state.kl_coef if kl_coef is None else kl_coef  # beta of the rollout's KL
     per_rank = cfg.batch_size // size
-    names = ("scores", "kl", "rlhf_reward", "length")
+    names = ("scores", "kl", "rlhf_reward", "length", "no_eos")
     sums, mine = torch.zeros(len(names) + 1, device=run.device), []  # the last: a count
     with own_random_stream(run, EVAL_STREAM):
         for start in range(0, len(run.eval_prompts), cfg.batch_size):
@@ -1263,7 +1264,7 @@ def evaluate(run: Run, step: int, kl_coef: float | None = None) -> dict:
             sums[-1] += real.sum()
             mine += [{"prompt": exp.prompts[b], "response": exp.responses[b],
                       "score": float(exp.scores[b]), "kl": float(per_sequence["kl"][b]),
-                      "index": i} for b, i in enumerate(share)]
+                      "ended": bool(exp.ended[b]), "index": i} for b, i in enumerate(share)]
     totals = run.parallel.sum(sums).tolist()
     samples = sorted((s for rank in gather_objects(mine) for s in rank),
                      key=lambda s: s["index"])

@@ -2454,7 +2454,7 @@ def test_evaluation_metrics_and_samples_equal_a_direct_computation(tmp_path, mon
     """Each evaluation answers every held-out prompt once (5 prompts in batches of 4: the last
     batch padded and the padding dropped); eval/* are the means of sequence_stats over them,
     written out here from the experiences themselves; samples.jsonl holds exactly those
-    prompts, responses and scores; a resume keeps one set per step, dropping what an
+    prompts, responses, scores and whether each ended with an EOS; a resume keeps one set per step, dropping what an
     interrupted run wrote after its checkpoint."""
     rollouts = spy_on(monkeypatch, "generate_experience")
     cfg = eval_config(tmp_path, "run", steps=2, eval_every=1, kl_estimator="k3",
@@ -2468,7 +2468,7 @@ def test_evaluation_metrics_and_samples_equal_a_direct_computation(tmp_path, mon
     assert len(evaluations) == 3 * 2  # three evaluations of two batches
     for step, (first, second) in zip((0, 1, 2), zip(evaluations[::2], evaluations[1::2])):
         assert first.prompts == EVAL_PROMPTS[:4] and second.prompts[0] == EVAL_PROMPTS[4]
-        kl = {"scores": [], "kl": [], "rlhf_reward": [], "length": []}
+        kl = {"scores": [], "kl": [], "rlhf_reward": [], "length": [], "no_eos": []}
         answered = []
         for exp, n in ((first, 4), (second, 1)):  # the second batch: 1 prompt + 3 of padding
             for b in range(n):
@@ -2480,8 +2480,10 @@ def test_evaluation_metrics_and_samples_equal_a_direct_computation(tmp_path, mon
                 kl["kl"].append(k3)
                 kl["rlhf_reward"].append(max(-0.3, min(0.3, penalized)) - 0.1 * k3)
                 kl["length"].append(exp.action_mask[b].sum().item())
+                kl["no_eos"].append(0.0 if exp.ended[b] else 1.0)
                 answered.append({"step": step, "prompt": exp.prompts[b], "kl": k3,
-                                 "response": exp.responses[b], "score": score})
+                                 "response": exp.responses[b], "score": score,
+                                 "ended": bool(exp.ended[b])})
         for name, values in kl.items():
             assert rows[step][f"eval/{name}"] == pytest.approx(sum(values) / 5, abs=1e-5), name
         written = [s for s in samples if s["step"] == step]
@@ -4764,22 +4766,36 @@ def write_run(root, name, scores, evals, kl, usage=None):
     (run / P.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
     if usage:
         (run / "usage.json").write_text(json.dumps(usage))
+    return run
+
+
+def write_samples(run, step, answers):
+    """samples.jsonl lines of one evaluation: (score, ended) per held-out answer."""
+    with (run / P.SAMPLES).open("a") as f:
+        f.writelines(json.dumps({"step": step, "prompt": QUESTION, "response": "8",
+                                 "score": score, "ended": ended}) + "\n"
+                     for score, ended in answers)
 
 
 def test_the_study_table_is_computed_from_the_runs_metrics(tmp_path):
     """Each cell is the mean over seeds and the min-max: held-out score at step 0 and at the
-    last evaluation, the training score of the last 5 iterations, the final KL and length,
-    the explained variance of the last 5, wall minutes and peak GiB; a missing seed is not
-    counted."""
-    write_run(tmp_path, "full-seed0", [0.0] * 5 + [1.0] * 5, {0: 0.25, 10: 0.5}, 0.1,
-              {"wall_s": 600, "peak_rss_mib": 2048, "invocations": 1})
-    write_run(tmp_path, "full-seed1", [0.0] * 5 + [0.5] * 5, {0: 0.25, 10: 0.75}, 0.3,
-              {"wall_s": 1200, "peak_rss_mib": 3072, "invocations": 2})
+    last evaluation, the share of held-out answers right and finished (an answer cut at the
+    limit does not count), the training score of the last 5 iterations, the final KL and
+    length, the explained variance of the last 5, wall minutes and peak GiB; a missing seed
+    is not counted."""
+    first = write_run(tmp_path, "full-seed0", [0.0] * 5 + [1.0] * 5, {0: 0.25, 10: 0.5}, 0.1,
+                      {"wall_s": 600, "peak_rss_mib": 2048, "invocations": 1})
+    second = write_run(tmp_path, "full-seed1", [0.0] * 5 + [0.5] * 5, {0: 0.25, 10: 0.75}, 0.3,
+                       {"wall_s": 1200, "peak_rss_mib": 3072, "invocations": 2})
+    for run, answers in ((first, [(1.0, False), (0.0, True)]), (second, [(1.0, True)] * 2)):
+        write_samples(run, 0, [(0.0, True), (1.0, True)])
+        write_samples(run, 10, answers)
     table = R.summarize(tmp_path, ["full", "lora16"], [0, 1, 2]).splitlines()
     assert table[2] == ("| full | 2 | 0.250 (0.250–0.250) | 0.625 (0.500–0.750) | "
+                        "0.500 (0.500–0.500) | 0.500 (0.000–1.000) | "
                         "0.750 (0.500–1.000) | 2.000 (1.000–3.000) | 20.000 (20.000–20.000) | "
                         "0.800 (0.800–0.800) | 15.000 (10.000–20.000) | 2.500 (2.000–3.000) |")
-    assert table[3] == "| lora16 | 0 | – | – | – | – | – | – | – | – |"
+    assert table[3] == "| lora16 | 0 | – | – | – | – | – | – | – | – | – | – |"
 
 
 def test_the_study_plots_each_curve_from_the_runs_metrics(tmp_path):

@@ -256,6 +256,17 @@ def series(rows: list[dict], name: str) -> list[tuple[int, float]]:
     return [(row["step"], row[name]) for row in rows if name in row]
 
 
+def right_and_finished(run: Path) -> dict[int, float]:
+    """{evaluation step: the share of held-out answers that are right and ended with an EOS}
+    (samples.jsonl): an answer cut at the length limit whose last number happens to be the
+    answer counts in eval/scores, not here."""
+    path, per_step = run / "samples.jsonl", {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        sample = json.loads(line)
+        per_step.setdefault(sample["step"], []).append(sample["score"] * sample["ended"])
+    return {step: statistics.mean(values) for step, values in sorted(per_step.items())}
+
+
 def spread(values: list[float]) -> str:
     """mean, and min-max over seeds."""
     if not values:
@@ -267,14 +278,18 @@ def spread(values: list[float]) -> str:
 
 def summarize(runs: Path, variants: list[str], seeds: list[int]) -> str:
     """The Markdown table of the study: per variant, the mean and the min–max over seeds of
-    the held-out score at step 0 and at the end, the training score of the last 5
-    iterations, the final KL, response length and explained variance, wall time and peak
-    memory, from each run's metrics.jsonl and usage.json."""
-    lines = ["| variant | seeds | held-out score, step 0 | held-out score, end | training score, "
-             "last 5 | KL, end | length, end | explained variance, last 5 | wall time (min) "
-             "| peak RSS (GiB) |", "|---" * 10 + "|"]
+    the held-out score at step 0 and at the end (and of its answers right and finished), the
+    training score of the last 5 iterations, the final KL, response length and explained
+    variance, wall time and peak memory, from each run's metrics.jsonl, samples.jsonl and
+    usage.json."""
+    columns = ("start", "end", "strict start", "strict end", "train", "kl", "length", "ev",
+               "wall", "rss")
+    lines = ["| variant | seeds | held-out score, step 0 | held-out score, end | right and "
+             "finished, step 0 | right and finished, end | training score, last 5 | KL, end | "
+             "length, end | explained variance, last 5 | wall time (min) | peak RSS (GiB) |",
+             "|---" * (len(columns) + 2) + "|"]
     for variant in variants:
-        cells = {k: [] for k in ("start", "end", "train", "kl", "length", "ev", "wall", "rss")}
+        cells = {k: [] for k in columns}
         done = 0
         for seed in seeds:
             run = runs / f"{variant}-seed{seed}"
@@ -286,6 +301,10 @@ def summarize(runs: Path, variants: list[str], seeds: list[int]) -> str:
             done += 1
             cells["start"].append(evaluation[0][1])
             cells["end"].append(evaluation[-1][1])
+            strict = list(right_and_finished(run).values())
+            if strict:
+                cells["strict start"].append(strict[0])
+                cells["strict end"].append(strict[-1])
             last = training[-5:]
             cells["train"].append(statistics.mean(r["objective/scores"] for r in last))
             cells["kl"].append(training[-1]["objective/kl"])
@@ -295,9 +314,8 @@ def summarize(runs: Path, variants: list[str], seeds: list[int]) -> str:
                 usage = json.loads((run / "usage.json").read_text())
                 cells["wall"].append(usage["wall_s"] / 60)
                 cells["rss"].append(usage["peak_rss_mib"] / 1024)
-        lines.append(f"| {variant} | {done} | " + " | ".join(
-            spread(cells[k]) for k in ("start", "end", "train", "kl", "length", "ev", "wall",
-                                       "rss")) + " |")
+        lines.append(f"| {variant} | {done} | " + " | ".join(spread(cells[k]) for k in columns)
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -344,11 +362,14 @@ def samples_table(runs: Path, variants: list[str], seed: int, n: int = 4) -> str
         lines.append(f"\n**{variant}, seed {seed}: step {first} → step {last}**\n")
         before = [r for r in rows if r["step"] == first][:n]
         after = [r for r in rows if r["step"] == last][:n]
+        def scored(sample):  # its score, and whether it was cut at the length limit
+            return f"[{sample['score']:.0f}{'' if sample['ended'] else ', cut'}]"
+
         for b, a in zip(before, after):
             question = b["prompt"][-1]["content"] if isinstance(b["prompt"], list) else b["prompt"]
             lines.append(f"- {question} (answer {solve(question)})\n"
-                         f"  - before [{b['score']:.0f}]: {json.dumps(b['response'])}\n"
-                         f"  - after [{a['score']:.0f}]: {json.dumps(a['response'])}")
+                         f"  - before {scored(b)}: {json.dumps(b['response'])}\n"
+                         f"  - after {scored(a)}: {json.dumps(a['response'])}")
     return "\n".join(lines) + "\n"
 
 
