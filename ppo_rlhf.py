@@ -1277,11 +1277,12 @@ def evaluate(run: Run, step: int, kl_coef: float | None = None) -> dict:
 # Tolerances of the live checks, measured (docs/watching.md, gpu-and-bf16.md): max |ratio - 1|
 # on the first minibatch is ~1e-6 in fp32, up to 1.4e-2 under bf16 (dropout or another
 # temperature: 0.3 and up); the first |KL| per token ~1e-7 in fp32, up to 7e-4 in bf16; a
-# critic trained backwards keeps explained variance at 0 +- 1e-5, the demo's 0.4 by step 30.
+# critic trained backwards keeps explained variance at 0 +- 1e-5; the demo's critic explains
+# nothing for 25-38 iterations, depending on the draw, and the window's mean is 0.35 by 50.
 FIRST_RATIO_TOLERANCE = {"fp32": 1e-3, "bf16": 0.1}
 START_KL_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2}
 NO_EOS_LIMIT = 0.5  # most responses cut at --max-new-tokens
-CRITIC_WARMUP, CRITIC_WINDOW, EXPLAINED_VARIANCE_FLOOR = 30, 10, 0.05
+CRITIC_WARMUP, CRITIC_WINDOW, EXPLAINED_VARIANCE_FLOOR = 50, 10, 0.05
 
 
 class InvariantChecks:

@@ -2624,7 +2624,7 @@ def critic_trained_backwards(monkeypatch, tiny_dirs):
     (lora_dropout_on, "first_ratio", [2]),
     (another_reference, "kl_at_start", [1]),
     (cut_responses, "no_eos", [1, 2]),
-    (critic_trained_backwards, "explained_variance", [30, 31, 32]),
+    (critic_trained_backwards, "explained_variance", [P.CRITIC_WARMUP + k for k in range(3)]),
 ])
 def test_each_live_check_fires_on_the_bug_it_watches_for(tiny_dirs, tmp_path, monkeypatch,
                                                          capsys, fault, check, failing_steps):
