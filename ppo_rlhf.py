@@ -684,7 +684,8 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
             for i, micro in enumerate(micros):
                 mb = exp.select(micro)
                 weight = mb.action_mask.sum() / mini_tokens  # share of the minibatch's tokens
-                # forward and backward inside: DDP decides in its forward whether backward reduces
+                # forward and backward inside: a replicating wrapper decides in its forward
+                # whether the backward reduces the gradients
                 with parallel.no_sync(actor, critic, last=i == len(micros) - 1):
                     with autocast():
                         with nullcontext() if train_actor else torch.no_grad():
