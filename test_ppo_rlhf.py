@@ -4741,16 +4741,16 @@ def test_every_template_reads_back_its_own_numbers():
 
 
 def test_train_and_held_out_problems_are_disjoint_in_their_arithmetic():
-    """No held-out problem's (operation, a, b) appears in training in any wording; the answer
-    is never one of the operands; training's problems all differ; the split is the same for
-    the same seed."""
+    """No held-out fact appears in training in any wording or operand order (7 + 5 and 5 + 7
+    are one fact); the answer is never one of the operands; training's problems all differ;
+    the split is the same for the same seed."""
     train, heldout = R.make_problems(1500, 100)
-    keys = [tuple(p["key"]) for p in train], [tuple(p["key"]) for p in heldout]
-    assert len({p["prompt"][0]["content"] for p in train}) == 1500 and len(set(keys[1])) == 100
-    assert not set(keys[0]) & set(keys[1])
-    assert set(keys[0]) | set(keys[1]) == set(R.arithmetic())
+    facts = [{R.fact(p["key"]) for p in rows} for rows in (train, heldout)]
+    assert len({p["prompt"][0]["content"] for p in train}) == 1500 and len(facts[1]) == 100
+    assert not facts[0] & facts[1]
+    assert facts[0] | facts[1] == {R.fact(key) for key in R.arithmetic()}
     assert all(p["answer"] not in p["key"][1:] for p in train + heldout)
-    assert {op for op, _, _ in keys[1]} == {"+", "-", "*"}
+    assert {op for op, _, _ in facts[1]} == {"+", "-", "*"}
     assert R.make_problems(1500, 100) == (train, heldout)
 
 
@@ -4849,6 +4849,8 @@ def test_a_second_study_invocation_skips_finished_runs_and_resumes_an_interrupte
                                          0, run)
     assert R.main(["--preset", "tiny", "--results", str(results)]) == 0
     assert "run 1/1: full seed 0: interrupted" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="holds the runs of another study"):
+        R.main(["--preset", "tiny", "--results", str(results), "--model", "other"])
     assert [row["step"] for row in read_metrics(run)] == [0, 1, 2, 3]
     assert json.loads((run / "usage.json").read_text())["invocations"] == 2
     report = (results / "results.md").read_text()

@@ -95,14 +95,23 @@ def arithmetic_reward(prompts: list, responses: list[str]) -> list[float]:
     return scores
 
 
+def fact(key) -> tuple:
+    """The arithmetic fact a problem asks: (op, a, b), with a <= b for + and * (7 + 5 and
+    5 + 7 are one fact)."""
+    op, a, b = key
+    return (op, *sorted((a, b))) if op in "+*" else (op, a, b)
+
+
 def make_problems(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train, held-out) problems as JSONL records {"prompt": [user message], "answer", "key"}.
-    The held-out set's (operation, a, b) are n_heldout of `arithmetic()`, each in one wording;
-    training draws its problems, all different, from the other ones only: no held-out
-    arithmetic appears in training, in any wording."""
+    The held-out set asks n_heldout facts of `arithmetic()`, each in one wording; training
+    draws its problems, all different, from the other facts only: no held-out fact appears in
+    training, in any wording or operand order."""
     rng = random.Random(seed)
-    keys = arithmetic()
-    rng.shuffle(keys)
+    facts = sorted({fact(key) for key in arithmetic()})
+    rng.shuffle(facts)
+    held_out = facts[:n_heldout]  # each asked as written (a <= b for + and *)
+    train_keys = [key for key in arithmetic() if fact(key) not in set(held_out)]
 
     def problem(key):
         op, a, b = key
@@ -111,9 +120,9 @@ def make_problems(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[dic
         return {"prompt": [{"role": "user", "content": question + INSTRUCTION}],
                 "answer": OPERATIONS[op](a, b), "key": list(key)}
 
-    heldout, train, texts = [problem(key) for key in keys[:n_heldout]], [], set()
+    heldout, train, texts = [problem(key) for key in held_out], [], set()
     while len(train) < n_train:
-        record = problem(rng.choice(keys[n_heldout:]))
+        record = problem(rng.choice(train_keys))
         if record["prompt"][0]["content"] not in texts:
             texts.add(record["prompt"][0]["content"])
             train.append(record)
@@ -213,8 +222,11 @@ def train_command(model: str, data: tuple[Path, Path], preset: Preset, variant: 
 
 def train(command: list[str], out: Path, name: str) -> None:
     """Runs one training process, its output to out/train.log and its step lines to the console
-    (`[name] step ...`); adds its wall time and peak resident memory to out/usage.json."""
+    (`[name] step ...`); adds its wall time and peak resident memory to out/usage.json (a run
+    started afresh drops the usage of an attempt that died before its first checkpoint)."""
     out.mkdir(parents=True, exist_ok=True)
+    if "--overwrite" in command:
+        (out / "usage.json").unlink(missing_ok=True)
     start = time.perf_counter()
     with (out / "train.log").open("a") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -376,12 +388,20 @@ def samples_table(runs: Path, variants: list[str], seed: int, n: int = 4) -> str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
-    parser.add_argument("--results", default=str(HERE / "results" / "real-model"),
-                        help="where the model, data, runs, table and plots go")
+    parser.add_argument("--results", help="where the model, data, runs, table and plots go; "
+                        "default: benchmarks/results/real-model-<preset>")
     parser.add_argument("--model", help="a model directory or hub name instead of the preset's")
     args = parser.parse_args(argv)
-    preset, results = PRESETS[args.preset], Path(args.results)
+    preset = PRESETS[args.preset]
+    results = Path(args.results or HERE / "results" / f"real-model-{args.preset}")
     model = args.model or preset.model
+    study = {"preset": args.preset, "model": model}  # what the runs in `results` belong to
+    if (results / "study.json").exists() and json.loads((results / "study.json").read_text()) \
+            != study:
+        sys.exit(f"{results} holds the runs of another study "
+                 f"({(results / 'study.json').read_text()}); pass another --results")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "study.json").write_text(json.dumps(study))
     if model == "smollm2":
         model = str(smollm2_directory(results / "SmolLM2-135M-Instruct"))
     data = write_data(results / "data", preset)
