@@ -1696,11 +1696,12 @@ def load_models(cfg: Config, device: torch.device, bf16: bool = False, log: Call
         backbone = backbone or copy.deepcopy(actor.base_model)
         critic = ValueModel(backbone, backbone.config.hidden_size, head)
     critic.source = critic_from  # None: the policy
+    from_reward_model = same_model(critic_from, cfg.reward_model)
     # its head is the reward model's: V = s where the reward model scores (the scale of s)
-    critic.head_is_reward_models = head is not None and same_model(critic_from, cfg.reward_model)
+    critic.head_is_reward_models = head is not None and from_reward_model
     log(f"critic: starts from {critic_from or 'the policy'}"
         + (" (the reward model, 004 §3.3; --critic-model picks another)"
-           if same_model(critic_from, cfg.reward_model) else ""))
+           if from_reward_model else ""))
     actor.to(device).train()  # train mode with dropout off: gradient checkpointing needs it
     critic.to(device).train()
     if cfg.gradient_checkpointing:

@@ -395,13 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     results = Path(args.results or HERE / "results" / f"real-model-{args.preset}")
     model = args.model or preset.model
-    study = {"preset": args.preset, "model": model}  # what the runs in `results` belong to
-    if (results / "study.json").exists() and json.loads((results / "study.json").read_text()) \
-            != study:
-        sys.exit(f"{results} holds the runs of another study "
-                 f"({(results / 'study.json').read_text()}); pass another --results")
+    study, record = {"preset": args.preset, "model": model}, results / "study.json"
+    earlier = json.loads(record.read_text()) if record.exists() else study
+    if earlier != study:  # the runs in `results` belong to another study
+        sys.exit(f"{results} holds the runs of another study ({earlier}); pass another --results")
     results.mkdir(parents=True, exist_ok=True)
-    (results / "study.json").write_text(json.dumps(study))
+    record.write_text(json.dumps(study))
     if model == "smollm2":
         model = str(smollm2_directory(results / "SmolLM2-135M-Instruct"))
     data = write_data(results / "data", preset)
