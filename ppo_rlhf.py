@@ -16,9 +16,10 @@ sharded), checkpoints, evaluates, logs, and makes the command line from `Config`
 Reading order is one PPO iteration, in the derivation's order:
     0     the method's hyperparameters (`PPOConfig`), with 004's defaults
     1-6   the math, pure torch: masked helpers; log-probs and KL estimators; KL-shaped rewards
-          (004 `compute_rewards`); GAE (000, 004 `get_advantages_and_returns`); the PPO-clip
-          actor loss and clipped critic loss (004 `actor_loss_fn`, `critic_loss_fn`); the KL
-          coefficient controllers (004 §4.2 PPO-Penalty)
+          (004 `compute_rewards`); GAE (000, 004 `get_advantages_and_returns`), and the
+          baselines without a critic (GRPO, Dr. GRPO, RLOO, REINFORCE++); the PPO-clip actor
+          loss and clipped critic loss (004 `actor_loss_fn`, `critic_loss_fn`), the KL as a
+          loss; the KL coefficient controllers (004 §4.2 PPO-Penalty)
     7     `generate_experience`: sample, score with the four models, rewards, advantages
     8     `ppo_update`: ppo_epochs passes of minibatch steps on actor and critic
     9     `ppo_iterations`: the training loop, 004 §4.1(5)'s pseudo-code
@@ -43,10 +44,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-# ------------------------------------------------------------------------------------------------
-# 0. The method's hyperparameters: 004's defaults (DeepSpeed-Chat's). Part II's `Config` adds
+# === 0. The method's hyperparameters: 004's defaults (DeepSpeed-Chat's). Part II's `Config` adds
 # the run's options, and the command line is generated from both.
-# ------------------------------------------------------------------------------------------------
 
 def option(default, group: str, help: str):
     """A dataclass field with its --help line and the group it is listed in."""
@@ -56,7 +55,10 @@ def option(default, group: str, help: str):
 @dataclass
 class PPOConfig:
     steps: int = option(80, "schedule", "PPO iterations (rollout + update)")
-    batch_size: int = option(32, "schedule", "prompts per rollout (all processes together)")
+    batch_size: int = option(32, "schedule", "answers per rollout (all processes together): "
+                             "prompts x --samples-per-prompt")
+    samples_per_prompt: int = option(1, "schedule", "answers to each prompt, a group (the "
+                                     "group estimators' baseline)")
     mini_batch_size: int = option(16, "schedule", "sequences per optimizer step (all processes)")
     micro_batch_size: int | None = option(None, "schedule", "sequences per forward/backward "
                                           "of each process (accumulated); default: minibatch")
@@ -77,27 +79,36 @@ class PPOConfig:
                                        "actor forward, not from generate's logits")
     max_grad_norm: float = option(1.0, "optimization", "gradient-norm clipping, per model")
     ent_coef: float = option(0.0, "optimization", "entropy bonus in the actor loss")
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = option(
+        "gae", "the math", "gae (critic); grpo, dr_grpo, rloo (group baselines), reinforce_pp "
+        "(batch-normalized return): no critic")
     kl_ctl: float = option(0.1, "the math", "KL coefficient beta: r_t = -beta*log(pi/pi_ref)")
-    kl_estimator: Literal["k1", "k3"] = option("k1", "the math", "per-token KL: k1 = "
-                                               "log-ratio, k3 = (r-1) - log r")
+    kl_loss_coef: float = option(0.0, "the math", "> 0: the KL is a loss term with this "
+                                 "coefficient (GRPO) and leaves the reward")
+    kl_estimator: Literal["k1", "k2", "k3"] = option("k1", "the math", "per-token KL: k1 = "
+                                                     "log-ratio, k2 = k1^2/2, k3 = (r-1) - log r")
     kl_controller: Literal["fixed", "adaptive", "proportional"] = option(
         "fixed", "the math", "beta fixed, 004's adaptive PPO-Penalty rule, or Ziegler's")
     kl_target: float = option(6.0, "the math", "target KL per sequence of the controllers")
     kl_horizon: int = option(10000, "the math", "horizon of the proportional controller")
     clip_reward_value: float = option(5.0, "the math", "scores are clamped to [-v, v]")
     cliprange: float = option(0.2, "the math", "PPO ratio clip epsilon")
+    cliprange_high: float | None = option(None, "the math", "upper clip 1 + eps_high (DAPO's "
+                                          "clip-higher); default: --cliprange")
     dual_clip: float | None = option(None, "the math", "dual-clip PPO's c > 1: a token with "
                                      "A < 0 loses at most -c*A; default off (004's PPO-clip)")
     cliprange_value: float = option(0.2, "the math", "critic value clip epsilon")
     gamma: float = option(1.0, "the math", "discount factor")
     lam: float = option(0.95, "the math", "GAE lambda")
-    whiten_advantages: bool = option(True, "the math", "normalize advantages over real tokens")
-    whiten_rewards: bool = option(False, "the math", "per-token rewards to unit variance")
+    whiten_advantages: bool = option(True, "the math", "normalize GAE's advantages over real "
+                                     "tokens (gae; the others normalize their own way)")
+    whiten_rewards: bool = option(False, "the math", "per-token rewards to unit variance (gae)")
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                           "seq-mean-token-sum-norm"] = option(
+        "token-mean", "the math", "how the losses average their tokens (`aggregate_loss`)")
 
 
-# ------------------------------------------------------------------------------------------------
-# 1. Masked helpers. Statistics over real tokens only: padding must never move a mean.
-# ------------------------------------------------------------------------------------------------
+# === 1. Masked helpers. Statistics over real tokens only: padding must never move a mean.
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of `values` over positions where `mask` is nonzero (over all, or along `dim`).
@@ -131,9 +142,7 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     return torch.where(mask.bool(), whitened, 0)
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. Log-probabilities, entropy and KL estimators, per token.
-# ------------------------------------------------------------------------------------------------
+# === 2. Log-probabilities, entropy and KL estimators, per token.
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log pi(a_t|s_t) = logit[a_t] - logsumexp(logits), for logits [B, T, V], tokens [B, T].
@@ -166,6 +175,11 @@ def kl_k1(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
     return log_probs - ref_log_probs
 
 
+def kl_k2(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """k2 = (log pi(a) - log pi_ref(a))^2 / 2, a ~ pi: >= 0, low variance, biased for KL."""
+    return 0.5 * (log_probs - ref_log_probs) ** 2
+
+
 def kl_k3(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
     """k3 = (r - 1) - log r with r = pi_ref(a)/pi(a), a ~ pi (Schulman, "Approximating KL").
 
@@ -175,9 +189,7 @@ def kl_k3(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
     return torch.expm1(log_r) - log_r
 
 
-# ------------------------------------------------------------------------------------------------
-# 3. KL-shaped rewards (004 §4.1(3), DeepSpeed-Chat `compute_rewards`).
-# ------------------------------------------------------------------------------------------------
+# === 3. KL-shaped rewards (004 §4.1(3), DeepSpeed-Chat `compute_rewards`).
 
 def compute_rewards(log_probs, ref_log_probs, reward_score, action_mask, kl_ctl=0.1,
                     clip_reward_value=5.0, kl_estimator="k1"):
@@ -190,7 +202,8 @@ def compute_rewards(log_probs, ref_log_probs, reward_score, action_mask, kl_ctl=
         log_probs, ref_log_probs: [B, T] log-probs of the sampled tokens under actor, reference.
         reward_score: [B] reward-model score per sequence, clamped to +-clip_reward_value.
         action_mask: [B, T] 1 on real response tokens (through the first EOS), 0 on padding.
-        kl_estimator: "k1" (the documents' log-ratio) or "k3" ((r-1) - log r, r = pi_ref/pi).
+        kl_estimator: "k1" (the documents' log-ratio), "k2" (k1^2 / 2) or "k3" ((r-1) - log r,
+            r = pi_ref/pi).
     Returns:
         rewards [B, T]; exactly 0 on padding.
 
@@ -206,12 +219,8 @@ def compute_rewards(log_probs, ref_log_probs, reward_score, action_mask, kl_ctl=
         raise ValueError("compute_rewards: a row of action_mask has no real token; every "
                          "response needs at least one (the EOS counts)")
     log_ratio = torch.where(mask, log_probs - ref_log_probs, 0.0)  # 0 on padding, even if inf
-    if kl_estimator == "k1":
-        kl = log_ratio
-    elif kl_estimator == "k3":
-        kl = torch.expm1(-log_ratio) + log_ratio  # (r - 1) - log r, r = pi_ref/pi; 0 on padding
-    else:
-        raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
+    kl = {"k1": log_ratio, "k2": 0.5 * log_ratio ** 2,  # k3 = (r - 1) - log r, r = pi_ref/pi
+          "k3": torch.expm1(-log_ratio) + log_ratio}[kl_estimator]  # each 0 on padding
     rewards = -kl_ctl * kl
     positions = torch.arange(mask.shape[1], device=mask.device)
     last = (positions * mask).argmax(dim=1, keepdim=True)  # [B, 1] index of the last real token
@@ -219,9 +228,7 @@ def compute_rewards(log_probs, ref_log_probs, reward_score, action_mask, kl_ctl=
     return rewards.scatter_add(1, last, score.to(rewards.dtype).unsqueeze(1))
 
 
-# ------------------------------------------------------------------------------------------------
-# 4. Generalized Advantage Estimation (000 "GAE", 004 §4.1(4) `get_advantages_and_returns`).
-# ------------------------------------------------------------------------------------------------
+# === 4. Generalized Advantage Estimation (000 "GAE", 004 §4.1(4) `get_advantages_and_returns`).
 
 def get_advantages_and_returns(values, rewards, action_mask, gamma=1.0, lam=0.95):
     """GAE, computed backward as in 004:
@@ -261,12 +268,86 @@ def get_advantages_and_returns(values, rewards, action_mask, gamma=1.0, lam=0.95
     return advantages, advantages + values
 
 
-# ------------------------------------------------------------------------------------------------
-# 5. PPO losses (004 §4.1(5)-(6) `actor_loss_fn`, §4.2 `critic_loss_fn`).
-# ------------------------------------------------------------------------------------------------
+# === 4b. Baselines without a critic (000 "baseline": a Monte-Carlo b instead of a learned V(s)).
+# The group ones score each prompt's n answers (consecutive rows) against each other: [B] -> [B],
+# the sequence's return R_i (its score) to its advantage; the loop adds the per-token KL-to-go.
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO (Shao et al. 2024, DeepSeekMath §4.1.2): A_i = (R_i - mean(R_g)) / (std(R_g) + eps)
+    over i's group g; std with n - 1, as TRL, verl, OpenRLHF. Equal rewards give A = 0."""
+    if group_size < 2:
+        raise ValueError("grpo_advantages: a group needs >= 2 answers (group_size)")
+    r = rewards.view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+def dr_grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): A_i = R_i - mean(R_g),
+    GRPO without the std (its other fix, no 1/|o_i|: loss_agg_mode seq-mean-token-sum-norm)."""
+    if group_size < 2:
+        raise ValueError("dr_grpo_advantages: a group needs >= 2 answers (group_size)")
+    r = rewards.view(-1, group_size)
+    return (r - r.mean(1, keepdim=True)).view(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): A_i = R_i - sum_{j != i} R_j / (n - 1), the mean of the other
+    answers to the same prompt: a baseline independent of answer i, so the gradient is unbiased."""
+    if group_size < 2:
+        raise ValueError("rloo_advantages: a group needs >= 2 answers (group_size)")
+    r = rewards.view(-1, group_size)
+    return (r - (r.sum(1, keepdim=True) - r) / (group_size - 1)).view(-1)
+
+
+def reinforce_pp_advantages(rewards, action_mask, gamma=1.0, mean_fn=None):
+    """REINFORCE++ (Hu 2025): no critic, no group: the return-to-go of the per-token rewards
+    (`compute_rewards`: the KL on every token, the score on the last), whitened over the batch:
+
+        G_t = sum_l gamma^l r_{t+l}   (000's reward-to-go: GAE with V = 0 and lam = 1)
+        A_t = (G_t - mean G) / std G  over every real token of the batch
+    Shapes [B, T]; action_mask 1 on real tokens. mean_fn(values, mask): the masked mean (over
+    every process when several share the batch); default this batch's. Returns A, 0 on padding.
+    """
+    mask = action_mask.bool()
+    mean_fn = mean_fn or (lambda x, m: torch.where(m, x, 0.0).sum() / m.sum().clamp(min=1))
+    running, returns = torch.zeros_like(rewards[:, 0]), []
+    for t in reversed(range(rewards.shape[1])):
+        running = torch.where(mask[:, t], rewards[:, t], 0.0) + gamma * running
+        returns.append(running)
+    returns = torch.stack(returns[::-1], dim=1)
+    mean = mean_fn(returns, mask)
+    std = mean_fn((returns - mean) ** 2, mask).add(1e-8).sqrt()
+    return torch.where(mask, (returns - mean) / std, 0.0)
+
+
+GROUP_ESTIMATORS = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages,
+                    "rloo": rloo_advantages}
+
+
+# === 5. PPO losses (004 §4.1(5)-(6) `actor_loss_fn`, §4.2 `critic_loss_fn`).
+
+def aggregate_loss(loss, action_mask, loss_agg_mode="token-mean", loss_scale_factor=None):
+    """A per-token loss l [B, T] to a scalar over the real tokens (verl's `loss_agg_mode`):
+
+        token-mean               sum_{i,t} l_it / sum_i |o_i|    each token counts once (004)
+        seq-mean-token-mean      mean_i (sum_t l_it / |o_i|)     each answer once (GRPO)
+        seq-mean-token-sum       mean_i sum_t l_it
+        seq-mean-token-sum-norm  mean_i sum_t l_it / L           L = loss_scale_factor, constant
+                                 (Dr. GRPO: the length limit); default T
+    |o_i| = answer i's real tokens. The denominator is the tokens under token-mean and the
+    answers otherwise: what `ppo_update` weighs micro-batches by."""
+    mask = action_mask.bool()
+    per_token = torch.where(mask, loss, 0.0)
+    if loss_agg_mode == "token-mean":
+        return per_token.sum() / mask.sum().clamp(min=1)
+    length = {"seq-mean-token-mean": mask.sum(-1).clamp(min=1), "seq-mean-token-sum": 1.0,
+              "seq-mean-token-sum-norm": loss_scale_factor or mask.shape[-1]}[loss_agg_mode]
+    return (per_token.sum(-1) / length).mean()
+
 
 def actor_loss_fn(log_probs, old_log_probs, advantages, action_mask, cliprange=0.2,
-                  dual_clip=None):
+                  dual_clip=None, cliprange_high=None, loss_agg_mode="token-mean",
+                  loss_scale_factor=None):
     """PPO-clip surrogate, averaged over the batch's real tokens (004 §4.1(6)):
 
         rho_t = pi(a_t|s_t) / pi_old(a_t|s_t) = exp(log_probs - old_log_probs)
@@ -276,7 +357,10 @@ def actor_loss_fn(log_probs, old_log_probs, advantages, action_mask, cliprange=0
     two clipped cases) the min picks a constant and that token's gradient is exactly 0.
     dual_clip = c > 1 (dual-clip PPO, Ye et al. 2020): for A < 0 the loss above still grows
     without bound with rho; it is capped at -c * A_t, so a token with A < 0 and rho > c gets
-    no gradient. None: 004's PPO-clip exactly.
+    no gradient. None: 004's PPO-clip exactly. cliprange_high (DAPO's clip-higher, Yu et al.
+    2025): the upper bound 1 + eps_high apart, so unlikely tokens with A > 0 can grow more.
+    The mean is loss_agg_mode's (`aggregate_loss`, copied here so that the function pastes
+    alone; default 004's token mean).
     Shapes: all [B, T]; action_mask 1 on real tokens. Returns a scalar.
     """
     mask = action_mask.bool()
@@ -285,21 +369,29 @@ def actor_loss_fn(log_probs, old_log_probs, advantages, action_mask, cliprange=0
     ratio = torch.exp(log_ratio)
     advantages = torch.where(mask, advantages, 0.0)
     pg_loss1 = -advantages * ratio
-    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    high = cliprange if cliprange_high is None else cliprange_high
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
     pg_loss = torch.max(pg_loss1, pg_loss2)  # -min(...) of the formula
     if dual_clip is not None:
         pg_loss = torch.where(advantages < 0, torch.min(pg_loss, -dual_clip * advantages),
                               pg_loss)
-    return torch.where(mask, pg_loss, 0.0).sum() / mask.sum().clamp(min=1)
+    per_token = torch.where(mask, pg_loss, 0.0)
+    if loss_agg_mode == "token-mean":
+        return per_token.sum() / mask.sum().clamp(min=1)
+    length = {"seq-mean-token-mean": mask.sum(-1).clamp(min=1), "seq-mean-token-sum": 1.0,
+              "seq-mean-token-sum-norm": loss_scale_factor or mask.shape[-1]}[loss_agg_mode]
+    return (per_token.sum(-1) / length).mean()
 
 
-def critic_loss_fn(values, old_values, returns, action_mask, cliprange_value=0.2):
+def critic_loss_fn(values, old_values, returns, action_mask, cliprange_value=0.2,
+                   loss_agg_mode="token-mean", loss_scale_factor=None):
     """Clipped value loss, averaged over real tokens (004 §4.2):
 
         V_clip = clip(V, V_old - eps, V_old + eps)
         loss   = 0.5 * mean_t max((V_t - R_t)^2, (V_clip_t - R_t)^2)
 
     V_old and R (= A + V_old) come from the rollout; V is the critic's current estimate.
+    The mean is loss_agg_mode's, as in `actor_loss_fn` (a copy of `aggregate_loss`).
     Shapes: all [B, T]; action_mask 1 on real tokens. Returns a scalar.
     """
     mask = action_mask.bool()
@@ -310,13 +402,33 @@ def critic_loss_fn(values, old_values, returns, action_mask, cliprange_value=0.2
                                  old_values + cliprange_value)
     vf_loss1 = (values - returns) ** 2
     vf_loss2 = (values_clipped - returns) ** 2
-    vf_loss = torch.max(vf_loss1, vf_loss2)
-    return 0.5 * torch.where(mask, vf_loss, 0.0).sum() / mask.sum().clamp(min=1)
+    per_token = torch.where(mask, torch.max(vf_loss1, vf_loss2), 0.0)
+    if loss_agg_mode == "token-mean":
+        return 0.5 * per_token.sum() / mask.sum().clamp(min=1)
+    length = {"seq-mean-token-mean": mask.sum(-1).clamp(min=1), "seq-mean-token-sum": 1.0,
+              "seq-mean-token-sum-norm": loss_scale_factor or mask.shape[-1]}[loss_agg_mode]
+    return 0.5 * (per_token.sum(-1) / length).mean()
 
 
-# ------------------------------------------------------------------------------------------------
-# 6. KL coefficient controllers (004 §4.2 PPO-Penalty; Ziegler et al. 2019).
-# ------------------------------------------------------------------------------------------------
+def kl_loss_fn(log_probs, ref_log_probs, action_mask, kl_estimator="k3",
+               loss_agg_mode="token-mean", loss_scale_factor=None):
+    """The KL as a loss term (GRPO's; `kl_loss_coef`), the estimate k per token aggregated as
+    the other losses. Its tokens a ~ pi (the rollout's), so what a step follows is
+    E_pi[grad k(a)], through log pi only:
+
+        k1 = log pi - log pi_ref       E_pi[grad log pi] = 0: it penalizes nothing
+        k2 = k1^2 / 2                  E_pi[k1 grad log pi] = grad KL(pi || pi_ref)
+        k3 = (r - 1) - log r,          E_pi[(1 - r) grad log pi] = -sum_a pi_ref grad log pi
+             r = pi_ref / pi                                     = grad KL(pi_ref || pi)
+    (In the reward only the value counts: k1 and k3 are unbiased for KL(pi || pi_ref).)"""
+    mask = action_mask.bool()
+    log_ratio = torch.where(mask, log_probs - ref_log_probs, 0.0)  # padding may hold inf
+    kl = {"k1": log_ratio, "k2": 0.5 * log_ratio ** 2,
+          "k3": torch.expm1(-log_ratio) + log_ratio}[kl_estimator]
+    return aggregate_loss(kl, mask, loss_agg_mode, loss_scale_factor)
+
+
+# === 6. KL coefficient controllers (004 §4.2 PPO-Penalty; Ziegler et al. 2019).
 
 def adaptive_kl_coef(kl_coef: float, kl: float, target: float) -> float:
     """004's PPO-Penalty rule: beta doubles when the measured KL exceeds 1.5 x target, halves
@@ -339,9 +451,7 @@ def proportional_kl_coef(kl_coef: float, kl: float, target: float, n_steps: int,
     return kl_coef * (1.0 + error * n_steps / horizon)
 
 
-# ------------------------------------------------------------------------------------------------
-# 7. Experience (004 §4.1(5), steps 1-3): sample, then score with all four models.
-# ------------------------------------------------------------------------------------------------
+# === 7. Experience (004 §4.1(5), steps 1-3): sample, then score with all four models.
 
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only. Prompts are left-padded, and models with
@@ -511,14 +621,17 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
     """004 §4.1(5) steps 1-3: the actor answers, the four models score the answers.
 
     Args:
-        actor, critic, ref_model: the policy being trained, the `ValueModel`, the frozen copy.
+        actor, critic, ref_model: the policy being trained, the `ValueModel` (None without a
+            critic: V = 0), the frozen copy.
         score_fn: (prompts, responses) -> [B] scores (a tensor or a list of floats); responses
             as decoded text (the reward).
         prompt_ids, prompt_mask: [B, P] left-padded prompts.
         hp: sampling (max_new_tokens, temperature, top_k, top_p; recompute_log_probs: the old
             log-probs from a full actor forward, not from generate's logits), scoring
             (rollout_micro_batch_size rows per forward), and the hyperparameters of
-            `compute_rewards` and `get_advantages_and_returns`.
+            `compute_rewards` and of the advantage_estimator: `get_advantages_and_returns`
+            (gae), `reinforce_pp_advantages`, or a group's (`GROUP_ESTIMATORS`, on the clipped
+            score, samples_per_prompt consecutive rows a group; then the KL-to-go added).
         eos_token_ids: the tokens that end a response. kl_ctl: this rollout's beta.
         score_norm: (mu0, sigma0): PPO sees each score as (s - mu0) / sigma0 (Part II measures
             them on the initial policy's answers); the Experience's `scores` stay raw.
@@ -552,8 +665,8 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
             log_probs, entropy = recorder.result(responses[:, -1])
         ref_log_probs = torch.cat([policy_log_probs(ref_model, sequences[r], attention_mask[r],
                                                     length, temperature)[0] for r in rows])
-        values = torch.cat([critic_values(critic, sequences[r], attention_mask[r], length)
-                            for r in rows])
+        values = (torch.cat([critic_values(critic, sequences[r], attention_mask[r], length)
+                             for r in rows]) if critic else torch.zeros_like(log_probs))
 
     if prompts is None:
         prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
@@ -569,12 +682,24 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
     rewards = compute_rewards(log_probs, ref_log_probs, reward_score, action_mask, kl_ctl=kl_ctl,
                               clip_reward_value=hp.clip_reward_value,
                               kl_estimator=hp.kl_estimator)
-    if hp.whiten_rewards:
-        rewards = masked_whiten(rewards, action_mask, shift_mean=False, mean_fn=mean_fn)
-    advantages, returns = get_advantages_and_returns(values, rewards, action_mask,
-                                                     gamma=hp.gamma, lam=hp.lam)
-    if hp.whiten_advantages:
-        advantages = masked_whiten(advantages, action_mask, mean_fn=mean_fn)
+    if hp.advantage_estimator == "gae":
+        if hp.whiten_rewards:
+            rewards = masked_whiten(rewards, action_mask, shift_mean=False, mean_fn=mean_fn)
+        advantages, returns = get_advantages_and_returns(values, rewards, action_mask,
+                                                         gamma=hp.gamma, lam=hp.lam)
+        if hp.whiten_advantages:
+            advantages = masked_whiten(advantages, action_mask, mean_fn=mean_fn)
+    elif hp.advantage_estimator == "reinforce_pp":  # (no critic: returns are not targets)
+        advantages = returns = reinforce_pp_advantages(rewards, action_mask, hp.gamma, mean_fn)
+    else:  # the score's advantage in its group, plus the KL-to-go (GAE with V = 0, lam = 1)
+        group_advantages = GROUP_ESTIMATORS[hp.advantage_estimator](
+            reward_score.clamp(-hp.clip_reward_value, hp.clip_reward_value),
+            hp.samples_per_prompt)
+        shaped = compute_rewards(log_probs, ref_log_probs, group_advantages, action_mask,
+                                 kl_ctl=kl_ctl, clip_reward_value=math.inf,
+                                 kl_estimator=hp.kl_estimator)
+        advantages, returns = get_advantages_and_returns(torch.zeros_like(values), shaped,
+                                                         action_mask, gamma=hp.gamma, lam=1.0)
     return Experience(input_ids=sequences, attention_mask=attention_mask,
                       action_mask=action_mask, log_probs=log_probs,
                       ref_log_probs=ref_log_probs, values=values, rewards=rewards,
@@ -584,9 +709,7 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
                       ended=ended, entropy=entropy, prompts=prompts, responses=texts)
 
 
-# ------------------------------------------------------------------------------------------------
-# 8. The PPO update (004 §4.1(5) step 4): ppo_epochs passes of minibatch steps.
-# ------------------------------------------------------------------------------------------------
+# === 8. The PPO update (004 §4.1(5) step 4): ppo_epochs passes of minibatch steps.
 
 def trained_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The parameters an optimizer updates (Part II: with adapters, those, not the base)."""
@@ -650,18 +773,20 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
     """Updates actor and critic on one batch of experience; returns (stats, skipped).
 
     hp: ppo_epochs, mini_batch_size (of all processes together) and micro_batch_size,
-    cliprange, dual_clip, cliprange_value, ent_coef, max_grad_norm, temperature.
+    cliprange(_high), dual_clip, cliprange_value, ent_coef, kl_loss_coef with kl_estimator,
+    loss_agg_mode, max_grad_norm, temperature. critic None: the actor alone (no critic).
     train_actor=False (critic warm-up): the critic alone is trained, the actor's weights and
     optimizer state stay untouched (its losses are still measured).
-    stats: {name: 0-d tensor}, token-weighted means over the update like the losses themselves,
-    plus each model's gradient norm before clipping (mean over the steps taken) and the first
-    minibatch's largest |ratio - 1| (0 in exact arithmetic: nothing has been updated yet).
+    stats: {name: 0-d tensor}, means over the update (loss/* as the losses aggregate, the rest
+    over tokens), each model's gradient norm before clipping (mean over the steps taken), the
+    first minibatch's largest |ratio - 1| (0 in exact arithmetic: nothing was updated yet).
     skipped: bool tensor, one entry per optimizer step, True where a loss or gradient was not
     finite and that step was skipped by both models (`parallel.step`).
 
     A minibatch that does not fit is split into micro-batches whose gradients accumulate; each
-    micro-batch's loss is weighted by its share of the minibatch's real tokens (of every
-    process: `parallel.sum`), so the gradient equals that of the whole minibatch's token mean.
+    micro-batch's loss is weighted by its share of the minibatch's real tokens (answers under a
+    seq-mean loss_agg_mode) of every process (`parallel.sum`), so the gradient equals that of
+    the whole minibatch's loss.
     Data-parallel wrappers average the gradients over the processes; scaling by their number
     turns that average into the sum of the shares.
     """
@@ -669,7 +794,11 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
     mini_batch_size = hp.mini_batch_size // parallel.size
     micro_batch_size = hp.micro_batch_size or mini_batch_size
     length = exp.response_length
-    optimizers = (actor_optimizer, critic_optimizer) if train_actor else (critic_optimizer,)
+    optimizers = (actor_optimizer,) * train_actor + (critic_optimizer,) * (critic is not None)
+    # the losses' mean (Dr. GRPO's constant L: the length limit); each micro-batch weighs its
+    # share of the minibatch's denominator: real tokens, or under a seq-mean mode answers
+    agg = {"loss_agg_mode": hp.loss_agg_mode, "loss_scale_factor": hp.max_new_tokens}
+    per_answer = hp.loss_agg_mode != "token-mean"
     totals: dict[str, torch.Tensor] = {}
     skipped, grad_norms = [], []
     first_ratio_error = torch.zeros((), device=device)  # max |rho - 1| before any step
@@ -679,11 +808,14 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
         order = torch.randperm(exp.action_mask.shape[0])
         order = order.pin_memory() if device.type == "cuda" else order
         for mini in order.split(mini_batch_size):
-            mini_tokens = parallel.sum(exp.action_mask[mini.to(device, non_blocking=True)].sum())
+            # real tokens, and answers (column 0 is real in every row), of all processes
+            mask = exp.action_mask[mini.to(device, non_blocking=True)]
+            mini_tokens, mini_answers = parallel.sum(torch.stack([mask.sum(), mask[:, 0].sum()]))
             micros = mini.split(micro_batch_size)
             for i, micro in enumerate(micros):
                 mb = exp.select(micro)
-                weight = mb.action_mask.sum() / mini_tokens  # share of the minibatch's tokens
+                token_weight = mb.action_mask.sum() / mini_tokens  # the token means' weight
+                weight = len(micro) / mini_answers if per_answer else token_weight
                 # forward and backward inside: a replicating wrapper decides in its forward
                 # whether the backward reduces the gradients
                 with parallel.no_sync(actor, critic, last=i == len(micros) - 1):
@@ -692,24 +824,32 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
                             log_probs, entropy = policy_log_probs(
                                 actor, mb.input_ids, mb.attention_mask, length, hp.temperature,
                                 with_entropy=hp.ent_coef > 0)
-                        values = critic_values(critic, mb.input_ids, mb.attention_mask, length)
-                    pg_loss = actor_loss_fn(log_probs, mb.log_probs, mb.advantages,
-                                            mb.action_mask, cliprange=hp.cliprange,
-                                            dual_clip=hp.dual_clip)
-                    actor_loss = pg_loss
+                        values = None if critic is None else critic_values(
+                            critic, mb.input_ids, mb.attention_mask, length)
+                    losses = {"loss/policy": actor_loss_fn(
+                        log_probs, mb.log_probs, mb.advantages, mb.action_mask,
+                        cliprange=hp.cliprange, dual_clip=hp.dual_clip,
+                        cliprange_high=hp.cliprange_high, **agg)}
+                    actor_loss = losses["loss/policy"]
                     if entropy is not None:
-                        actor_loss = actor_loss - hp.ent_coef * masked_mean(entropy,
-                                                                            mb.action_mask)
-                    vf_loss = critic_loss_fn(values, mb.values, mb.returns, mb.action_mask,
-                                             cliprange_value=hp.cliprange_value)
-                    # actor and critic graphs are disjoint: one backward call serves both
-                    loss = actor_loss + vf_loss if train_actor else vf_loss
+                        actor_loss = actor_loss - hp.ent_coef * aggregate_loss(
+                            entropy, mb.action_mask, **agg)
+                    if hp.kl_loss_coef:
+                        losses["loss/kl"] = kl_loss_fn(log_probs, mb.ref_log_probs,
+                                                       mb.action_mask, hp.kl_estimator, **agg)
+                        actor_loss = actor_loss + hp.kl_loss_coef * losses["loss/kl"]
+                    loss = actor_loss if train_actor else 0.0
+                    if critic is not None:  # disjoint graphs: one backward call serves both
+                        losses["loss/value"] = critic_loss_fn(
+                            values, mb.values, mb.returns, mb.action_mask,
+                            cliprange_value=hp.cliprange_value, **agg)
+                        loss = loss + losses["loss/value"]
                     (loss * weight * parallel.size).backward()
                 with torch.no_grad():
-                    stats = update_stats(log_probs, values, mb, hp.cliprange, hp.cliprange_value,
-                                         hp.dual_clip)
-                    stats.update({"loss/policy": pg_loss, "loss/value": vf_loss})
+                    stats = update_stats(log_probs, values, mb, hp)
                     for name, value in stats.items():
+                        totals[name] = totals.get(name, 0.0) + value * token_weight
+                    for name, value in losses.items():
                         totals[name] = totals.get(name, 0.0) + value * weight
                     if not skipped:  # the first minibatch: pi is still pi_old
                         error = torch.where(mb.action_mask, log_probs - mb.log_probs, 0.0)
@@ -717,7 +857,9 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
                                                           error.exp().sub(1).abs().max())
             norms, was_skipped = parallel.step(optimizers, hp.max_grad_norm)
             skipped.append(was_skipped)
-            grad_norms.append(norms if train_actor else torch.cat([norms.new_zeros(1), norms]))
+            zero = norms.new_zeros(())  # [actor, critic]: 0 for a model not stepped
+            grad_norms.append(torch.stack([norms[0] if train_actor else zero,
+                                           zero if critic is None else norms[-1]]))
     skipped = torch.stack(skipped)
     stats = {name: parallel.sum(total) / len(skipped) for name, total in totals.items()}
     norms = torch.where(skipped[:, None], 0.0, torch.stack(grad_norms)).sum(0)  # [2]
@@ -725,43 +867,46 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
     stats.update({"policy/grad_norm": norms[0], "val/grad_norm": norms[1],
                   "policy/first_ratio_error": parallel.max(first_ratio_error),
                   "updates/actor_frozen": torch.tensor(float(not train_actor), device=device)})
+    if critic is None:
+        del stats["val/grad_norm"]
     return stats, skipped
 
 
-def update_stats(log_probs, values, mb: Experience, cliprange, cliprange_value, dual_clip=None):
-    """Diagnostics of one micro-batch, masked means as in the losses (OpenAI-style names).
+def update_stats(log_probs, values, mb: Experience, hp: PPOConfig) -> dict:
+    """Diagnostics of one micro-batch, token means (OpenAI-style names); val/* with a critic.
 
     The terms of `actor_loss_fn` and `critic_loss_fn` are recomputed here (no gradient): those
     functions return only their scalar, so that each stands alone as 004 writes it."""
-    mask = mb.action_mask
+    mask, eps_value = mb.action_mask, hp.cliprange_value
+    high = hp.cliprange if hp.cliprange_high is None else hp.cliprange_high
     log_ratio = torch.where(mask, log_probs - mb.log_probs, 0.0)
     ratio = torch.exp(log_ratio)
     pg_loss1 = -mb.advantages * ratio
-    pg_loss2 = -mb.advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    values_clipped = torch.clamp(values, mb.values - cliprange_value, mb.values + cliprange_value)
-    capped = (mb.advantages < 0) & (-(dual_clip or math.inf) * mb.advantages
+    pg_loss2 = -mb.advantages * torch.clamp(ratio, 1.0 - hp.cliprange, 1.0 + high)
+    capped = (mb.advantages < 0) & (-(hp.dual_clip or math.inf) * mb.advantages
                                     < torch.max(pg_loss1, pg_loss2))
-    return {
+    stats = {
         "policy/clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),
         "policy/dualclipfrac": masked_mean(capped.float(), mask),
         "policy/approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
         "policy/ratio": masked_mean(ratio, mask),
-        "val/clipfrac": masked_mean(((values_clipped - mb.returns) ** 2 >
-                                     (values - mb.returns) ** 2).float(), mask),
-        "val/mean": masked_mean(values, mask),
     }
+    if values is not None:
+        clipped = torch.clamp(values, mb.values - eps_value, mb.values + eps_value)
+        stats["val/clipfrac"] = masked_mean(((clipped - mb.returns) ** 2 >
+                                             (values - mb.returns) ** 2).float(), mask)
+        stats["val/mean"] = masked_mean(values, mask)
+    return stats
 
 
-# ------------------------------------------------------------------------------------------------
-# 9. The training loop: 004 §4.1(5)'s pseudo-code. Each iteration: rollout (steps 1-3), then
+# === 9. The training loop: 004 §4.1(5)'s pseudo-code. Each iteration: rollout (steps 1-3), then
 # ppo_epochs of updates (step 4), then its metrics and beta for the next rollout.
-# ------------------------------------------------------------------------------------------------
 
 @dataclass
 class Models:
     """The four models of 004 §3, and what turns their tokens into text."""
     actor: nn.Module  # the trained policy
-    critic: nn.Module  # the trained `ValueModel`
+    critic: nn.Module | None  # the trained `ValueModel` (None: an estimator without one)
     ref_model: nn.Module  # the frozen initial policy
     score_fn: Callable  # the frozen reward: (prompts, responses: list[str]) -> [B] scores
     tokenizer: object  # the policy's; pads on the left
@@ -823,13 +968,13 @@ def sequence_stats(exp: Experience, kl_coef: float, kl_estimator: str = "k1") ->
     """Per-sequence quantities [B] behind the rollout and evaluation metrics:
 
         kl             sum_t kl_t over the real tokens, kl_t the estimator the rewards use
-                       (k1 = log pi - log pi_ref, or k3): the KL the rewards penalize
+                       (k1 = log pi - log pi_ref, k2 or k3): the KL the rewards penalize
         rlhf_reward    reward_score - kl_coef * kl = sum_t r_t before any whitening: the
                        return PPO maximizes (the score clipped and EOS-penalized, as PPO sees it)
         scores         the reward's raw score; length: real tokens; no_eos: 1 if cut at the
                        limit without an EOS
     """
-    per_token = kl_k3 if kl_estimator == "k3" else kl_k1
+    per_token = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}[kl_estimator]
     kl = torch.where(exp.action_mask, per_token(exp.log_probs, exp.ref_log_probs), 0.0).sum(1)
     return {"scores": exp.scores, "kl": kl, "non_score_reward": -kl_coef * kl,
             "rlhf_reward": exp.reward_score - kl_coef * kl,
@@ -837,27 +982,26 @@ def sequence_stats(exp: Experience, kl_coef: float, kl_estimator: str = "k1") ->
 
 
 def rollout_stats(exp: Experience, kl_coef: float, kl_estimator: str = "k1",
-                  parallel=SingleProcess()) -> dict:
+                  parallel=SingleProcess(), critic: bool = True) -> dict:
     """Per-rollout metrics as 0-d tensors (the caller syncs them all at once): the means over
     sequences of `sequence_stats` (objective/scores, objective/kl, objective/non_score_reward,
     objective/rlhf_reward, response/length, response/no_eos), and over real tokens
 
         policy/entropy          mean entropy of the rollout policy per token
-        val/explained_variance  1 - Var[returns - values] / Var[returns]
+        val/explained_variance  1 - Var[returns - values] / Var[returns]  (with a `critic`)
     Means and sums over every process's rollout (`parallel`)."""
     mask, mean = exp.action_mask, parallel.mean
     rows = torch.ones_like(exp.scores, dtype=torch.bool)
     per_sequence = sequence_stats(exp, kl_coef, kl_estimator)
     stats = {f"{'response' if name in ('length', 'no_eos') else 'objective'}/{name}":
              mean(value, rows) for name, value in per_sequence.items()}
-    residual_var = masked_var(exp.returns - exp.values, mask, mean)
-    return {
-        **stats,
-        "policy/entropy": mean(exp.entropy, mask),
-        "val/explained_variance": 1 - residual_var / masked_var(exp.returns, mask,
-                                                                mean).clamp(min=1e-8),
-        "response/tokens": parallel.sum(mask.sum().float()),
-    }
+    stats.update({"policy/entropy": mean(exp.entropy, mask),
+                  "response/tokens": parallel.sum(mask.sum().float())})
+    if critic:
+        residual_var = masked_var(exp.returns - exp.values, mask, mean)
+        stats["val/explained_variance"] = 1 - residual_var / masked_var(exp.returns, mask,
+                                                                         mean).clamp(min=1e-8)
+    return stats
 
 
 def next_kl_coef(hp: PPOConfig, kl_coef: float, kl: float) -> float:
@@ -879,14 +1023,15 @@ def ppo_iterations(models: Models, actor_optimizer, critic_optimizer, prompts: l
     steps were skipped, `state` already advanced (resuming from it continues exactly).
 
         for step in 1..steps:
-            prompts <- the step's batch                     (`prompt_indices`)
+            prompts <- the step's batch, each samples_per_prompt times (`prompt_indices`)
             steps 1-3: actor answers; actor, reference, critic and reward model score it;
-                       KL-shaped rewards, GAE advantages    (`rollout`, `generate_experience`)
+                       KL-shaped rewards, advantages (GAE) (`rollout`, `generate_experience`)
             step 4:    ppo_epochs passes of clipped minibatch updates      (`ppo_update`)
             beta <- the KL controller's rule                (`next_kl_coef`)
 
     In the first hp.critic_warmup_steps iterations the critic trains alone, and beta (a frozen
     actor's KL of 0 would halve an adaptive one) and the schedulers of `actor_optimizer` wait.
+    With hp.kl_loss_coef the KL is in the actor's loss and the rewards' beta is 0.
 
     One process, as `test_part_one_runs_alone` does it:
         critic = ValueModel(copy.deepcopy(actor.transformer), hidden_size)
@@ -894,28 +1039,33 @@ def ppo_iterations(models: Models, actor_optimizer, critic_optimizer, prompts: l
         for row, exp, skipped in ppo_iterations(models, opt_a, opt_c, prompts, ids, hp): ...
     """
     state = state or LoopState(kl_coef=hp.kl_ctl)
-    update_actor, update_critic = parallel.trained(models.actor), parallel.trained(models.critic)
+    critic, n = models.critic, hp.samples_per_prompt
+    update_actor = parallel.trained(models.actor)
+    update_critic = None if critic is None else parallel.trained(critic)
     for step in range(state.step + 1, hp.steps + 1):
         t0 = time.perf_counter()
-        indices = parallel.share(prompt_indices(step, hp.batch_size, len(prompts), hp.seed))
+        indices = prompt_indices(step, hp.batch_size // n, len(prompts), hp.seed)
+        indices = parallel.share([i for i in indices for _ in range(n)])  # groups: consecutive
+        beta = 0.0 if hp.kl_loss_coef else state.kl_coef  # a KL in the loss leaves the reward
         exp = rollout(models, [prompts[i] for i in indices], [prompt_ids[i] for i in indices],
-                      hp, state.kl_coef, score_norm=state.reward_norm, autocast=autocast,
+                      hp, beta, score_norm=state.reward_norm, autocast=autocast,
                       parallel=parallel)
         t1 = time.perf_counter()
         train_actor = step > hp.critic_warmup_steps
         stats, skipped = ppo_update(update_actor, update_critic, actor_optimizer,
                                     critic_optimizer, exp, hp, autocast=autocast,
                                     parallel=parallel, train_actor=train_actor)
-        rates = {"lr/actor": actor_optimizer.param_groups[0]["lr"],
-                 "lr/critic": critic_optimizer.param_groups[0]["lr"]}
+        rates = {"lr/actor": actor_optimizer.param_groups[0]["lr"]}
+        if critic is not None:
+            rates["lr/critic"] = critic_optimizer.param_groups[0]["lr"]
         for scheduler in schedulers:  # the learning rates of the next iteration
             if train_actor or scheduler.optimizer is not actor_optimizer:
                 scheduler.step()
-        row = {**rollout_stats(exp, state.kl_coef, hp.kl_estimator, parallel), **stats,
-               "updates/skipped": skipped.sum().float()}
+        row = {**rollout_stats(exp, beta, hp.kl_estimator, parallel, critic is not None),
+               **stats, "updates/skipped": skipped.sum().float()}
         row = dict(zip(row, torch.stack(list(row.values())).tolist()))  # the one host sync
         t2 = time.perf_counter()
-        row.update({"step": step, "objective/kl_coef": state.kl_coef, **rates,
+        row.update({"step": step, "objective/kl_coef": beta, **rates,
                     "time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
                     "throughput/tokens_per_s": row["response/tokens"] / (t2 - t0)})
         # the controller sees this rollout's KL and sets beta for the next one
@@ -953,9 +1103,7 @@ try:
 except ImportError:
     fcntl = None
 
-# ------------------------------------------------------------------------------------------------
-# 10. The run: its options, and the command-line trainer around Part I's loop.
-# ------------------------------------------------------------------------------------------------
+# === 10. The run: its options, and the command-line trainer around Part I's loop.
 
 BUILTIN_MODEL = "builtin:tiny-gpt2"
 BUILTIN_ACTOR_LR = 1e-3  # a randomly initialized tiny model learns fast and needs a large step
@@ -973,7 +1121,7 @@ GROUPS = (DATA, "schedule", "generation", OPTIMIZE, "LoRA", "the math", RUNTIME)
 class Config(PPOConfig):
     model: str = option(BUILTIN_MODEL, DATA, "policy: a causal-LM hub name or directory, or "
                         "builtin:tiny-gpt2 (in memory, no download)")
-    critic_model: str | None = option(None, DATA, "critic initialization (hub name or "
+    critic_model: str | None = option(None, DATA, "gae's critic initialization (hub name or "
                                       "directory, the policy's vocabulary); default: the reward "
                                       "model if a 1-label classifier of the policy's vocabulary "
                                       "(004 §3.3; not with --lora-r), else the policy")
@@ -1056,7 +1204,7 @@ class Run:
     parallel: "DataParallel"  # rank, world size, and the models the update runs (DDP)
     models: Models
     actor_optimizer: torch.optim.Optimizer
-    critic_optimizer: torch.optim.Optimizer
+    critic_optimizer: torch.optim.Optimizer | None  # None: no critic
     schedulers: list  # the learning-rate schedule of each optimizer, stepped once an iteration
     prompts: list  # training prompts as the prompts file holds them: strings or message lists
     prompt_ids: list[list[int]]  # each prompt's tokens (chat template applied)
@@ -1117,7 +1265,8 @@ def train(cfg: Config) -> int:
             run.metrics.write(row)
             log(f"step {step:4d}/{cfg.steps} | score {row['objective/scores']:7.3f} | "
                 f"kl {row['objective/kl']:7.3f} | beta {row['objective/kl_coef']:.3f} | "
-                f"pg {row['loss/policy']:7.4f} | vf {row['loss/value']:7.4f} | "
+                f"pg {row['loss/policy']:7.4f} | "
+                + (f"vf {row['loss/value']:7.4f} | " if "loss/value" in row else "") +
                 f"clip {row['policy/clipfrac']:.3f} | len {row['response/length']:5.1f} | "
                 f"{row['time/rollout_s'] + row['time/update_s']:5.2f}s"
                 + (f" | eval {row['eval/scores']:7.3f}" if "eval/scores" in row else "")
@@ -1151,7 +1300,8 @@ def warn_if_critic_off_scale(run: Run, exp: Experience) -> None:
     clip(s) (or clip((s - mu0)/sigma0), to which the head is mapped): when many first raw
     scores lie beyond +-clip_reward_value without normalization, say so once."""
     cfg = run.cfg
-    if run.models.critic.head_is_reward_models and not cfg.normalize_reward:
+    critic = run.models.critic
+    if critic is not None and critic.head_is_reward_models and not cfg.normalize_reward:
         clipped = (exp.scores.abs() > cfg.clip_reward_value).float().mean().item()
         if clipped > CLIPPED_SCORES_LIMIT:
             run.log(f"warning: {clipped:.0%} of the first scores lie beyond --clip-reward-value "
@@ -1216,7 +1366,7 @@ def measure_reward_norm(run: Run) -> dict:
     run.log(f"reward normalization: mu0 {mean:.4f}, sigma0 {std:.4f} over {count:.0f} answers "
             "of the initial policy")
     critic = run.models.critic
-    if critic.head_is_reward_models:
+    if critic is not None and critic.head_is_reward_models:
         value_head_to_reward_scale(critic, mean, std)
         run.log("critic: its head, the reward model's, maps to the same scale: "
                 "V = (s - mu0) / sigma0 where the reward model scores s")
@@ -1322,8 +1472,9 @@ class InvariantChecks:
         self.explained_variance = list(state["explained_variance"])
 
     def __call__(self, row: dict, first: bool) -> dict:
-        self.explained_variance = (self.explained_variance
-                                   + [row["val/explained_variance"]])[-CRITIC_WINDOW:]
+        watched = "val/explained_variance" in row  # (not without a critic)
+        self.explained_variance = (self.explained_variance + [row["val/explained_variance"]]
+                                   if watched else [math.nan])[-CRITIC_WINDOW:]
         per_token_kl = abs(row["objective/kl"]) / max(row["response/length"], 1.0)
         critic = sum(self.explained_variance) / len(self.explained_variance)
         ratio, no_eos = row["policy/first_ratio_error"], row["response/no_eos"]
@@ -1332,7 +1483,7 @@ class InvariantChecks:
             "kl_at_start": (per_token_kl,
                             first and not per_token_kl <= START_KL_TOLERANCE[self.precision]),
             "no_eos": (no_eos, self.watch_eos and no_eos > NO_EOS_LIMIT),
-            "explained_variance": (critic, row["step"] >= CRITIC_WARMUP
+            "explained_variance": (critic, watched and row["step"] >= CRITIC_WARMUP
                                    and not critic >= EXPLAINED_VARIANCE_FLOOR),
         }
         for name, (value, failed) in measured.items():
@@ -1370,7 +1521,8 @@ def setup_run(cfg: Config) -> Run:
     log("the models on this rank (weights, and the gradients and AdamW moments of what is "
         "trained, before activations):")
     for role, source, count, trained, weights, gradients, optimizer in model_table(run):
-        log(f"  {role:<9} {source}: " + ("no parameters" if not count else (
+        log(f"  {role:<9} {source}" + ("" if count is None else ": no parameters" if not count
+                                       else ": " + (
             f"{count:,} parameters" + (f", {trained:,} trained" if trained else "")
             + f"; weights {weights / 2**20:.1f} MiB" + (
                 f", gradients {gradients / 2**20:.1f} MiB, AdamW {optimizer / 2**20:.1f} MiB"
@@ -1397,14 +1549,14 @@ def load_run(cfg: Config, device: torch.device, prompts: list, eval_prompts: lis
                          "lower --max-new-tokens or --max-prompt-length")
     # separate optimizers over what each model trains (with LoRA, its adapter only). Fused
     # AdamW lets GradScaler skip a non-finite step without waiting for the device.
-    optimizers = [torch.optim.AdamW(trainable_parameters(model), lr=lr,
-                                    weight_decay=cfg.weight_decay, fused=True)
+    optimizers = [model and torch.optim.AdamW(trainable_parameters(model), lr=lr,
+                                              weight_decay=cfg.weight_decay, fused=True)
                   for model, lr in zip((actor, critic), learning_rates(cfg))]
     # the actor's schedule spans the iterations it trains: those after --critic-warmup-steps
     schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done, total=total: (
         lr_factor(done + 1, schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
                   total_steps=total))) for optimizer, total in zip(
-        optimizers, (cfg.steps - cfg.critic_warmup_steps, cfg.steps))]
+        optimizers, (cfg.steps - cfg.critic_warmup_steps, cfg.steps)) if optimizer]
     precision = "bf16" if bf16 or frozen_bf16(cfg, bf16) else "fp32"
     run = Run(cfg=cfg, device=device, parallel=DataParallel(device, actor, critic),
               models=Models(actor, critic, ref_model, score_fn, tokenizer,
@@ -1442,8 +1594,9 @@ def finish_run(run: Run) -> None:
     if cfg.samples > 0:  # the first iteration's prompts, answered by the trained policy
         first = prompt_indices(1, cfg.batch_size, len(run.prompts), cfg.seed)[:cfg.samples]
         # every rank (a sharded model's forward is collective), each with its own statistics
+        alone = dataclasses.replace(cfg, advantage_estimator="gae")  # answers not in groups
         final = rollout(run.models, [run.prompts[i] for i in first],
-                        [run.prompt_ids[i] for i in first], cfg, run.state.kl_coef,
+                        [run.prompt_ids[i] for i in first], alone, run.state.kl_coef,
                         score_norm=run.state.reward_norm, autocast=run.autocast,
                         parallel=run.parallel, mean_fn=masked_mean)
         print_samples("samples after training:", final, cfg.samples, run.log)
@@ -1483,15 +1636,21 @@ def model_table(run: Run) -> list[tuple]:
                 weights, gradients, 2 * gradients)
 
     critic, reference = models.critic, models.ref_model
-    return [row("actor", cfg.model, models.actor, run.actor_optimizer),
-            row("reference", "the actor's base, adapters off" if lora
-                else "a frozen copy of the policy",
-                reference.model if isinstance(reference, AdaptersOff) else reference),
-            row("critic", (critic.source or "the policy") + (" + a LoRA adapter" if lora else "")
-                + (" (the reward model)" if same_model(critic.source, cfg.reward_model) else ""),
-                critic, run.critic_optimizer),
-            row("reward", cfg.reward_model or cfg.reward_fn or "the built-in vowel reward",
-                models.score_fn.model)]
+    actor = row("actor", cfg.model, models.actor, run.actor_optimizer)
+    if critic is None:  # what a critic the size of what the actor trains would hold
+        critic = ("critic", f"none ({cfg.advantage_estimator} needs no value model): saves "
+                  f"~{4 * actor[5] / 2**20:.1f} MiB of weights, gradients and AdamW state, and "
+                  "the critic's activations", None, 0, 0, 0, 0)
+    else:
+        critic = row("critic", (critic.source or "the policy")
+                     + (" + a LoRA adapter" if lora else "")
+                     + (" (the reward model)" if same_model(critic.source, cfg.reward_model)
+                        else ""), critic, run.critic_optimizer)
+    return [actor, row("reference", "the actor's base, adapters off" if lora
+                       else "a frozen copy of the policy",
+                       reference.model if isinstance(reference, AdaptersOff) else reference),
+            critic, row("reward", cfg.reward_model or cfg.reward_fn or "the built-in vowel reward",
+                        models.score_fn.model)]
 
 
 def memory_bytes(run: Run) -> dict[str, int]:
@@ -1503,7 +1662,7 @@ def memory_bytes(run: Run) -> dict[str, int]:
             "gradients": sum(row[5] for row in table),
             "optimizer": sum(local(t).numel() * local(t).element_size()
                              for optimizer in (run.actor_optimizer, run.critic_optimizer)
-                             for state in optimizer.state.values()
+                             if optimizer for state in optimizer.state.values()
                              for t in state.values() if torch.is_tensor(t))}
 
 
@@ -1587,9 +1746,7 @@ class MetricsWriter:
                                         config=dataclasses.asdict(self.cfg))
 
 
-# ------------------------------------------------------------------------------------------------
-# 11. Models: the four of 004 §3. Errors a user can fix are `UsageError`s: one line, exit 2.
-# ------------------------------------------------------------------------------------------------
+# === 11. Models: the four of 004 §3. Errors a user can fix are `UsageError`s: one line, exit 2.
 
 class UsageError(Exception):
     """A problem with the user's input (options, files, models): reported in one line."""
@@ -1685,25 +1842,30 @@ def load_models(cfg: Config, device: torch.device, bf16: bool = False, log: Call
         score_fn = checked_scores(vowel_reward, "the built-in vowel reward")
     base_dtype = frozen if cfg.lora_r else torch.float32  # with LoRA the bases are frozen
     actor, tokenizer = load_policy(cfg.model, cfg.seed, base_dtype)
-    critic_from = critic_source(cfg, tokenizer, scorer)
+    with_critic = cfg.advantage_estimator == "gae"
+    critic_from = critic_source(cfg, tokenizer, scorer) if with_critic else None
     backbone, head = (load_critic_backbone(critic_from, tokenizer, base_dtype) if critic_from
                       else (None, None))
     if cfg.lora_r:
         actor, ref_model, critic = add_lora(actor, (backbone, head) if critic_from else None,
-                                            lora_config(cfg))
+                                            lora_config(cfg), with_critic)
     else:
         ref_model = copy.deepcopy(actor).requires_grad_(False).eval().to(frozen).to(device)
-        backbone = backbone or copy.deepcopy(actor.base_model)
-        critic = ValueModel(backbone, backbone.config.hidden_size, head)
-    critic.source = critic_from  # None: the policy
-    from_reward_model = same_model(critic_from, cfg.reward_model)
-    # its head is the reward model's: V = s where the reward model scores (the scale of s)
-    critic.head_is_reward_models = head is not None and from_reward_model
-    log(f"critic: starts from {critic_from or 'the policy'}"
-        + (" (the reward model, 004 §3.3; --critic-model picks another)"
-           if from_reward_model else ""))
+        backbone = backbone or copy.deepcopy(actor.base_model) if with_critic else None
+        critic = backbone and ValueModel(backbone, backbone.config.hidden_size, head)
     actor.to(device).train()  # train mode with dropout off: gradient checkpointing needs it
-    critic.to(device).train()
+    if critic is None:
+        log(f"critic: none (--advantage-estimator {cfg.advantage_estimator} needs no value "
+            "model)")
+    else:
+        critic.source = critic_from  # None: the policy
+        from_reward_model = same_model(critic_from, cfg.reward_model)
+        # its head is the reward model's: V = s where the reward model scores (the scale of s)
+        critic.head_is_reward_models = head is not None and from_reward_model
+        log(f"critic: starts from {critic_from or 'the policy'}"
+            + (" (the reward model, 004 §3.3; --critic-model picks another)"
+               if from_reward_model else ""))
+        critic.to(device).train()
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(actor, critic)
     if cfg.data_parallel == "fsdp" and world()[1] > 1:
@@ -1868,13 +2030,13 @@ def lora_config(cfg: Config):
                       else [t.strip() for t in targets.split(",") if t.strip()])
 
 
-def add_lora(base: nn.Module, critic_base: tuple | None, config):
+def add_lora(base: nn.Module, critic_base: tuple | None, config, with_critic: bool = True):
     """(actor, reference, critic) on one frozen base, with PEFT: the actor is `base` plus
     adapter LORA_ACTOR; the reference the same object with the adapters off (`AdaptersOff`: no
     copy, no memory); the critic the base's backbone plus adapter LORA_CRITIC and a value
     head, or with `critic_base` (a --critic-model backbone and head) that backbone plus its
-    own adapter. Adapters are fp32 whatever the base's dtype (PEFT's default);
-    `trainable_parameters` gives each model its own."""
+    own adapter; without_critic: None. Adapters are fp32 whatever the base's dtype (PEFT's
+    default); `trainable_parameters` gives each model its own."""
     from peft import get_peft_model
     from transformers.pytorch_utils import Conv1D
 
@@ -1892,18 +2054,21 @@ def add_lora(base: nn.Module, critic_base: tuple | None, config):
             actor = get_peft_model(base, fitted(base, "CAUSAL_LM"), adapter_name=LORA_ACTOR)
         except ValueError as e:  # PEFT's NoMatchingPeftModuleError: no such module here
             raise UsageError(f"--lora-target-modules {targets}: {first_line(e)}") from e
-        if critic_base is None:
+        critic = None
+        if critic_base is None and with_critic:
             actor.add_adapter(LORA_CRITIC, fitted(base, "CAUSAL_LM"))
             backbone = actor.get_base_model().base_model  # the transformer without its LM head
             critic = ValueModel(backbone, backbone.config.hidden_size,
                                 context=functools.partial(use_adapter, actor, LORA_CRITIC))
-        else:
+        elif with_critic:
             backbone, head = critic_base
             critic = ValueModel(get_peft_model(backbone, fitted(backbone),
                                                adapter_name=LORA_CRITIC),
                                 backbone.config.hidden_size, head)
-    actor.lora_adapter, critic.lora_adapter = LORA_ACTOR, LORA_CRITIC
-    for model in (actor, critic):
+    actor.lora_adapter = LORA_ACTOR
+    if critic is not None:
+        critic.lora_adapter = LORA_CRITIC
+    for model in [m for m in (actor, critic) if m is not None]:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_("lora_" in name or name.startswith("v_head."))
     return actor, AdaptersOff(actor), critic
@@ -1971,7 +2136,7 @@ def enable_gradient_checkpointing(actor, critic: ValueModel) -> None:
                                                use_adapter(actor, actor.active_adapter))
     unwrap = lambda m: m.get_base_model() if hasattr(m, "get_base_model") else m  # noqa: E731
     unwrap(actor).activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
-    if critic.context is None:  # a backbone of its own (else it is the actor's, done above)
+    if critic is not None and critic.context is None:  # its own backbone (else the actor's)
         unwrap(critic.backbone).activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False})
 
@@ -2014,11 +2179,9 @@ def end_of_response_ids(generation_config, tokenizer) -> list[int]:
     return ids
 
 
-# ------------------------------------------------------------------------------------------------
-# 12. Rewards and prompts. A reward is a callable (prompts, responses: list[str]) -> scores
+# === 12. Rewards and prompts. A reward is a callable (prompts, responses: list[str]) -> scores
 # [B] on the CPU, the prompts as the prompts file holds them (strings, or message lists for
 # conversations): a frozen sequence classifier, a Python function or the built-in rule.
-# ------------------------------------------------------------------------------------------------
 
 def vowel_reward(prompts: list, responses: list[str]) -> list[float]:
     """The built-in task: +0.5 per vowel and -0.5 per consonant in the response.
@@ -2368,10 +2531,8 @@ def context_length(config) -> int | None:
                                                            None)
 
 
-# ------------------------------------------------------------------------------------------------
-# 13. Data parallelism (torchrun): DDP replicas, or FSDP2 shards (--data-parallel fsdp). The
+# === 13. Data parallelism (torchrun): DDP replicas, or FSDP2 shards (--data-parallel fsdp). The
 # only code that knows other ranks exist; in one process each function is the identity.
-# ------------------------------------------------------------------------------------------------
 
 def world() -> tuple[int, int]:
     """(rank, world_size); (0, 1) without torch.distributed."""
@@ -2386,10 +2547,10 @@ class DataParallel(SingleProcess):
     the gradients are and the fused AdamW skips itself, where `SingleProcess.step` waits for
     the device to decide. FSDP reduces GradScaler's flag over the ranks: all skip together."""
 
-    def __init__(self, device: torch.device, actor: nn.Module, critic: nn.Module):
+    def __init__(self, device: torch.device, actor: nn.Module, critic: nn.Module | None):
         self.device, (self.rank, self.size) = device, world()
         # DDP averages the gradients of the trained models over ranks (FSDP's are sharded)
-        self.replicas = ({id(m): replicate(m, device) for m in (actor, critic)}
+        self.replicas = ({id(m): replicate(m, device) for m in (actor, critic) if m is not None}
                          if self.size > 1 and not is_sharded(actor) else {})
         self.scaler = torch.amp.GradScaler(device.type, init_scale=1.0)
 
@@ -2548,10 +2709,8 @@ def leave_process_group(together: bool) -> None:
         torch.distributed.destroy_process_group()
 
 
-# ------------------------------------------------------------------------------------------------
-# 14. The output directory (one run each, locked) and checkpoints: everything needed to
+# === 14. The output directory (one run each, locked) and checkpoints: everything needed to
 # continue exactly, written atomically, loaded without running code.
-# ------------------------------------------------------------------------------------------------
 
 CHECKPOINT = "checkpoint.pt"
 SHARDED_CHECKPOINT = "checkpoint"  # a directory: torch.distributed.checkpoint, files per rank
@@ -2746,9 +2905,10 @@ def training_state(run) -> dict:
             for name, state in zip((name, name + "_optimizer"), get_state_dict(model, optimizer))}
 
 
-def trained_models(run) -> tuple:
-    return (("actor", run.models.actor, run.actor_optimizer),
-            ("critic", run.models.critic, run.critic_optimizer))
+def trained_models(run) -> list:
+    return [(name, model, optimizer) for name, model, optimizer in (
+        ("actor", run.models.actor, run.actor_optimizer),
+        ("critic", run.models.critic, run.critic_optimizer)) if model is not None]
 
 
 def save_checkpoint(run, step: int) -> None:
@@ -2832,19 +2992,17 @@ def restore_checkpoint(run, state: dict) -> None:
                 "does not")
 
 
-# ------------------------------------------------------------------------------------------------
-# 15. Runtime and the command line.
-# ------------------------------------------------------------------------------------------------
+# === 15. Runtime and the command line.
 
 LIMITS = [  # (the rule, the options it holds for, its test); None means unset and passes
     ("batch sizes must be >= 1", "batch_size mini_batch_size micro_batch_size "
      "rollout_micro_batch_size", lambda v: v >= 1),
     ("must be >= 1", "steps ppo_epochs max_new_tokens max_prompt_length kl_horizon eval_every "
-     "max_skipped_updates normalize_reward_samples", lambda v: v >= 1),
-    ("must be > 0", "temperature actor_lr critic_lr max_grad_norm cliprange cliprange_value "
-     "kl_target clip_reward_value lora_alpha", lambda v: v > 0),
-    ("must be >= 0", "top_k kl_ctl ent_coef weight_decay warmup_steps critic_warmup_steps "
-     "save_every lora_r", lambda v: v >= 0),
+     "max_skipped_updates normalize_reward_samples samples_per_prompt", lambda v: v >= 1),
+    ("must be > 0", "temperature actor_lr critic_lr max_grad_norm cliprange cliprange_high "
+     "cliprange_value kl_target clip_reward_value lora_alpha", lambda v: v > 0),
+    ("must be >= 0", "top_k kl_ctl kl_loss_coef ent_coef weight_decay warmup_steps "
+     "critic_warmup_steps save_every lora_r", lambda v: v >= 0),
     ("must be in [0, 1]", "gamma lam", lambda v: 0 <= v <= 1),
     ("must be in (0, 1]", "top_p", lambda v: 0 < v <= 1),
     ("must be in [0, 1)", "eval_fraction lora_dropout", lambda v: 0 <= v < 1),
@@ -2859,7 +3017,19 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             value = getattr(cfg, name)
             if value is not None and not holds(value):
                 raise UsageError(f"--{name.replace('_', '-')} {value}: {rule}")
+    n, estimator, no_critic = (cfg.samples_per_prompt, f"--advantage-estimator "
+                               f"{cfg.advantage_estimator}", cfg.advantage_estimator != "gae")
     checks = [
+        (n == 1 or cfg.batch_size % (n * world_size) == 0, f"--batch-size {cfg.batch_size} "
+         f"must be a multiple of --samples-per-prompt {n} x the {world_size} ranks: a group "
+         "of answers to one prompt never straddles ranks"),
+        (n > 1 or cfg.advantage_estimator not in GROUP_ESTIMATORS, f"{estimator} needs "
+         "--samples-per-prompt >= 2: its baseline is the other answers to the same prompt"),
+        (not (no_critic and (cfg.critic_warmup_steps or cfg.critic_model or cfg.whiten_rewards)),
+         f"{estimator} has no critic: --critic-warmup-steps, --critic-model and "
+         "--whiten-rewards are gae's"),
+        (not cfg.kl_loss_coef or cfg.kl_controller == "fixed", "--kl-controller adapts the "
+         "reward's beta; with --kl-loss-coef the KL is in the loss, at a fixed coefficient"),
         (cfg.batch_size % cfg.mini_batch_size == 0,
          f"--batch-size {cfg.batch_size} must be a multiple of --mini-batch-size "
          f"{cfg.mini_batch_size}"),

@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import random
 import re
 import signal
@@ -4861,3 +4862,37 @@ if __name__ == "__main__":  # a torchrun worker (`torchrun_worker`): <function> 
     torch.distributed.init_process_group("gloo")
     globals()[sys.argv[1]](**json.loads(sys.argv[2]))
     P.leave_process_group(together=True)  # as main() leaves
+
+
+# ------------------------------------------------------------------------------------------------
+# Group baselines, the KL in the loss, clip-higher and the loss's aggregation (issue 30)
+# ------------------------------------------------------------------------------------------------
+
+# runs whose metrics test_data/metrics_before_estimators.json recorded from the code before the
+# options below existed (commit ef8af6f): with those options at their defaults nothing changes
+RECORDED_RUNS = {
+    "defaults": {},
+    "options": dict(micro_batch_size=2, kl_estimator="k3", ent_coef=0.01, dual_clip=3.0,
+                    whiten_rewards=True, kl_controller="adaptive", kl_target=0.01,
+                    critic_warmup_steps=1, steps=4),
+    "lora": dict(lora_r=4, ppo_epochs=1),
+}
+
+
+def this_machine() -> dict:
+    cpu = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+           if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    return {"torch": torch.__version__, "cpu": cpu[0] if cpu else platform.processor()}
+
+
+def test_defaults_reproduce_the_metrics_recorded_before_the_new_options(tmp_path):
+    """Bit for bit where the recording was made (same torch, same CPU): float kernels differ
+    between CPUs, so elsewhere to 1e-5."""
+    recorded = json.loads((HERE / "test_data" / "metrics_before_estimators.json").read_text())
+    exact = recorded["recorded_on"] == this_machine()
+    for name, overrides in RECORDED_RUNS.items():
+        cfg = tiny_config(tmp_path, output_dir=str(tmp_path / name), **overrides)
+        assert P.train(cfg) == 0
+        rows = without_timing(read_metrics(cfg.output_dir))
+        assert rows == (recorded["runs"][name] if exact else
+                        [pytest.approx(row, rel=1e-5, abs=1e-7) for row in recorded["runs"][name]])
