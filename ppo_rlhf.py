@@ -380,11 +380,12 @@ def kl_loss_fn(log_probs, ref_log_probs, action_mask, kl_estimator="k3",
         k2 = k1^2 / 2                  E_pi[k1 grad log pi] = grad KL(pi || pi_ref)
         k3 = (r - 1) - log r,          E_pi[(1 - r) grad log pi] = -sum_a pi_ref grad log pi
              r = pi_ref / pi                                     = grad KL(pi_ref || pi)
+    k3 is clamped to <= 10, as verl does: one token with pi << pi_ref would outweigh a batch.
     (In the reward only the value counts: k1 and k3 are unbiased for KL(pi || pi_ref).)"""
     mask = action_mask.bool()
     log_ratio = torch.where(mask, log_probs - ref_log_probs, 0.0)  # padding may hold inf
     kl = {"k1": log_ratio, "k2": 0.5 * log_ratio ** 2,
-          "k3": torch.expm1(-log_ratio) + log_ratio}[kl_estimator]
+          "k3": (torch.expm1(-log_ratio) + log_ratio).clamp(max=10.0)}[kl_estimator]
     return aggregate_loss(kl, mask, loss_agg_mode, loss_scale_factor)
 
 
@@ -605,7 +606,7 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
         ref_log_probs = torch.cat([policy_log_probs(ref_model, sequences[r], attention_mask[r],
                                                     length, temperature)[0] for r in rows])
         values = (torch.cat([critic_values(critic, sequences[r], attention_mask[r], length)
-                             for r in rows]) if critic else torch.zeros_like(log_probs))
+                             for r in rows]) if critic is not None else torch.zeros_like(log_probs))
     if prompts is None:
         prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
     texts = tokenizer.batch_decode(responses.masked_fill(~action_mask, tokenizer.pad_token_id),
@@ -627,14 +628,15 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
             advantages = masked_whiten(advantages, action_mask, mean_fn=mean_fn)
     elif hp.advantage_estimator == "reinforce_pp":  # (no critic: returns are not targets)
         advantages = returns = reinforce_pp_advantages(rewards, action_mask, hp.gamma, mean_fn)
-    else:  # the score's advantage in its group, plus the KL-to-go (GAE with V = 0, lam = 1)
-        group_advantages = GROUP_ESTIMATORS[hp.advantage_estimator](
-            reward_score.clamp(-hp.clip_reward_value, hp.clip_reward_value), hp.samples_per_prompt)
+    else:  # the score's advantage in its group (then clipped), plus the KL-to-go: GAE with
+        # V = 0, lam = 1 and gamma = 1 (one advantage for every token of an answer)
+        group_advantages = GROUP_ESTIMATORS[hp.advantage_estimator](reward_score,
+                                                                    hp.samples_per_prompt)
         shaped = compute_rewards(log_probs, ref_log_probs, group_advantages, action_mask,
-                                 kl_ctl=kl_ctl, clip_reward_value=math.inf,
+                                 kl_ctl=kl_ctl, clip_reward_value=hp.clip_reward_value,
                                  kl_estimator=hp.kl_estimator)
         advantages, returns = get_advantages_and_returns(torch.zeros_like(values), shaped,
-                                                         action_mask, gamma=hp.gamma, lam=1.0)
+                                                         action_mask, gamma=1.0, lam=1.0)
     return Experience(input_ids=sequences, attention_mask=attention_mask, action_mask=action_mask,
                       log_probs=log_probs, ref_log_probs=ref_log_probs, values=values,
                       rewards=rewards, advantages=advantages, returns=returns, scores=scores,
@@ -896,13 +898,15 @@ def sequence_stats(exp: Experience, kl_coef: float, kl_estimator: str = "k1") ->
 
 
 def rollout_stats(exp: Experience, kl_coef: float, kl_estimator: str = "k1",
-                  parallel=SingleProcess(), critic: bool = True) -> dict:
+                  parallel=SingleProcess(), critic: bool = True, n: int = 1) -> dict:
     """Per-rollout metrics, 0-d tensors (the caller syncs them at once), over every process's
     rollout (`parallel`): `sequence_stats`' means over sequences (objective/*, response/length,
     response/no_eos), and over real tokens
 
         policy/entropy          mean entropy of the rollout policy per token
-        val/explained_variance  1 - Var[returns - values] / Var[returns]  (with a `critic`)"""
+        val/explained_variance  1 - Var[returns - values] / Var[returns]  (with a `critic`)
+    and with groups of n > 1 answers, objective/flat_groups: the share of groups whose answers
+    PPO scores alike (no signal for a group baseline)."""
     mask, mean = exp.action_mask, parallel.mean
     rows = torch.ones_like(exp.scores, dtype=torch.bool)
     per_sequence = sequence_stats(exp, kl_coef, kl_estimator)
@@ -910,6 +914,9 @@ def rollout_stats(exp: Experience, kl_coef: float, kl_estimator: str = "k1",
              mean(value, rows) for name, value in per_sequence.items()}
     stats.update({"policy/entropy": mean(exp.entropy, mask),
                   "response/tokens": parallel.sum(mask.sum().float())})
+    if n > 1:
+        flat = (exp.reward_score.view(-1, n).std(1) == 0).float()
+        stats["objective/flat_groups"] = mean(flat, torch.ones_like(flat, dtype=torch.bool))
     if critic:
         residual_var = masked_var(exp.returns - exp.values, mask, mean)
         stats["val/explained_variance"] = 1 - residual_var / masked_var(exp.returns, mask,
@@ -950,6 +957,8 @@ def ppo_iterations(models: Models, actor_optimizer, critic_optimizer, prompts: l
         for row, exp, skipped in ppo_iterations(models, opt_a, opt_c, prompts, ids, hp): ..."""
     state = state or LoopState(kl_coef=hp.kl_ctl)
     critic, n = models.critic, hp.samples_per_prompt
+    if hp.batch_size % n:
+        raise ValueError(f"batch_size {hp.batch_size} must be a multiple of samples_per_prompt {n}")
     update_actor = parallel.trained(models.actor)
     update_critic = None if critic is None else parallel.trained(critic)
     for step in range(state.step + 1, hp.steps + 1):
@@ -970,7 +979,7 @@ def ppo_iterations(models: Models, actor_optimizer, critic_optimizer, prompts: l
         for scheduler in schedulers:  # the learning rates of the next iteration
             if train_actor or scheduler.optimizer is not actor_optimizer:
                 scheduler.step()
-        row = {**rollout_stats(exp, beta, hp.kl_estimator, parallel, critic is not None),
+        row = {**rollout_stats(exp, beta, hp.kl_estimator, parallel, critic is not None, n),
                **stats, "updates/skipped": skipped.sum().float()}
         row = dict(zip(row, torch.stack(list(row.values())).tolist()))  # the one host sync
         t2 = time.perf_counter()
@@ -1396,6 +1405,15 @@ def setup_run(cfg: Config) -> Run:
     rank, world_size = world()
     validate(cfg, world_size)
     log = print if rank == 0 else (lambda *args, **kwargs: None)  # one voice under torchrun
+    if cfg.kl_loss_coef and cfg.kl_estimator == "k1":
+        log("warning: --kl-loss-coef with --kl-estimator k1: its gradient is 0 in expectation, "
+            "it penalizes nothing (k2: KL(pi||pi_ref), k3: KL(pi_ref||pi))", file=sys.stderr)
+    ignored = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(PPOConfig)
+               if f.name in ("lam", "cliprange_value", "whiten_advantages")
+               and getattr(cfg, f.name) != f.default and cfg.advantage_estimator != "gae"]
+    if ignored:
+        log(f"warning: {', '.join(ignored)}: gae's, unused by --advantage-estimator "
+            f"{cfg.advantage_estimator}", file=sys.stderr)
     if cfg.top_k or cfg.top_p < 1:
         log("warning: --top-k/--top-p sample from a truncated distribution, while PPO's "
             "log-probs are the full policy's: the ratio and the KL are off-policy estimates",
@@ -2682,6 +2700,12 @@ def resume_fingerprint(cfg: Config) -> dict:
     return {**options, "world_size": world()[1]}
 
 
+# options added since checkpoints were fingerprinted whose defaults reproduce the version before
+# them bit for bit: a checkpoint that lacks one resumes as if it held the default
+SINCE_WITH_OLD_DEFAULTS = {"samples_per_prompt", "advantage_estimator", "kl_loss_coef",
+                           "cliprange_high", "loss_agg_mode"}
+
+
 def find_checkpoint(out: Path) -> Path | None:
     """checkpoint/meta.pt (sharded), checkpoint.old/meta.pt (a kill between
     `save_checkpoint`'s two renames left it), or checkpoint.pt in `out`; or None."""
@@ -2707,6 +2731,8 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
     if directory:  # sharded checkpoints are resharded to any number of ranks
         saved, now = ({k: v for k, v in d.items() if k != "world_size"} for d in (saved, now))
     missing = "(not an option then)"  # a checkpoint of an earlier version lacks the newer ones
+    saved = {**{f.name: f.default for f in dataclasses.fields(Config)
+                if f.name in SINCE_WITH_OLD_DEFAULTS}, **saved}
     if differ := sorted(k for k in set(saved) | set(now)
                         if saved.get(k, missing) != now.get(k, missing)):
         changes = ", ".join(f"{k}: {saved.get(k, missing)!r} -> {now.get(k, missing)!r}"
@@ -2855,6 +2881,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
          "of answers to one prompt never straddles ranks"),
         (n > 1 or cfg.advantage_estimator not in GROUP_ESTIMATORS, f"{estimator} needs "
          "--samples-per-prompt >= 2: its baseline is the other answers to the same prompt"),
+        (cfg.gamma == 1 or cfg.advantage_estimator not in GROUP_ESTIMATORS, f"{estimator} gives "
+         "every token of an answer its one advantage: --gamma must be 1"),
         (not no_critic or not (cfg.critic_warmup_steps or cfg.critic_model or cfg.critic_lr
                                or cfg.whiten_rewards), f"{estimator} has no critic: "
          "--critic-warmup-steps, --critic-model, --critic-lr and --whiten-rewards are gae's"),

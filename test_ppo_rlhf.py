@@ -1670,6 +1670,9 @@ def bad_input_cases(tmp_path, tiny_dirs, chat_dirs):
                                               "--critic-warmup-steps", "1"], "has no critic"),
         "a KL controller with the KL in the loss": (["--kl-loss-coef", "0.1", "--kl-controller",
                                                      "adaptive"], "at a fixed coefficient"),
+        "a discount with a group estimator": (["--advantage-estimator", "rloo",
+                                               "--samples-per-prompt", "2", "--gamma", "0.9"],
+                                              "--gamma must be 1"),
     }
 
 
@@ -1883,7 +1886,7 @@ def run_the_loop(policy_dir, out, estimator="gae", n=1):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator, n", [("gae", 1), ("grpo", 4)])
+@pytest.mark.parametrize("estimator, n", [("gae", 1), ("grpo", 4), ("reinforce_pp", 2)])
 def test_two_rank_loop_equals_one_process_on_the_union_of_their_prompts(tiny_dirs, tmp_path,
                                                                         monkeypatch, estimator,
                                                                         n):
@@ -2148,8 +2151,9 @@ def test_compute_rewards_and_kl_loss_fn_estimate_as_kl_k1_k2_k3():
         rewards = P.compute_rewards(log_probs, ref_log_probs, torch.zeros(3), mask,
                                     kl_ctl=0.7, kl_estimator=name)
         close(rewards, -0.7 * per_token, atol=1e-6)
+        clamped = per_token.clamp(max=10) if name == "k3" else per_token  # (verl's clamp)
         close(P.kl_loss_fn(log_probs, ref_log_probs, mask, name),
-              per_token.sum() / mask.sum(), atol=1e-6)
+              clamped.sum() / mask.sum(), atol=1e-6)
 
 
 def test_rlhf_reward_and_kl_are_what_ppo_optimizes(tiny_dirs):
@@ -2249,7 +2253,7 @@ def test_rollout_stats_equal_their_formulas(estimator):
 
 
 def update_oracle(actor, critic, exp, temperature, cliprange, cliprange_value,
-                  dual_clip=math.inf):
+                  dual_clip=math.inf, cliprange_high=None):
     """The update's metrics from their definitions: current log-probs and values from one
     forward per prefix, then per-token terms averaged over every real token of the batch."""
     now = per_prefix_oracle(actor, critic, actor, exp, temperature)
@@ -2261,7 +2265,7 @@ def update_oracle(actor, critic, exp, temperature, cliprange, cliprange_value,
             log_ratio = now["log_probs"][b, t].item() - exp.log_probs[b, t].item()
             ratio, adv = math.exp(log_ratio), exp.advantages[b, t].item()
             unclipped = -adv * ratio
-            clipped = -adv * min(max(ratio, 1 - cliprange), 1 + cliprange)
+            clipped = -adv * min(max(ratio, 1 - cliprange), 1 + (cliprange_high or cliprange))
             v, v_old = now["values"][b, t].item(), exp.values[b, t].item()
             ret = exp.returns[b, t].item()
             v_clip = min(max(v, v_old - cliprange_value), v_old + cliprange_value)
@@ -2291,8 +2295,8 @@ def perturbed_experience(tiny_dirs, seed):
     return actor, critic, exp
 
 
-@pytest.mark.parametrize("dual_clip", [None, 1.1])
-def test_update_stats_equal_their_formulas(tiny_dirs, dual_clip):
+@pytest.mark.parametrize("dual_clip, high", [(None, None), (1.1, None), (None, 0.15)])
+def test_update_stats_equal_their_formulas(tiny_dirs, dual_clip, high):
     """ppo_update's metrics are token means over the batch of the per-token terms of the
     losses (PPO-clip, and dual-clip PPO's cap). With lr = 0 every step sees the rollout's
     weights, so over 2 epochs of one minibatch in micro-batches of 3 each metric is the plain
@@ -2300,12 +2304,15 @@ def test_update_stats_equal_their_formulas(tiny_dirs, dual_clip):
     actor, critic, exp = perturbed_experience(tiny_dirs, seed=15)
     hp = P.PPOConfig(ppo_epochs=2, mini_batch_size=8, micro_batch_size=3, cliprange=0.1,
                      cliprange_value=0.05, temperature=0.8, dual_clip=dual_clip,
-                     ent_coef=0.05)  # loss/policy is the clipped term alone
+                     ent_coef=0.05, cliprange_high=high)  # loss/policy: the clipped term alone
     stats, skipped = P.ppo_update(actor, critic, torch.optim.SGD(actor.parameters(), lr=0.0),
                                   torch.optim.SGD(critic.parameters(), lr=0.0), exp, hp)
     assert skipped.tolist() == [False, False]
     expected = update_oracle(actor, critic, exp, 0.8, cliprange=0.1, cliprange_value=0.05,
-                             dual_clip=dual_clip or math.inf)
+                             dual_clip=dual_clip or math.inf, cliprange_high=high)
+    if high:  # some ratios between 1 + eps and 1 + eps_high: the clip fraction moves
+        assert expected["policy/clipfrac"] < update_oracle(actor, critic, exp, 0.8, 0.1,
+                                                           0.05)["policy/clipfrac"]
     assert 0 < expected["policy/clipfrac"] < 1 and 0 < expected["val/clipfrac"] < 1
     assert (0 < expected["policy/dualclipfrac"] < 1) == (dual_clip is not None)
     assert stats.pop("updates/actor_frozen").item() == 0
@@ -2359,6 +2366,11 @@ def test_update_step_follows_the_gradient_of_the_direct_loss(tiny_dirs, mode, kl
     loss = sum(weight * aggregate_oracle(term, mode, 20) for weight, term in
                ((1.0, pg), (-0.1, entropy), (0.1, kls), (1.0, vf)))
     loss.backward()
+    assert ("loss/kl" in stats) == (kl is not None)
+    for name, term in (("loss/policy", pg), ("loss/value", vf), ("loss/kl", kls)):
+        if name in stats:  # logged as each loss aggregates
+            assert stats[name] == pytest.approx(
+                aggregate_oracle(term, mode, 20).item(), rel=1e-4, abs=1e-6), name
     grad = torch.cat([p.grad.flatten() for p in [*actor.parameters(), *critic.parameters()]])
     torch.testing.assert_close(before - updated, 0.1 * grad, atol=1e-6, rtol=1e-4)
     # the logged norms are each model's, before clipping
@@ -2391,7 +2403,8 @@ def test_train_feeds_every_option_to_the_math_and_logs_what_it_computed(tmp_path
                       recompute_log_probs=True, rollout_micro_batch_size=3, cliprange=0.15,
                       cliprange_value=0.3, ent_coef=0.01, max_grad_norm=0.7, ppo_epochs=3,
                       micro_batch_size=2, kl_controller="proportional", kl_target=0.01,
-                      kl_horizon=100)
+                      kl_horizon=100, samples_per_prompt=2, cliprange_high=0.25,
+                      loss_agg_mode="seq-mean-token-mean")
     rollouts = spy_on(monkeypatch, "generate_experience")
     updates = spy_on(monkeypatch, "ppo_update")
     assert P.train(cfg) == 0
@@ -2402,11 +2415,13 @@ def test_train_feeds_every_option_to_the_math_and_logs_what_it_computed(tmp_path
                                                                             rows):
         for name in ("max_new_tokens", "temperature", "top_k", "top_p", "clip_reward_value",
                      "kl_estimator", "gamma", "lam", "whiten_advantages", "whiten_rewards",
-                     "missing_eos_penalty", "recompute_log_probs", "rollout_micro_batch_size"):
+                     "missing_eos_penalty", "recompute_log_probs", "rollout_micro_batch_size",
+                     "samples_per_prompt"):
             assert getattr(rollout_kwargs["hp"], name) == getattr(cfg, name), name
         assert rollout_kwargs["kl_ctl"] == beta == row["objective/kl_coef"]
         for name in ("ppo_epochs", "mini_batch_size", "micro_batch_size", "cliprange",
-                     "cliprange_value", "ent_coef", "max_grad_norm", "temperature"):
+                     "cliprange_value", "ent_coef", "max_grad_norm", "temperature",
+                     "cliprange_high", "loss_agg_mode"):
             assert getattr(update_kwargs["hp"], name) == getattr(cfg, name), name
         assert len(exp.prompts) == cfg.batch_size and len(skipped) == 3 * 2
         assert row["updates/skipped"] == 0
@@ -5166,8 +5181,9 @@ def test_kl_loss_gradients_by_exact_enumeration(estimator, vocab, seed):
     and grad KL(pi_ref || pi) for k3 (kl_loss_fn's docstring)."""
     g = torch.Generator().manual_seed(seed)
     theta = torch.randn(vocab, generator=g, dtype=torch.float64, requires_grad=True)
-    log_ref = torch.log_softmax(2 * torch.randn(vocab, generator=g, dtype=torch.float64), -1)
+    log_ref = torch.log_softmax(torch.randn(vocab, generator=g, dtype=torch.float64), -1)
     log_pi = torch.log_softmax(theta, -1)
+    assume(P.kl_k3(log_pi, log_ref).max() < 10)  # short of k3's clamp (a test of its own)
     one = torch.ones(1, 1, dtype=torch.bool)
     expected = sum(log_pi[a].exp().detach() * torch.autograd.grad(
         P.kl_loss_fn(log_pi[a].view(1, 1), log_ref[a].view(1, 1), one, estimator), theta,
@@ -5202,28 +5218,31 @@ GROUP_PROMPTS = ["the cat sat on the mat", "hello there"]
 @pytest.mark.parametrize("kl_ctl", [0.0, 0.3])
 def test_experience_advantages_follow_each_estimator(tiny_dirs, estimator, kl_ctl):
     """generate_experience without a critic (V = 0): a group estimator's advantage of the
-    clipped score in its group (samples_per_prompt consecutive rows), plus the KL-to-go
-    sum_{t' >= t} -beta k1_t'; REINFORCE++'s whitened return-to-go of the KL-shaped rewards."""
+    score in its group (samples_per_prompt consecutive rows), clipped, plus the KL-to-go
+    sum_{t' >= t} -beta k3_t' (undiscounted whatever gamma); REINFORCE++'s whitened
+    return-to-go of the KL-shaped rewards, discounted by gamma."""
     actor, _, ref_model, scorer, tokenizer = distinct_models(tiny_dirs)
     torch.manual_seed(4)
     prompts = [p for p in GROUP_PROMPTS for _ in range(4)]
-    exp = rollout(actor, None, ref_model, scorer, tokenizer, prompts, kl_ctl=kl_ctl,
-                  advantage_estimator=estimator, samples_per_prompt=4, clip_reward_value=0.05)
+    exp = rollout(actor, None, ref_model, scorer, tokenizer, prompts, kl_ctl=kl_ctl, gamma=0.9,
+                  advantage_estimator=estimator, samples_per_prompt=4, clip_reward_value=0.05,
+                  kl_estimator="k3")
     lengths = exp.action_mask.sum(1).tolist()
     assert not exp.values.any()
-    kl = (exp.log_probs - exp.ref_log_probs).tolist()
+    kl = [[math.expm1(ref - lp) + lp - ref for lp, ref in zip(*rows)]
+          for rows in zip(exp.log_probs.tolist(), exp.ref_log_probs.tolist())]
     rewards = rewards_oracle(exp.log_probs.tolist(), exp.ref_log_probs.tolist(),
-                             exp.scores.tolist(), lengths, kl_ctl, 0.05, "k1")
+                             exp.scores.tolist(), lengths, kl_ctl, 0.05, "k3")
     if estimator == "reinforce_pp":
-        to_go = reward_to_go_oracle(rewards, lengths, 1.0)
+        to_go = reward_to_go_oracle(rewards, lengths, 0.9)
         flat = [g for row in to_go for g in row]
         mean = sum(flat) / len(flat)
         std = math.sqrt(sum((g - mean) ** 2 for g in flat) / len(flat) + 1e-8)
         expected = [[(g - mean) / std for g in row] for row in to_go]
     else:
-        clipped = [min(max(s, -0.05), 0.05) for s in exp.scores.tolist()]
-        assert len(set(clipped)) > 2  # some groups differ
-        group = group_oracle(clipped, 4, estimator)
+        group = [min(max(a, -0.05), 0.05) for a in group_oracle(exp.scores.tolist(), 4,
+                                                                 estimator)]
+        assert exp.scores.abs().max() > 0.05 and 0 < sum(abs(a) < 0.05 for a in group) < 8
         expected = [[group[b] + sum(-kl_ctl * kl[b][k] for k in range(t, n)) for t in range(n)]
                     for b, n in enumerate(lengths)]
     for b, n in enumerate(lengths):
@@ -5253,7 +5272,8 @@ def test_an_estimator_without_a_critic_loads_none_and_says_what_it_saves(tmp_pat
         state = torch.load(Path(cfg.output_dir) / P.CHECKPOINT, weights_only=True)
         if estimator == "rloo":
             assert "critic    none (rloo needs no value model): saves ~" in out
-            assert not any(k.startswith(("val/", "loss/value", "lr/critic")) for r in rows for k in r)
+            assert not any(k.startswith(("val/", "loss/value", "lr/critic"))
+                           for row in rows for k in row)
             assert not any(k.startswith("critic") for k in state)
         else:
             assert all("val/explained_variance" in r for r in rows) and "critic" in state
@@ -5371,3 +5391,68 @@ def test_estimators_and_losses_that_meet_keep_their_invariants(tiny_dirs, tmp_pa
         firsts = exp.advantages[:, 0]
         assert firsts.view(-1, n).sum(1).abs().max() <= 1e-4 * (1 + firsts.abs().max())
         assert torch.equal(exp.advantages, torch.where(exp.action_mask, firsts[:, None], 0.0))
+
+
+def test_k3_in_the_loss_is_clamped_at_10_as_verl_does():
+    """A sampled token that pi makes far less likely than pi_ref (log pi = -20.7, log pi_ref
+    = -1.2: k3 = 2.9e8) counts 10 and pushes no gradient; below the clamp k3 is exact."""
+    log_probs = torch.tensor([[-20.7, -1.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[-1.2, -1.5]], dtype=torch.float64)
+    P.kl_loss_fn(log_probs, ref, torch.ones(1, 2), "k3", "seq-mean-token-sum").backward()
+    exact = math.expm1(-0.5) + 0.5
+    assert log_probs.grad[0].tolist() == pytest.approx([0.0, 1 - math.exp(-0.5)])
+    assert P.kl_loss_fn(log_probs, ref, torch.ones(1, 2), "k3", "seq-mean-token-sum").item() \
+        == pytest.approx(10 + exact)
+
+
+def test_a_group_check_counts_every_rank():
+    """--batch-size must hold whole groups on every rank: 8 answers in groups of 8 fit one
+    process, not two."""
+    cfg = P.Config(batch_size=8, mini_batch_size=4, samples_per_prompt=8, tensorboard=False)
+    P.validate(cfg, world_size=1)
+    with pytest.raises(P.UsageError, match="x the 2 ranks"):
+        P.validate(cfg, world_size=2)
+    P.validate(dataclass_replace(cfg, samples_per_prompt=4), world_size=2)
+
+
+def test_each_group_is_one_prompt_answered_n_times(tmp_path, monkeypatch):
+    """The loop's rollout: batch / n prompts, each answered n times in consecutive rows, no
+    prompt twice in a batch; objective/flat_groups is the share of groups scored alike."""
+    rollouts = spy_on(monkeypatch, "generate_experience")
+    cfg = tiny_config(tmp_path, advantage_estimator="dr_grpo", samples_per_prompt=4, steps=2)
+    assert P.train(cfg) == 0
+    rows = read_metrics(cfg.output_dir)
+    for (args, exp), row in zip(rollouts, rows):
+        groups = [exp.prompts[i:i + 4] for i in range(0, 8, 4)]
+        assert all(len(set(group)) == 1 for group in groups)
+        assert len({group[0] for group in groups}) == 2
+        flat = [len(set(exp.reward_score[i:i + 4].tolist())) == 1 for i in range(0, 8, 4)]
+        assert row["objective/flat_groups"] == sum(flat) / 2
+
+
+def test_a_checkpoint_of_the_version_before_resumes_when_the_new_options_are_default(tmp_path):
+    """A checkpoint whose options predate --samples-per-prompt, --advantage-estimator,
+    --kl-loss-coef, --cliprange-high and --loss-agg-mode resumes with them at their defaults
+    (which reproduce that version), and is refused with another value."""
+    cfg = tiny_config(tmp_path, steps=2)
+    assert P.train(cfg) == 0
+    path = Path(cfg.output_dir) / P.CHECKPOINT
+    state = torch.load(path, weights_only=True)
+    for name in P.SINCE_WITH_OLD_DEFAULTS:
+        del state["fingerprint"][name]
+    torch.save(state, path)
+    assert P.train(dataclass_replace(cfg, steps=3, resume=True)) == 0
+    with pytest.raises(P.UsageError, match="loss_agg_mode: 'token-mean' -> 'seq-mean"):
+        P.load_checkpoint(Path(cfg.output_dir), dataclass_replace(
+            cfg, steps=3, resume=True, loss_agg_mode="seq-mean-token-mean"))
+
+
+def test_options_a_critic_free_estimator_does_not_use_are_named(tmp_path, capsys):
+    """--kl-loss-coef with k1 (zero gradient in expectation) and gae's own options set under
+    another estimator each get a warning at the start."""
+    cfg = tiny_config(tmp_path, steps=1, advantage_estimator="reinforce_pp", lam=0.9,
+                      whiten_advantages=False, kl_loss_coef=0.1)
+    assert P.train(cfg) == 0
+    err = capsys.readouterr().err
+    assert "--kl-estimator k1: its gradient is 0 in expectation" in err
+    assert "--lam, --whiten-advantages: gae's, unused by --advantage-estimator reinforce_pp" in err
