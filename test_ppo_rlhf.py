@@ -838,9 +838,18 @@ WRONG_IMPLEMENTATIONS = {
         "actor_loss_fn", "pg_loss = torch.max(pg_loss1, pg_loss2)",
         "pg_loss = torch.min(pg_loss1, pg_loss2)", ["test_actor_loss_is_004_formula_token_mean"]),
     "mean over padding too": (
-        "actor_loss_fn", "return torch.where(mask, pg_loss, 0.0).sum() / mask.sum().clamp(min=1)",
-        "return torch.where(mask, pg_loss, 0.0).mean()",
-        ["test_actor_loss_is_004_formula_token_mean"]),
+        "actor_loss_fn", "return per_token.sum() / mask.sum().clamp(min=1)",
+        "return per_token.mean()", ["test_actor_loss_is_004_formula_token_mean"]),
+    "each answer's mean over the padded length": (
+        "actor_loss_fn", '"seq-mean-token-mean": mask.sum(-1).clamp(min=1)',
+        '"seq-mean-token-mean": mask.shape[-1]', ["test_the_losses_aggregate_as_aggregate_loss"]),
+    "RLOO's baseline counts the answer itself": (
+        "rloo_advantages", "return (r - (r.sum(1, keepdim=True) - r) / (group_size - 1)).view(-1)",
+        "return (r - r.mean(1, keepdim=True)).view(-1)",
+        ["test_group_estimators_equal_plain_loop_oracles"]),
+    "GRPO without its std": (
+        "grpo_advantages", " / (r.std(1, keepdim=True) + eps)", "",
+        ["test_grpo_is_unchanged_by_a_positive_affine_map_of_the_rewards"]),
     "value clip around the returns": (
         "critic_loss_fn", "values_clipped = torch.clamp(values, old_values - cliprange_value,"
         "\n                                 old_values + cliprange_value)",
@@ -5038,8 +5047,9 @@ GROUP_NAMES = ["grpo", "dr_grpo", "rloo"]
 def test_group_estimators_equal_plain_loop_oracles(data, estimator):
     rewards, n = data
     expected = group_oracle(rewards.tolist(), n, estimator)
-    assert P.GROUP_ESTIMATORS[estimator](rewards, n).tolist() == pytest.approx(expected,
-                                                                              rel=1e-6, abs=1e-6)
+    assert P.GROUP_ESTIMATORS[estimator].__name__ == f"{estimator}_advantages"
+    assert getattr(P, f"{estimator}_advantages")(rewards, n).tolist() == pytest.approx(
+        expected, rel=1e-6, abs=1e-6)
 
 
 @given(grouped_rewards())

@@ -453,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         model = str(smollm2_directory(results / "SmolLM2-135M-Instruct"))
     data = write_data(results / "data", preset)
     runs = results / "runs"
-    plan = [(variant, seed) for variant in preset.variants for seed in preset.seeds]
+    # seed by seed: a study cut short still compares every variant
+    plan = [(variant, seed) for seed in preset.seeds for variant in preset.variants]
     for k, (variant, seed) in enumerate(plan, 1):
         out, name = runs / f"{variant}-seed{seed}", f"{variant} seed {seed}"
         state = run_state(out)
