@@ -4709,6 +4709,24 @@ MEETING_OPTIONS = {
 MEETING_ROWS = all_pairs({name: len(values) for name, values in MEETING_OPTIONS.items()})
 
 
+def invariants_of_any_run(cfg, rows: list[dict]) -> list[dict]:
+    """What a 3-iteration run keeps whatever its options: every metric finite, no update
+    skipped, pi/pi_old = 1 on each first minibatch and KL = 0 at the start (within the
+    precision's live-check tolerance). Returns the training rows."""
+    precision = "bf16" if cfg.bf16 else "fp32"
+    training = rows[1:] if cfg.normalize_reward else rows
+    assert len(training) == 3
+    for row in rows:
+        assert all(math.isfinite(value) for value in row.values()), row
+    for row in training:
+        assert row["updates/skipped"] == 0
+        assert row["policy/first_ratio_error"] <= P.FIRST_RATIO_TOLERANCE[precision]
+    first = training[0]
+    assert abs(first["objective/kl"]) / first["response/length"] <= \
+        P.START_KL_TOLERANCE[precision]
+    return training
+
+
 def test_the_option_array_covers_every_pair_of_values():
     """Every pair of values of two options of MEETING_OPTIONS stands in some row of the array
     the trainer runs, in far fewer rows than every combination (4 x 3 x 3 x 2^10 = 36,864)."""
@@ -4749,16 +4767,7 @@ def test_options_that_meet_keep_ppos_invariants(tiny_dirs, tmp_path, monkeypatch
     rows = read_metrics(cfg.output_dir)
     precision = "bf16" if cfg.bf16 else "fp32"
     start = rows[0] if cfg.normalize_reward else {"reward/mean": 0.0, "reward/std": 1.0}
-    training = rows[1:] if cfg.normalize_reward else rows
-    assert len(training) == 3
-    for row in rows:
-        assert all(math.isfinite(value) for value in row.values()), row
-    for row in training:
-        assert row["updates/skipped"] == 0
-        assert row["policy/first_ratio_error"] <= P.FIRST_RATIO_TOLERANCE[precision]
-    first = training[0]
-    assert abs(first["objective/kl"]) / first["response/length"] <= \
-        P.START_KL_TOLERANCE[precision]
+    training = invariants_of_any_run(cfg, rows)
     exp = rollouts[1 if cfg.normalize_reward else 0]
     if critic == "critic = reward model" or critic == "reward model" and not cfg.lora_r:
         tokenizer = P.load_tokenizer(tiny_dirs["policy"], "test")
@@ -5379,21 +5388,10 @@ def test_estimators_and_losses_that_meet_keep_their_invariants(tiny_dirs, tmp_pa
                       reward_model=tiny_dirs["reward"] if reward else None, **option)
     rollouts = spy_on(monkeypatch, "generate_experience")
     assert P.train(cfg) == 0
-    rows = read_metrics(cfg.output_dir)
-    precision = "bf16" if cfg.bf16 else "fp32"
-    training = rows[1:] if cfg.normalize_reward else rows
-    assert len(training) == 3
-    for row in rows:
-        assert all(math.isfinite(value) for value in row.values()), row
-    for row in training:
-        assert row["updates/skipped"] == 0
-        assert row["policy/first_ratio_error"] <= P.FIRST_RATIO_TOLERANCE[precision]
+    for row in invariants_of_any_run(cfg, read_metrics(cfg.output_dir)):
         assert ("loss/value" in row) == (cfg.advantage_estimator == "gae")
         assert ("loss/kl" in row) == (coef > 0)
         assert (row["objective/kl_coef"] == 0) == (coef > 0)
-    first = training[0]
-    assert abs(first["objective/kl"]) / first["response/length"] <= \
-        P.START_KL_TOLERANCE[precision]
     args, exp = rollouts[1 if cfg.normalize_reward else 0]
     assert (args["critic"] is None) == (cfg.advantage_estimator != "gae")
     if cfg.advantage_estimator in P.GROUP_ESTIMATORS and coef > 0:
