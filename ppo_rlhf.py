@@ -573,7 +573,7 @@ def generate_experience(actor, critic, ref_model, score_fn, tokenizer, prompt_id
         hp: sampling (max_new_tokens, temperature, top_k, top_p, recompute_log_probs), scoring
             (rollout_micro_batch_size rows per forward), `compute_rewards`', advantage_estimator:
             `get_advantages_and_returns` (gae), `reinforce_pp_advantages`, or a group's
-            (`GROUP_ESTIMATORS` on the clipped score, samples_per_prompt rows a group; + KL-to-go).
+            (`GROUP_ESTIMATORS` on the score, then clipped; samples_per_prompt rows a group).
         eos_token_ids: the tokens that end a response. kl_ctl: this rollout's beta. mean_fn:
             whitening's masked mean (over all processes when several share it).
         score_norm: (mu0, sigma0): PPO sees each score as (s - mu0) / sigma0 (Part II measures
@@ -905,8 +905,8 @@ def rollout_stats(exp: Experience, kl_coef: float, kl_estimator: str = "k1",
 
         policy/entropy          mean entropy of the rollout policy per token
         val/explained_variance  1 - Var[returns - values] / Var[returns]  (with a `critic`)
-    and with groups of n > 1 answers, objective/flat_groups: the share of groups whose answers
-    PPO scores alike (no signal for a group baseline)."""
+    and with groups of n > 1 answers, objective/flat_groups: the share of groups whose clipped
+    scores are all alike (no signal for a group baseline, unless the clip hid one)."""
     mask, mean = exp.action_mask, parallel.mean
     rows = torch.ones_like(exp.scores, dtype=torch.bool)
     per_sequence = sequence_stats(exp, kl_coef, kl_estimator)
